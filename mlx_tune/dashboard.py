@@ -1,0 +1,240 @@
+"""Rich live view of a training run.
+
+Rendering is decoupled from the loop: ``on_train``/``on_eval``/``on_checkpoint`` only
+store a reference to the latest plain-Python record (one attribute assignment, atomic
+under the GIL). rich's own refresh thread calls ``render()`` at ``refresh_per_second``
+and builds the whole view from a snapshot of those references. So the cost to the
+training step is O(1) whatever the report interval, and a slow terminal can never stall
+the step. Records are never mutated after the loop hands them over, which is what makes
+reading them from the refresh thread safe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from mlx_tune.reporters import fmt_dec, fmt_fixed, fmt_int, fmt_lr, one_line, percent
+from mlx_tune.reporting import EvalReport, NullReporter, TrainReport
+
+LEAK_MARK = "⚠ LEAK?"
+_LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    s = max(0, int(round(seconds)))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s:02d}s"
+    return f"{s}s"
+
+
+def fmt_count(n: float) -> str:
+    """1234 -> 1.2K, 3_400_000 -> 3.4M (parameters, tokens)."""
+    n = float(n)
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return fmt_int(n)
+
+
+def _trend(t: float) -> Text:
+    if not math.isfinite(t):
+        return Text("?", style="yellow")
+    if t < 0:
+        return Text(f"↓ {t:+.4f}", style="green")  # negative trend = improving
+    if t > 0:
+        return Text(f"↑ {t:+.4f}", style="red")
+    return Text("→ 0", style="dim")
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    info: dict
+    train: TrainReport | None
+    eval: EvalReport | None
+    sample: dict | None
+    ckpt: tuple[int, str] | None
+    stop: tuple[str, int] | None
+    started: float | None
+
+
+class RichDashboard(NullReporter):
+    def __init__(self, total_steps: int, refresh_per_second: float = 2, *,
+                 console: Console | None = None) -> None:
+        self.total_steps = total_steps
+        self.refresh_per_second = refresh_per_second
+        self.console = console or Console()
+        self._live: Live | None = None
+        self._closed = False
+        # Latest records; written by the loop thread, read by the refresh thread.
+        self._info: dict = {}
+        self._train: TrainReport | None = None
+        self._eval: EvalReport | None = None
+        self._sample: dict | None = None
+        self._ckpt: tuple[int, str] | None = None
+        self._stop: tuple[str, int] | None = None
+        self._started: float | None = None
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._live is not None or self._closed:
+            return
+        self._started = self._started or time.monotonic()
+        # get_renderable: Live calls it from its refresh thread at the fixed rate.
+        self._live = Live(console=self.console, refresh_per_second=self.refresh_per_second,
+                          get_renderable=self.render, transient=False)
+        self._live.start(refresh=True)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._live is not None:
+            live, self._live = self._live, None
+            live.stop()  # renders the final frame once more, then restores the terminal
+
+    # ---------------------------------------------------------------- reporter
+    def on_start(self, info: dict) -> None:
+        self._info = dict(info)
+        self._started = time.monotonic()
+        self.start()
+
+    def on_train(self, r: TrainReport) -> None:
+        self._train = r  # O(1): no formatting here, see module docstring
+        if self._live is None and not self._closed:  # tolerate a loop that skipped on_start
+            self.start()
+
+    def on_eval(self, r: EvalReport) -> None:
+        if r.samples:
+            self._sample = r.samples[0]
+        self._eval = r
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self._ckpt = (step, str(path))
+
+    def on_message(self, text: str, level: str = "info") -> None:
+        prefix = f"{level}: " if level in ("warning", "error") else ""
+        msg = Text(prefix + text, style=_LEVEL_STYLE.get(level, ""))  # Text: no markup parsing
+        # While live, this prints above the view; otherwise it is a plain print.
+        console = self._live.console if self._live is not None else self.console
+        console.print(msg)
+
+    def on_stop(self, reason: str, exit_code: int) -> None:
+        self._stop = (reason, exit_code)
+
+    # ---------------------------------------------------------------- rendering
+    def snapshot(self) -> _Snapshot:
+        return _Snapshot(self._info, self._train, self._eval, self._sample, self._ckpt,
+                         self._stop, self._started)
+
+    def render(self) -> RenderableType:
+        try:
+            return render_dashboard(self.snapshot(), self.total_steps)
+        except Exception as exc:  # noqa: BLE001 -- an exception would kill rich's refresh thread
+            return Text(f"dashboard render failed: {exc!r}", style="red")
+
+
+def _header(info: dict) -> Text:
+    parts = []
+    for key in ("model", "backend"):
+        if info.get(key):
+            parts.append(str(info[key]))
+    if info.get("trainable_params") is not None:
+        parts.append(f"{fmt_count(info['trainable_params'])} trainable params")
+    if info.get("resume_step"):
+        parts.append(f"resumed at step {info['resume_step']}")
+    if info.get("output_dir"):
+        parts.append(str(info["output_dir"]))
+    return Text(" · ".join(parts), style="dim")
+
+
+def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
+    """Pure function of a snapshot: everything the live view shows."""
+    t, e = s.train, s.eval
+    total = t.total_steps if t else total_steps
+    step = t.step if t else int(s.info.get("resume_step") or 0)
+
+    bar = Table.grid(expand=True, padding=(0, 1))
+    bar.add_column(ratio=1)
+    bar.add_column(justify="right", no_wrap=True)
+    bar.add_row(ProgressBar(total=max(total, 1), completed=min(step, max(total, 1))),
+                Text(f"{percent(step, total)}%  step {step}/{total}", style="bold"))
+
+    grid = Table.grid(padding=(0, 2))
+    for _ in range(2):
+        grid.add_column(style="cyan", no_wrap=True)
+        grid.add_column()
+
+    def row(a: str, av: Any, b: str = "", bv: Any = "") -> None:
+        grid.add_row(a, av if isinstance(av, Text) else Text(str(av)),
+                     b, bv if isinstance(bv, Text) else Text(str(bv)))
+
+    if t is None:
+        row("status", "waiting for the first report…")
+    else:
+        loss = Text(f"{fmt_fixed(t.loss, 4)}   avg50 {fmt_fixed(t.loss_avg, 4)}  ")
+        loss.append_text(_trend(t.loss_trend))
+        row("loss", loss, "learning rate", fmt_lr(t.learning_rate))
+        row("grad norm", fmt_dec(t.grad_norm, 3), "epoch", t.epoch)
+        row("tokens/s", fmt_int(t.tokens_per_second), "steps/s", fmt_dec(t.steps_per_second, 3))
+        elapsed = time.monotonic() - s.started if s.started else None
+        row("eta", fmt_duration(t.eta_seconds), "elapsed",
+            f"{fmt_duration(elapsed)}  ({fmt_count(t.trained_tokens)} tokens)")
+        growth = Text(f"{fmt_int(t.memory_delta_mb, signed=True)} MB since start")
+        if t.leak_warning:
+            growth.append(f"  {LEAK_MARK}", style="bold red")
+        row("memory", f"{fmt_int(t.memory_mb)} MB  (peak {fmt_int(t.peak_memory_mb)} MB)",
+            "growth", growth)
+        # on_checkpoint may arrive after the train report of the same step: prefer it.
+        ck_step, ck_path = t.step - t.steps_since_checkpoint, t.last_checkpoint
+        if s.ckpt and s.ckpt[0] >= ck_step:
+            ck_step, ck_path = s.ckpt
+        since = max(0, t.step - ck_step)
+        ck_text = "none yet" if not ck_path else f"-{since} steps" if since else "just saved"
+        row("checkpoint", ck_text,
+            "path", Text(one_line(ck_path or "-", 80), overflow="fold"))
+        counters = " · ".join(f"{k} {v}" for k, v in t.early_stopping.items()) or "-"
+        skipped = Text(str(t.skipped_steps), style="yellow" if t.skipped_steps else "")
+        row("early stop", counters, "skipped steps", skipped)
+
+    if e is not None:
+        best_ppl = math.exp(min(e.best_val_loss, 700.0)) if math.isfinite(e.best_val_loss) else e.best_val_loss
+        val = Text(f"{fmt_dec(e.val_loss, 4)}  (ppl {fmt_fixed(e.perplexity, 1)})  @ step {e.step}")
+        if e.is_best:
+            val.append("  ★ best", style="bold green")
+        row("val loss", val, "best", f"{fmt_dec(e.best_val_loss, 4)} @ {e.best_step}"
+            f"  (ppl {fmt_fixed(best_ppl, 1)})")
+        row("val acc", f"{fmt_dec(e.accuracy, 3)}  conf {fmt_dec(e.confidence, 3)}"
+            f"  entropy {fmt_dec(e.entropy, 3)}", "eval time", fmt_duration(e.seconds))
+
+    parts: list[RenderableType] = [_header(s.info), bar, grid]
+    if s.sample is not None:
+        sample = Text("sample ", style="cyan")
+        sample.append(one_line(s.sample.get("prompt", ""), 80), style="dim")
+        sample.append(" → ")
+        sample.append(one_line(s.sample.get("text", ""), 160))
+        parts.append(sample)
+    subtitle = None
+    if s.stop is not None:
+        reason, code = s.stop
+        subtitle = Text(f"stopped: {reason} (exit {code})", style="green" if code == 0 else "red")
+    return Panel(Group(*parts), title="mlx-tune", title_align="left", subtitle=subtitle,
+                 subtitle_align="left")

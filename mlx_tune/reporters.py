@@ -1,0 +1,286 @@
+"""Text reporters: one plain line per report, and the append-only ``metrics.jsonl``.
+
+Plain line format (``format_train_line``), fields always in this order:
+
+    step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5 | ckpt=-150 | mem_mb=14051 | mem_delta=+245
+
+- percent: floor(100 * step / total_steps)
+- loss, loss_avg: 4 decimals, trailing zeros dropped but one kept (3.2, 3.0, 2.8471)
+- lr: ``%.1e`` with the exponent's leading zeros dropped (1.8e-4, 2.0e+0)
+- tok/s, mem_mb: rounded integers; eta_h: hours with one decimal, ``?`` while unknown
+- ckpt: steps since the last checkpoint as a negative number (``ckpt=0`` right after one)
+- mem_delta: signed integer MB (growth since the start of the run)
+- non-finite numbers print as nan / inf / -inf
+- suffixes appear only when they carry news: `` | skipped=N`` once steps were skipped,
+  `` | LEAK?`` while the memory monitor suspects a leak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TextIO
+
+from mlx_tune.reporting import LEVELS, EvalReport, NullReporter, TrainReport
+
+
+# ------------------------------------------------------------------ formatting
+def _nonfinite(x: float) -> str | None:
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return None
+
+
+def fmt_dec(x: float, places: int) -> str:
+    """Up to ``places`` decimals, trailing zeros dropped, at least one decimal kept."""
+    x = float(x)
+    bad = _nonfinite(x)
+    if bad:
+        return bad
+    s = f"{x:.{places}f}"
+    if "." in s:
+        s = s.rstrip("0")
+        if s.endswith("."):
+            s += "0"
+    return s
+
+
+def fmt_lr(x: float) -> str:
+    """``%.1e`` without the exponent's leading zeros: 1.8e-04 -> 1.8e-4."""
+    x = float(x)
+    bad = _nonfinite(x)
+    if bad:
+        return bad
+    mantissa, exp = f"{x:.1e}".split("e")
+    return f"{mantissa}e{exp[0]}{exp[1:].lstrip('0') or '0'}"
+
+
+def fmt_int(x: float, signed: bool = False) -> str:
+    x = float(x)
+    bad = _nonfinite(x)
+    if bad:
+        return bad
+    return f"{round(x):+d}" if signed else f"{round(x):d}"
+
+
+def fmt_fixed(x: float, places: int) -> str:
+    x = float(x)
+    return _nonfinite(x) or f"{x:.{places}f}"
+
+
+def percent(step: int, total: int) -> int:
+    return max(0, min(100, step * 100 // total)) if total > 0 else 0
+
+
+def one_line(text: str, limit: int) -> str:
+    """Newlines made visible and the text cut to ``limit`` characters."""
+    s = str(text).replace("\r", "").replace("\n", "\\n")
+    return s if len(s) <= limit else s[: max(0, limit - 1)] + "…"
+
+
+def format_train_line(r: TrainReport) -> str:
+    eta = "?" if r.eta_seconds is None else fmt_fixed(r.eta_seconds / 3600.0, 1)
+    ckpt = f"-{r.steps_since_checkpoint}" if r.steps_since_checkpoint > 0 else "0"
+    line = (
+        f"step {r.step}/{r.total_steps} {percent(r.step, r.total_steps)}%"
+        f" | loss={fmt_dec(r.loss, 4)} | loss_avg={fmt_dec(r.loss_avg, 4)}"
+        f" | lr={fmt_lr(r.learning_rate)} | tok/s={fmt_int(r.tokens_per_second)}"
+        f" | eta_h={eta} | ckpt={ckpt}"
+        f" | mem_mb={fmt_int(r.memory_mb)} | mem_delta={fmt_int(r.memory_delta_mb, signed=True)}"
+    )
+    if r.skipped_steps:
+        line += f" | skipped={r.skipped_steps}"
+    if r.leak_warning:
+        line += " | LEAK?"
+    return line
+
+
+def format_eval_line(r: EvalReport) -> str:
+    return (
+        f"eval step {r.step} | val_loss={fmt_dec(r.val_loss, 4)} | ppl={fmt_fixed(r.perplexity, 1)}"
+        f" | acc={fmt_dec(r.accuracy, 3)} | conf={fmt_dec(r.confidence, 3)}"
+        f" | entropy={fmt_dec(r.entropy, 3)} | best={fmt_dec(r.best_val_loss, 4)}@{r.best_step}"
+    )
+
+
+def format_sample_line(i: int, sample: dict, limit: int = 300) -> str:
+    return (
+        f"sample {i} | prompt={one_line(sample.get('prompt', ''), 120)}"
+        f" | text={one_line(sample.get('text', ''), limit)}"
+    )
+
+
+def format_stop_line(reason: str, exit_code: int) -> str:
+    return f"stop | reason={reason} | exit_code={exit_code}"
+
+
+def _level_rank(level: str) -> int:
+    return LEVELS.index(level) if level in LEVELS else LEVELS.index("info")
+
+
+# ------------------------------------------------------------------ plain
+class PlainReporter(NullReporter):
+    """One line per event, flushed, for log files and non-terminals.
+
+    ``stream=None`` means "sys.stdout at the time of writing" (so redirection and test
+    capture work). ``min_level="error"`` is what non-main ranks use: only error messages.
+    Report lines count as level "info".
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, min_level: str = "info") -> None:
+        self._stream = stream
+        self._min = _level_rank(min_level)
+
+    def _write(self, line: str, level: str = "info") -> None:
+        if _level_rank(level) < self._min:
+            return
+        stream = self._stream or sys.stdout
+        stream.write(line + "\n")
+        stream.flush()  # tail -f on a log file must see every line as it happens
+
+    def on_start(self, info: dict) -> None:
+        self._write("start | " + " | ".join(f"{k}={v}" for k, v in info.items()))
+
+    def on_train(self, r: TrainReport) -> None:
+        self._write(format_train_line(r))
+
+    def on_eval(self, r: EvalReport) -> None:
+        self._write(format_eval_line(r))
+        for i, sample in enumerate(r.samples):
+            self._write(format_sample_line(i, sample))
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self._write(f"checkpoint step {step} | {path}")
+
+    def on_message(self, text: str, level: str = "info") -> None:
+        prefix = f"{level}: " if level in ("warning", "error") else ""
+        self._write(prefix + text, level)
+
+    def on_stop(self, reason: str, exit_code: int) -> None:
+        self._write(format_stop_line(reason, exit_code))
+
+
+# ------------------------------------------------------------------ jsonl
+def _json_safe(x: Any) -> Any:
+    # Strict JSON has no NaN/Infinity (jq, browsers and many loaders reject them): a
+    # non-finite loss becomes null, which the "skipped_steps"/stop records explain.
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _parse_complete(raw: bytes) -> dict | None:
+    try:
+        rec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _atomic_write(path: Path, lines: list[bytes]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.writelines(lines)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable; not possible on every platform
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def repair_jsonl(path: Path, resume_step: int | None) -> int:
+    """Keep only complete JSON records (and, when resuming, those with step <= resume_step).
+
+    Rewrites the file atomically only when something is dropped; returns how many lines
+    were dropped. Records without a ``step`` are kept (they cannot be placed in time).
+    """
+    data = path.read_bytes()
+    raw_lines = data.split(b"\n")
+    # The last element is b"" when the file ends in a newline, else a torn tail.
+    complete, tail = raw_lines[:-1], raw_lines[-1]
+    keep: list[bytes] = []
+    for raw in complete:
+        rec = _parse_complete(raw)
+        if rec is None:
+            continue
+        step = rec.get("step")
+        if resume_step is not None and isinstance(step, (int, float)) and step > resume_step:
+            continue
+        keep.append(raw + b"\n")
+    dropped = len(complete) - len(keep) + (1 if tail else 0)
+    if dropped:
+        _atomic_write(path, keep)
+    return dropped
+
+
+class JsonlReporter(NullReporter):
+    """Append-only ``metrics.jsonl``: one JSON object per line, flushed per line.
+
+    Records: ``{"type": "train"|"eval", **asdict(report)}``, ``{"type": "checkpoint",
+    "step", "path"}``, ``{"type": "stop", "step", "reason", "exit_code"}``, plus
+    ``{"type": "start", "step", "info"}`` and warning/error ``{"type": "message"}``.
+
+    On open the file is repaired: a torn last line (killed mid-write) is dropped, and with
+    ``resume_step=N`` every record past N is dropped too, so a resumed run appends without
+    duplicating the steps it is about to redo.
+    """
+
+    def __init__(self, path: Path | str, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped = repair_jsonl(self.path, resume_step) if self.path.exists() else 0
+        self._step = resume_step or 0
+        self._resume_step = resume_step
+        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+
+    def _append(self, record: dict) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(_json_safe(record), default=str, allow_nan=False) + "\n")
+        self._fh.flush()
+
+    def on_start(self, info: dict) -> None:
+        self._append({"type": "start", "step": self._step, "resume_step": self._resume_step,
+                      "wall_time": time.time(), "info": info})
+
+    def on_train(self, r: TrainReport) -> None:
+        self._step = r.step
+        self._append({"type": "train", **asdict(r)})
+
+    def on_eval(self, r: EvalReport) -> None:
+        self._step = max(self._step, r.step)
+        self._append({"type": "eval", **asdict(r), "wall_time": time.time()})
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self._append({"type": "checkpoint", "step": step, "path": str(path), "wall_time": time.time()})
+
+    def on_message(self, text: str, level: str = "info") -> None:
+        if level in ("warning", "error"):  # info chatter belongs on the console only
+            self._append({"type": "message", "step": self._step, "level": level,
+                          "text": text, "wall_time": time.time()})
+
+    def on_stop(self, reason: str, exit_code: int) -> None:
+        self._append({"type": "stop", "step": self._step, "reason": reason,
+                      "exit_code": exit_code, "wall_time": time.time()})
+
+    def close(self) -> None:
+        if self._fh is not None:
+            fh, self._fh = self._fh, None
+            fh.close()

@@ -1,0 +1,230 @@
+"""What the loop tells the outside world, and the fan-out that delivers it.
+
+The loop builds plain-Python records (``TrainReport``, ``EvalReport``) at its report
+interval and hands them to a ``Reporters`` list. Reporters never see framework arrays,
+so nothing here can force a host sync. Concrete reporters live in:
+
+- ``mlx_tune.reporters``  -- ``PlainReporter`` (one line per report), ``JsonlReporter``
+- ``mlx_tune.tb``         -- ``TensorBoardReporter``
+- ``mlx_tune.dashboard``  -- ``RichDashboard`` (rich live view)
+
+They are imported lazily (``make_reporters`` and module ``__getattr__``) so that a plain
+run never imports rich's live machinery and a run without TensorBoard never imports
+tensorboardX.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class TrainReport:
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float  # mean loss of the last report interval
+    loss_avg: float  # 50-step moving average
+    loss_trend: float  # negative = improving
+    learning_rate: float
+    grad_norm: float
+    tokens_per_second: float
+    steps_per_second: float
+    eta_seconds: float | None
+    trained_tokens: int
+    memory_mb: float
+    peak_memory_mb: float
+    memory_delta_mb: float
+    leak_warning: bool
+    steps_since_checkpoint: int
+    last_checkpoint: str | None
+    skipped_steps: int
+    early_stopping: dict[str, int]  # counter name -> value, e.g. {"plateau": 1, "spike": 0}
+    wall_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class EvalReport:
+    step: int
+    val_loss: float
+    perplexity: float
+    accuracy: float
+    confidence: float
+    entropy: float
+    best_val_loss: float
+    best_step: int
+    is_best: bool
+    seconds: float
+    samples: list[dict] = field(default_factory=list)  # {"prompt", "text", "metrics": {name: float}}
+
+
+@runtime_checkable
+class Reporter(Protocol):
+    """Every reporter implements all of these (no-ops allowed). Records handed in are
+    owned by the reporter afterwards: the loop builds a fresh one per report and never
+    mutates it, which is what lets the dashboard render from another thread."""
+
+    def on_start(self, info: dict) -> None: ...
+    def on_train(self, r: TrainReport) -> None: ...
+    def on_eval(self, r: EvalReport) -> None: ...
+    def on_checkpoint(self, step: int, path: str) -> None: ...
+    def on_message(self, text: str, level: str = "info") -> None: ...
+    def on_stop(self, reason: str, exit_code: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class NullReporter:
+    """No-op base: concrete reporters override only what they need."""
+
+    def on_start(self, info: dict) -> None:
+        pass
+
+    def on_train(self, r: TrainReport) -> None:
+        pass
+
+    def on_eval(self, r: EvalReport) -> None:
+        pass
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        pass
+
+    def on_message(self, text: str, level: str = "info") -> None:
+        pass
+
+    def on_stop(self, reason: str, exit_code: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class Reporters(list):
+    """Fan-out: calls each reporter in turn.
+
+    A failing reporter (full disk under tensorboard/, a closed terminal) must not kill an
+    unattended multi-hour run, so exceptions are caught per reporter and call; the first
+    failure of each (reporter, method) is announced loudly to the *other* reporters and
+    stderr, later ones are silent. KeyboardInterrupt and SystemExit still propagate.
+    """
+
+    def __init__(self, reporters: Any = ()) -> None:
+        super().__init__(reporters)
+        self._failed: set[tuple[int, str]] = set()
+
+    def _call(self, method: str, *args: Any) -> None:
+        for rep in list(self):
+            try:
+                getattr(rep, method)(*args)
+            except Exception as exc:  # noqa: BLE001 -- see class docstring
+                self._failure(rep, method, exc)
+
+    def _failure(self, rep: Any, method: str, exc: BaseException) -> None:
+        key = (id(rep), method)
+        if key in self._failed:
+            return
+        self._failed.add(key)
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        text = f"reporter {type(rep).__name__}.{method} failed (further failures silenced): {detail}"
+        print(text, file=sys.stderr, flush=True)
+        for other in list(self):
+            if other is rep:
+                continue
+            try:
+                other.on_message(text, "error")
+            except Exception:  # noqa: BLE001 -- never recurse into failure handling
+                pass
+
+    def on_start(self, info: dict) -> None:
+        self._call("on_start", info)
+
+    def on_train(self, r: TrainReport) -> None:
+        self._call("on_train", r)
+
+    def on_eval(self, r: EvalReport) -> None:
+        self._call("on_eval", r)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self._call("on_checkpoint", step, str(path))
+
+    def on_message(self, text: str, level: str = "info") -> None:
+        self._call("on_message", text, level)
+
+    def on_stop(self, reason: str, exit_code: int) -> None:
+        self._call("on_stop", reason, exit_code)
+
+    def close(self) -> None:
+        self._call("close")
+
+
+def stdout_is_terminal() -> bool:
+    """True when a live view makes sense: a real TTY that is not TERM=dumb."""
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+    return tty and os.environ.get("TERM", "") != "dumb"
+
+
+def make_reporters(
+    mode: Literal["auto", "rich", "plain"],
+    *,
+    output_dir: Path,
+    total_steps: int,
+    resume_step: int | None,
+    tensorboard: bool,
+    is_main_rank: bool = True,
+) -> Reporters:
+    """The reporters for one run.
+
+    auto = rich dashboard when stdout is a terminal, plain lines otherwise (log files,
+    nohup, CI). ``output_dir/metrics.jsonl`` always; ``output_dir/tensorboard/`` when
+    enabled. Non-main ranks of a distributed run write no files and print only errors,
+    so N ranks do not produce N interleaved copies of every line.
+    """
+    from mlx_tune.reporters import JsonlReporter, PlainReporter
+
+    if mode not in ("auto", "rich", "plain"):
+        raise ValueError(f"report mode must be 'auto', 'rich' or 'plain', got {mode!r}")
+    if not is_main_rank:
+        return Reporters([PlainReporter(sys.stderr, min_level="error")])
+
+    output_dir = Path(output_dir)
+    use_rich = mode == "rich" or (mode == "auto" and stdout_is_terminal())
+    out = Reporters()
+    if use_rich:
+        from mlx_tune.dashboard import RichDashboard
+
+        out.append(RichDashboard(total_steps))
+    else:
+        out.append(PlainReporter())
+    out.append(JsonlReporter(output_dir / "metrics.jsonl", resume_step))
+    if tensorboard:
+        from mlx_tune.tb import TensorBoardReporter
+
+        out.append(TensorBoardReporter(output_dir / "tensorboard", resume_step))
+    return out
+
+
+_LAZY = {
+    "PlainReporter": "mlx_tune.reporters",
+    "JsonlReporter": "mlx_tune.reporters",
+    "TensorBoardReporter": "mlx_tune.tb",
+    "RichDashboard": "mlx_tune.dashboard",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Convenience re-exports without import cycles or eager rich/tensorboardX imports.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
