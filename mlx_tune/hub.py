@@ -1,0 +1,253 @@
+"""Model resolution: what the user typed after ``--model`` -> a local directory.
+
+Three spellings are accepted, tried in this order:
+
+1. an existing local directory (must hold ``config.json``);
+2. ``org/name``: a Hugging Face repo id, found in (or fetched into) the Hugging Face cache
+   through ``huggingface_hub.snapshot_download``, so the cache is shared with every other
+   tool on the machine;
+3. a bare name: an alias from the table ``mlx_tune/configs/models.yaml`` (case-insensitive).
+
+Errors are ``ModelError`` with one line that says what to do next. Nothing here imports
+mlx or torch: resolution runs before the backend loads, so a typo costs a second.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The alias table is package data (pyproject ships mlx_tune/configs/*.yaml): an installed
+# mlx-tune cannot see the repository's configs/ folder, which only holds a link to this file.
+ALIASES_PATH = PACKAGE_DIR / "configs" / "models.yaml"
+
+# What a training run needs from a repo: configs, weights, tokenizer files and chat
+# templates. Not *.bin / *.pth / *.gguf / *.onnx, which would multiply the download.
+_BASE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
+# Custom modelling code only when the user allowed it to run.
+_REMOTE_CODE_PATTERNS = ["*.py"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(ValueError):
+    """A model that cannot be resolved; the message is one line meant for the user."""
+
+
+class ModelNotCachedError(ModelError):
+    """Offline (or the Hub unreachable) and the repo is not in the local cache."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path                      # local directory holding config.json
+    repo_id: str | None             # the Hugging Face repo it came from, if any
+    alias: str | None               # the canonical alias name, if one was used
+    prequantized_bits: int | None   # bits of MLX-quantized weights in the directory, if any
+
+
+# -- the alias table -------------------------------------------------------------
+
+def load_aliases(path: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """The alias table, validated: ``{alias: {repo|path, mlx_4bit?, gated?, description?}}``."""
+    path = Path(path) if path is not None else ALIASES_PATH
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ModelError(f"{path}: cannot read the model alias table ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: the model alias table must map alias names to entries")
+    for name, entry in raw.items():
+        if not isinstance(entry, dict) or ("repo" in entry) == ("path" in entry):
+            raise ModelError(f"{path}: alias '{name}' needs exactly one of 'repo' or 'path'")
+    return {str(k): v for k, v in raw.items()}
+
+
+def _lookup_alias(name: str, aliases: dict[str, dict[str, Any]]) -> str:
+    by_lower = {k.lower(): k for k in aliases}
+    if name.lower() in by_lower:
+        return by_lower[name.lower()]
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.4)
+    listed = [by_lower[c] for c in close] or sorted(aliases, key=str.lower)
+    label = "closest aliases" if close else "known aliases"
+    raise ModelError(f"unknown model '{name}': not a local directory, a Hugging Face id or an "
+                     f"alias ({label}: {', '.join(listed)}); an 'org/name' Hugging Face id or a "
+                     "local model directory works too")
+
+
+# -- the Hugging Face cache --------------------------------------------------------
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def hf_offline() -> bool:
+    """Offline as huggingface_hub sees it, or as the environment says now.
+
+    huggingface_hub reads HF_HUB_OFFLINE once at import; reading the environment again
+    catches a variable set later in the process (the CLI's --offline, a test).
+    """
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or _truthy(os.environ.get("HF_HUB_OFFLINE")) \
+        or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hf_cache_dir() -> str:
+    """Where huggingface_hub keeps repos (HF_HUB_CACHE; default ~/.cache/huggingface/hub)."""
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _not_cached(repo_id: str, offline: bool) -> ModelNotCachedError:
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
+    folder = "models--" + repo_id.replace("/", "--")
+    return ModelNotCachedError(
+        f"model '{repo_id}' is not in the local Hugging Face cache ({hf_cache_dir()}) and {why}: "
+        f"on a machine with network run `hf download {repo_id}` (or `huggingface-cli download "
+        f"{repo_id}`) and copy its {folder} folder into that cache, or copy the model "
+        "directory here and pass its path to --model")
+
+
+def _snapshot(repo_id: str, *, trust_remote_code: bool) -> Path:
+    """Locate (offline) or fetch (online) a repo snapshot; one-line ModelError on failure."""
+    import huggingface_hub
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    offline = hf_offline()
+    patterns = _BASE_PATTERNS + (_REMOTE_CODE_PATTERNS if trust_remote_code else [])
+    try:
+        # Read through the module attribute at call time so a patched function is honoured.
+        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns,
+                                                   local_files_only=offline)
+    except LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x only
+            raise ModelNotCachedError(
+                f"the cached snapshot of model '{repo_id}' in {hf_cache_dir()} is incomplete "
+                f"and cannot be completed now: re-run `hf download {repo_id}` with network"
+            ) from None
+        # Offline, or the Hub unreachable, and nothing cached.
+        raise _not_cached(repo_id, offline) from None
+    except GatedRepoError:
+        raise ModelError(f"model '{repo_id}' is gated: accept its license at "
+                         f"https://huggingface.co/{repo_id} and log in with `hf auth login`"
+                         ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{repo_id}' was not found on the Hugging Face Hub (check the "
+                         "spelling; a private repo needs `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise ModelError(f"model '{repo_id}': the requested revision does not exist") from None
+    except (HfHubHTTPError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"could not fetch model '{repo_id}': {first}") from None
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model '{repo_id}' in {path} has no config.json (a partial download?); "
+                         f"re-run `hf download {repo_id}`")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"model '{repo_id}' in {path} has no *.safetensors weights (a partial "
+                         f"download, or a repo without safetensors); re-run `hf download "
+                         f"{repo_id}` or convert the weights to safetensors")
+    return path
+
+
+# -- the pieces together -----------------------------------------------------------
+
+def _quantized_bits(path: Path) -> int | None:
+    """Bits of MLX-quantized weights, read from config.json (mlx-lm writes 'quantization')."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    q = config.get("quantization") or config.get("quantization_config")
+    bits = q.get("bits") if isinstance(q, dict) else None
+    return bits if isinstance(bits, int) and not isinstance(bits, bool) else None
+
+
+def _local_dir(path: Path) -> ResolvedModel:
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory {path} has no config.json; expected a Hugging Face "
+                         "style model directory (config.json, *.safetensors, tokenizer files)")
+    return ResolvedModel(path=path, repo_id=None, alias=None,
+                         prequantized_bits=_quantized_bits(path))
+
+
+def _looks_like_path(name: str) -> bool:
+    """Spelled like a filesystem path rather than an id or alias."""
+    if name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", ".."):
+        return True
+    return ("/" in name or os.sep in name) and not _REPO_ID.match(name)
+
+
+def resolve_model(name: str, *, quantize: int | None, backend: str,
+                  trust_remote_code: bool = False,
+                  log: Callable[[str], Any] = print) -> ResolvedModel:
+    """Turn ``--model NAME`` into a local model directory.
+
+    ``backend`` is the backend that will load the model ("mlx" or "torch", already
+    resolved from "auto"): only the mlx backend can use an alias's pre-quantized MLX
+    variant, so with ``quantize`` set on another backend the original repo is used.
+    """
+    name = (name or "").strip()
+    if not name:
+        raise ModelError("no model given: pass --model with a Hugging Face id (org/name), an "
+                         "alias from configs/models.yaml, or a local directory")
+    local = Path(name).expanduser()
+    if local.is_dir():
+        return _local_dir(local.resolve())
+    if local.exists():
+        raise ModelError(f"model path {local} is a file; expected a model directory holding "
+                         "config.json")
+    if _looks_like_path(name):
+        raise ModelError(f"model directory {local} does not exist")
+    if "/" in name:
+        path = _snapshot(name, trust_remote_code=trust_remote_code)
+        return ResolvedModel(path=path, repo_id=name, alias=None,
+                             prequantized_bits=_quantized_bits(path))
+
+    aliases = load_aliases()
+    alias = _lookup_alias(name, aliases)
+    entry = aliases[alias]
+    if "path" in entry:
+        path = (PACKAGE_DIR / entry["path"]).resolve()
+        if not path.is_dir():
+            raise ModelError(f"model '{alias}' should be embedded at {path} but is missing from "
+                             "this installation; reinstall mlx-tune")
+        resolved = _local_dir(path)
+        return ResolvedModel(path=resolved.path, repo_id=None, alias=alias,
+                             prequantized_bits=resolved.prequantized_bits)
+
+    repo = entry["repo"]
+    variant = entry.get(f"mlx_{quantize}bit") if quantize and backend == "mlx" else None
+    if variant:
+        try:
+            path = _snapshot(variant, trust_remote_code=trust_remote_code)
+        except ModelNotCachedError as e:
+            # Offline with only the original cached: quantizing on load still works.
+            try:
+                path = _snapshot(repo, trust_remote_code=trust_remote_code)
+            except ModelError:
+                raise e from None
+            log(f"model: {variant} is not cached; using {repo} and quantizing to {quantize} "
+                "bits on load")
+            return ResolvedModel(path=path, repo_id=repo, alias=alias,
+                                 prequantized_bits=_quantized_bits(path))
+        bits = _quantized_bits(path) or quantize
+        log(f"model: {alias} -> {variant} (pre-quantized {bits}-bit MLX weights; no quantization "
+            "on load)")
+        return ResolvedModel(path=path, repo_id=variant, alias=alias, prequantized_bits=bits)
+
+    path = _snapshot(repo, trust_remote_code=trust_remote_code)
+    log(f"model: {alias} -> {repo}")
+    return ResolvedModel(path=path, repo_id=repo, alias=alias,
+                         prequantized_bits=_quantized_bits(path))
