@@ -1,0 +1,81 @@
+"""The contract between the backend-agnostic loop and a framework (MLX or PyTorch).
+
+A backend owns arrays: the model, the optimizer, the compiled step, random state of
+the framework. It never decides *when* anything happens (evaluate, save, stop): the
+loop does, so every feature above this line works the same on both backends.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+from ..batch import Batch
+from ..checkpoint import ArrayCodec
+from ..spec import Spec
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports. Values may be lazy framework scalars: the loop
+    turns them into floats only at report time (``Backend.to_floats``), so a step never
+    forces a host sync it does not need."""
+
+    loss: Any  # mean loss per target token over the whole step, before the update
+    tokens: Any  # target tokens in the step
+    grad_norm: Any  # global gradient norm before clipping
+    finite: Any  # 1 if the update was applied, 0 if it was skipped as non-finite
+
+
+@dataclass
+class EvalResult:
+    """Sums over target tokens; the loop derives means, so ranks and batches add up."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    correct: float = 0.0  # argmax == target
+    confidence_sum: float = 0.0  # probability of the argmax token
+    entropy_sum: float = 0.0  # entropy of the predictive distribution
+
+    def __add__(self, other: "EvalResult") -> "EvalResult":
+        return EvalResult(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+
+    def astuple(self) -> tuple[float, ...]:
+        return (self.loss_sum, self.tokens, self.correct, self.confidence_sum, self.entropy_sum)
+
+
+@dataclass
+class ModelInfo:
+    path: str  # resolved local directory
+    total_params: int
+    trainable_params: int
+    num_layers: int
+    quantized_bits: int | None
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # a Hugging Face tokenizer, shared with the data layer
+    codec: ArrayCodec  # how the checkpoint manager materializes and writes arrays
+
+    def load(self, spec: Spec, model_dir: Path) -> ModelInfo: ...
+
+    def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult: ...
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult: ...
+
+    def state_dict(self) -> tuple[dict[str, Any], dict]: ...
+
+    def load_state_dict(self, arrays: dict[str, Any], meta: dict) -> None: ...
+
+    def ema_weights(self) -> AbstractContextManager[None]: ...
+
+    def save_adapter(self, directory: Path) -> None: ...
+
+    def generate(self, messages: list[dict], max_tokens: int) -> str: ...
+
+    def memory(self) -> tuple[int, int]: ...
+
+    def to_floats(self, values: Sequence[Any]) -> list[float]: ...

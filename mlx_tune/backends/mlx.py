@@ -1,0 +1,220 @@
+"""The MLX backend: mlx-lm models and LoRA layers, the compiled step, unified memory.
+
+Model definitions, quantization, LoRA/DoRA layers and generation are mlx-lm's; this
+module wires them to the backend Protocol (see base.py) and keeps the arrays.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from ..batch import Batch
+from ..checkpoint import MlxCodec
+from ..spec import Spec
+from ..tokenizer import load_tokenizer
+from .base import EvalResult, ModelInfo, StepResult
+from .mlx_step import CompiledStep, StepConfig, make_optimizer
+
+# Spec target names -> the last component of module names in mlx-lm's models.
+TARGET_SUFFIXES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj"),
+                   "gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+
+def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the targets."""
+    names = [name for name, m in block.named_modules()
+             if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    keys = []
+    for target in targets:
+        found = [n for n in names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
+        if not found:
+            raise ValueError(f"lora.targets: this model has no '{target}' projection "
+                             f"(its linear layers are: {', '.join(sorted(names))})")
+        keys.extend(found)
+    return keys
+
+
+def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path) -> dict:
+    """mlx-lm's adapter_config.json, so ``mlx_lm.generate --adapter-path`` loads our output."""
+    return {
+        "fine_tune_type": spec.fine_tune_type,
+        "num_layers": num_layers,
+        "lora_parameters": {"rank": spec.lora.rank, "scale": spec.lora.scale,
+                            "dropout": spec.lora.dropout, "keys": keys},
+        "model": str(model_dir),
+        "base_model": spec.model,
+        "quantize": spec.quantize,
+        "quantize_group_size": spec.quantize_group_size,
+        "trainer": "mlx-tune",
+    }
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self) -> None:
+        self.codec = MlxCodec()
+        self.world = mx.distributed.init()
+        self.rank, self.world_size = self.world.rank(), self.world.size()
+
+    # -- loading ---------------------------------------------------------------
+    def load(self, spec: Spec, model_dir: Path) -> ModelInfo:
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        from mlx_lm.utils import load_model, quantize_model
+
+        self.spec, self.model_dir = spec, Path(model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, spec.trust_remote_code)
+        model, config = load_model(self.model_dir, trust_remote_code=spec.trust_remote_code)
+        bits = (config.get("quantization") or {}).get("bits")
+        if spec.quantize and bits is None:
+            model, config = quantize_model(model, config, spec.quantize_group_size, spec.quantize)
+            bits = spec.quantize
+        if bits and spec.fine_tune_type == "full":
+            raise ValueError("fine_tune_type: full cannot train a quantized base; "
+                             "use lora or dora, or drop 'quantize'")
+        if spec.dtype != "auto":
+            # Only unquantized floating weights change; packed ints and scales stay put.
+            dtype = DTYPES[spec.dtype]
+            model.update(tree_map(lambda p: p.astype(dtype)
+                                  if mx.issubdtype(p.dtype, mx.floating) and p.ndim > 0 else p,
+                                  model.parameters()))
+        # The adapter's random init and LoRA dropout draw from here: seed first.
+        mx.random.seed(spec.seed)
+        layers = len(model.layers) if spec.lora.layers == -1 else spec.lora.layers
+        if layers > len(model.layers):
+            raise ValueError(f"lora.layers is {layers} but the model has {len(model.layers)} "
+                             "blocks (-1 = all)")
+        self.keys: list[str] = []
+        if spec.fine_tune_type == "full":
+            model.unfreeze()
+        else:
+            model.freeze()
+            self.keys = lora_keys(model.layers[0], spec.lora.targets)
+            linear_to_lora_layers(model, layers,
+                                  {"rank": spec.lora.rank, "scale": spec.lora.scale,
+                                   "dropout": spec.lora.dropout, "keys": self.keys},
+                                  use_dora=spec.fine_tune_type == "dora")
+        if spec.gradient_checkpointing:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+            grad_checkpoint(model.layers[0])
+        self.model, self.num_layers = model, layers
+        self.optimizer = make_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
+                                        weight_decay=spec.weight_decay, betas=spec.betas,
+                                        eps=spec.eps, momentum=spec.momentum)
+        self.step_fn = CompiledStep(model, self.optimizer, StepConfig(
+            grad_clip=spec.grad_clip, label_smoothing=spec.label_smoothing,
+            ema_decay=spec.ema.decay if spec.ema.enabled else None,
+            world_size=self.world_size, gradient_noise=spec.gradient_noise.eta > 0))
+        model.train()
+        total = sum(v.size for _, v in tree_flatten(model.parameters()))
+        if bits:  # packed weights hold 32/bits values per uint32 element
+            total = sum(v.size * (32 // bits if v.dtype == mx.uint32 else 1)
+                        for _, v in tree_flatten(model.parameters()))
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        return ModelInfo(str(self.model_dir), total, trainable, len(model.layers), bits)
+
+    # -- training ----------------------------------------------------------------
+    def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
+        arrays = [(mx.array(b.tokens), mx.array(b.mask)) for b in micro_batches]
+        loss, ntok, norm, finite = self.step_fn(arrays, lr, noise_std)
+        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
+
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        self.model.eval()
+        try:
+            total = mx.zeros((5,))
+            for b in batches:
+                total = total + self.step_fn.eval_batch(mx.array(b.tokens), mx.array(b.mask))
+                mx.eval(total)  # bound the graph: one batch of activations at a time
+            if self.world_size > 1:
+                total = mx.distributed.all_sum(total, stream=mx.cpu)
+            return EvalResult(*total.tolist())
+        finally:
+            self.model.train()
+
+    def to_floats(self, values: Sequence[Any]) -> list[float]:
+        lazy = [v for v in values if isinstance(v, mx.array)]
+        if lazy:
+            mx.eval(lazy)  # one sync for the whole report interval
+        return [v.item() if isinstance(v, mx.array) else float(v) for v in values]
+
+    def memory(self) -> tuple[int, int]:
+        return mx.get_active_memory(), mx.get_peak_memory()
+
+    # -- state -------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict]:
+        arrays: dict[str, Any] = {}
+        arrays.update({f"trainable/{k}": v for k, v in tree_flatten(self.model.trainable_parameters())})
+        arrays.update({f"optimizer/{k}": v for k, v in tree_flatten(self.optimizer.state)})
+        arrays.update({f"ema/{k}": v for k, v in tree_flatten(self.step_fn.ema)})
+        arrays["rng/mlx"] = mx.random.state[0]
+        return arrays, {"backend": "mlx", "optimizer": type(self.optimizer).__name__}
+
+    def load_state_dict(self, arrays: dict[str, Any], meta: dict) -> None:
+        def part(prefix: str) -> list[tuple[str, Any]]:
+            return [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]
+
+        self.model.load_weights(part("trainable/"), strict=False)
+        opt = tree_unflatten(part("optimizer/"))
+        expected = {k for k, _ in tree_flatten(self.optimizer.state)}
+        if expected != {k for k, _ in tree_flatten(opt)}:
+            raise ValueError("checkpoint optimizer state does not match this optimizer "
+                             f"({meta.get('optimizer')} in the checkpoint)")
+        for key, value in opt.items():  # in place: the compiled step holds this dict
+            self.optimizer.state[key] = value
+        ema = part("ema/")
+        if ema and self.step_fn.ema:
+            self.step_fn.ema.update(tree_unflatten(ema))
+        if "rng/mlx" in arrays:
+            mx.random.state[0] = arrays["rng/mlx"]
+        mx.eval(self.step_fn.state)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Evaluate (or save) with the EMA weights, then put the live ones back."""
+        if not self.step_fn.ema:
+            yield
+            return
+        live = self.model.trainable_parameters()
+        self.model.update(self.step_fn.ema["weights"])
+        try:
+            yield
+        finally:
+            self.model.update(live)
+
+    # -- output ------------------------------------------------------------------
+    def save_adapter(self, directory: Path) -> None:
+        """adapters.safetensors + adapter_config.json in mlx-lm's format, atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = dict(tree_flatten(self.model.trainable_parameters()))
+        mx.eval(weights)
+        tmp = directory / ".adapters.safetensors.tmp"
+        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
+        tmp.replace(directory / "adapters.safetensors")
+        config = adapter_config(self.spec, self.keys, self.num_layers, self.model_dir)
+        tmp = directory / ".adapter_config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=2))
+        tmp.replace(directory / "adapter_config.json")
+
+    def generate(self, messages: list[dict], max_tokens: int) -> str:
+        from mlx_lm.generate import generate
+        from mlx_lm.sample_utils import make_sampler
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                    tokenize=False)
+        self.model.eval()
+        try:
+            return generate(self.model, TokenizerWrapper(self.tokenizer), prompt,
+                            max_tokens=max_tokens, sampler=make_sampler(temp=0.0))
+        finally:
+            self.model.train()

@@ -1,0 +1,173 @@
+"""The compiled MLX training step, readable in one sitting.
+
+One optimizer step = ``accumulate`` over each micro-batch, then ``update`` once.
+Both are ``mx.compile``d over the model, optimizer and RNG state, so a step is two
+fused graphs and no host sync: the loss, token count, gradient norm and the finite
+flag come back as lazy scalars the loop reads only at report time.
+
+Why the loss is a *sum*: gradients of per-token loss sums add up exactly across
+micro-batches (and ranks), and one division by the step's total target tokens at
+the end gives the token-weighted mean. So 2 x batch 4 equals batch 8, up to float
+rounding, however the tokens fall between the micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map, tree_reduce
+
+
+def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
+                    label_smoothing: float = 0.0) -> tuple[mx.array, mx.array]:
+    """(sum of per-token cross-entropy over target tokens, number of target tokens)."""
+    inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    logits = model(inputs).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return (ce * weights).sum(), weights.sum()
+
+
+def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array) -> mx.array:
+    """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
+    inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
+    logits = model(inputs).astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    probs = mx.exp(logprobs)
+    ce = -mx.take_along_axis(logprobs, targets[..., None], axis=-1).squeeze(-1)
+    predicted = mx.argmax(logits, axis=-1)
+    confidence = mx.max(probs, axis=-1)
+    entropy = -(probs * logprobs).sum(axis=-1)
+    correct = (predicted == targets).astype(mx.float32)
+    return mx.stack([(ce * weights).sum(), weights.sum(), (correct * weights).sum(),
+                     (confidence * weights).sum(), (entropy * weights).sum()])
+
+
+@dataclass
+class StepConfig:
+    grad_clip: float  # 0 = off
+    label_smoothing: float
+    ema_decay: float | None  # None = no EMA
+    world_size: int  # > 1: sums are all-reduced across ranks inside the step
+    gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
+
+
+def global_norm(grads: Any) -> mx.array:
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + (g.astype(mx.float32) ** 2).sum(), grads,
+                               mx.array(0.0)))
+
+
+class CompiledStep:
+    """Owns the compiled functions and the state they read and write.
+
+    ``ema`` is a dict of EMA copies of the trainable weights (empty when EMA is off);
+    it lives in the compiled state so its update costs no extra graph launch.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, config: StepConfig):
+        self.model, self.optimizer, self.config = model, optimizer, config
+        # Initialise the optimizer state up front: the finite-guard below selects between
+        # the old and new state trees, which must have the same structure from step one.
+        optimizer.init(model.trainable_parameters())
+        self.ema: dict = {}
+        if config.ema_decay is not None:
+            self.ema["weights"] = tree_map(lambda p: mx.array(p), model.trainable_parameters())
+        self.state = [model.state, optimizer.state, mx.random.state, self.ema]
+        loss_and_grad = nn.value_and_grad(
+            model, partial(token_loss_sums, label_smoothing=config.label_smoothing))
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def first(tokens, mask):
+            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+            return grads, loss_sum, ntok
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def more(tokens, mask, grads, loss_sum, ntok):
+            (l, n), g = loss_and_grad(model, tokens, mask)
+            return tree_map(mx.add, grads, g), loss_sum + l, ntok + n
+
+        @partial(mx.compile, inputs=self.state, outputs=self.state)
+        def update(grads, loss_sum, ntok, noise_std):
+            return self._update(grads, loss_sum, ntok, noise_std)
+
+        self._first, self._more, self._update_fn = first, more, update
+        self._inflight: mx.array | None = None
+        self._eval = mx.compile(partial(eval_sums, model), inputs=[model.state])
+
+    def _update(self, grads, loss_sum, ntok, noise_std):
+        cfg = self.config
+        if cfg.world_size > 1:
+            # Data parallel: every rank adds its sums; the division below makes the
+            # result the mean over the *global* batch's target tokens.
+            grads = tree_map(mx.distributed.all_sum, grads)
+            loss_sum = mx.distributed.all_sum(loss_sum)
+            ntok = mx.distributed.all_sum(ntok)
+        denom = mx.maximum(ntok, 1.0)
+        grads = tree_map(lambda g: g / denom.astype(g.dtype), grads)
+        norm = global_norm(grads)
+        finite = mx.logical_and(mx.isfinite(loss_sum), mx.isfinite(norm))
+        # A non-finite step must not touch the weights or the optimizer moments:
+        # zero its gradients, then keep the old state where it was non-finite.
+        grads = tree_map(lambda g: mx.where(finite, g, mx.zeros_like(g)), grads)
+        if cfg.grad_clip > 0:
+            factor = mx.minimum(cfg.grad_clip / (norm + 1e-6), 1.0)
+            factor = mx.where(finite, factor, 0.0)
+            grads = tree_map(lambda g: g * factor.astype(g.dtype), grads)
+        if cfg.gradient_noise:  # decided at trace time: no cost when off
+            grads = tree_map(
+                lambda g: g + (noise_std * mx.random.normal(g.shape)).astype(g.dtype), grads)
+        params = self.model.trainable_parameters()
+        old_opt = tree_map(lambda x: x, self.optimizer.state)
+        new_params = self.optimizer.apply_gradients(grads, params)
+        new_params = tree_map(lambda new, old: mx.where(finite, new, old), new_params, params)
+        kept = tree_map(lambda new, old: mx.where(finite, new, old), self.optimizer.state, old_opt)
+        # Update in place: the compiled function captured this very dict as its state.
+        for key, value in kept.items():
+            self.optimizer.state[key] = value
+        self.model.update(new_params)
+        if self.ema:
+            d = cfg.ema_decay
+            self.ema["weights"] = tree_map(
+                lambda e, p: mx.where(finite, d * e + (1 - d) * p.astype(e.dtype), e),
+                self.ema["weights"], new_params)
+        return loss_sum / denom, ntok, norm, finite
+
+    def __call__(self, micro_batches: list[tuple[mx.array, mx.array]], lr: float,
+                 noise_std: float) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        # Set outside the compiled graph: the value is an input array, so a new
+        # learning rate each step never triggers a recompile.
+        self.optimizer.learning_rate = lr
+        grads, loss_sum, ntok = self._first(*micro_batches[0])
+        for tokens, mask in micro_batches[1:]:
+            grads, loss_sum, ntok = self._more(tokens, mask, grads, loss_sum, ntok)
+        out = self._update_fn(grads, loss_sum, ntok, mx.array(noise_std, dtype=mx.float32))
+        # Queue this step and wait only for the previous one: the next batch is prepared
+        # while this step computes, and the host never runs more than one step ahead.
+        mx.async_eval(self.state, out)
+        if self._inflight is not None:
+            mx.eval(self._inflight)
+        self._inflight = out[0]
+        return out
+
+    def eval_batch(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        return self._eval(tokens, mask)
+
+
+def make_optimizer(name: str, *, learning_rate: float, weight_decay: float,
+                   betas: list[float], eps: float, momentum: float) -> optim.Optimizer:
+    """The spec's optimizer. Adam(W) use bias correction, matching PyTorch's, so the
+    same spec means the same update on both backends."""
+    makers: dict[str, Callable[[], optim.Optimizer]] = {
+        "adamw": lambda: optim.AdamW(learning_rate, betas=list(betas), eps=eps,
+                                     weight_decay=weight_decay, bias_correction=True),
+        "adam": lambda: optim.Adam(learning_rate, betas=list(betas), eps=eps,
+                                   bias_correction=True),
+        "sgd": lambda: optim.SGD(learning_rate, momentum=momentum, weight_decay=weight_decay),
+        "adafactor": lambda: optim.Adafactor(learning_rate, relative_step=False,
+                                             scale_parameter=False),
+    }
+    return makers[name]()

@@ -1,0 +1,39 @@
+"""The unit of data every backend consumes: numpy arrays, nothing framework-specific."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Padded token ids and the mask of positions that count in the loss.
+
+    ``tokens[i, t]`` is token t of sequence i (right-padded with the pad id).
+    ``mask[i, t]`` is 1 where token t is a training target, i.e. the loss includes
+    predicting ``tokens[i, t]`` from ``tokens[i, :t]``. Position 0 is never a target.
+    Backends compute ``inputs = tokens[:, :-1]``, ``targets = tokens[:, 1:]`` and weight
+    the per-token loss by ``mask[:, 1:]``; the loss is summed and divided by the number
+    of target tokens of the whole optimizer step (token-weighted).
+    """
+
+    tokens: np.ndarray  # int32 [B, T]
+    mask: np.ndarray  # float32 [B, T], 0/1
+
+    @property
+    def n_targets(self) -> int:
+        return int(self.mask[:, 1:].sum())
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def split(self, parts: int) -> list["Batch"]:
+        """Equal micro-batches along the batch axis (gradient accumulation, sharding)."""
+        if self.size % parts:
+            raise ValueError(f"batch of {self.size} cannot be split into {parts} equal parts")
+        n = self.size // parts
+        return [Batch(self.tokens[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n])
+                for i in range(parts)]

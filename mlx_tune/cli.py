@@ -1,0 +1,171 @@
+"""`mlx-tune train | generate | lr-find | plan | doctor`.
+
+Every spec field gets a flag generated from the spec itself (``lora.rank`` ->
+``--lora-rank``), so YAML and the command line can never drift apart. Errors a user
+can fix are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from dataclasses import MISSING
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from . import __version__
+from .spec import SECTIONS, Spec, SpecError, build_spec, leaf_fields, to_yaml
+
+EXIT_USAGE, EXIT_ERROR = 2, 1
+
+
+def _flag(key: str, meta: dict) -> str:
+    return "--" + (meta.get("flag") or key.replace(".", "-").replace("_", "-"))
+
+
+def _parse_value(tp: Any):
+    """Flag values are YAML scalars ('4', 'null', '[q, v]'); comma lists for list fields."""
+    def parse(text: str) -> Any:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        if (tp is list or getattr(tp, "__origin__", None) is list) and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return value
+    return parse
+
+
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per spec leaf, grouped under the spec's sections in --help."""
+    leaves = {key: (f, tp) for key, f, tp in leaf_fields()}
+    for title, tops in SECTIONS.items():
+        group = parser.add_argument_group(title)
+        for key, (f, tp) in leaves.items():
+            if key.split(".")[0] not in tops:
+                continue
+            meta = dict(f.metadata)
+            default = f.default if f.default is not MISSING else f.default_factory()
+            help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
+            if tp is bool:
+                group.add_argument(_flag(key, meta), dest="spec:" + key, default=argparse.SUPPRESS,
+                                   action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(_flag(key, meta), dest="spec:" + key, default=argparse.SUPPRESS,
+                                   type=_parse_value(tp), metavar="X",
+                                   help=f"{help_text} (default: {default})")
+    extra = parser.add_argument_group("switches")
+    extra.add_argument("--disable-cosine-schedule", action="store_true",
+                       help="use linear decay instead of cosine (same as --lr-schedule linear)")
+    extra.add_argument("--disable-gradient-noise", action="store_true",
+                       help="turn gradient noise off (same as --gradient-noise-eta 0)")
+
+
+def spec_from_args(args: argparse.Namespace) -> Spec:
+    overrides = {k[len("spec:"):]: v for k, v in vars(args).items() if k.startswith("spec:")}
+    if getattr(args, "disable_cosine_schedule", False):
+        overrides["lr_schedule"] = "linear"
+    if getattr(args, "disable_gradient_noise", False):
+        overrides["gradient_noise.eta"] = 0.0
+    return build_spec(getattr(args, "config", None), overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlx-tune", description="Unattended LoRA/QLoRA "
+                                     "fine-tuning on Apple Silicon (MLX) and NVIDIA (PyTorch).")
+    parser.add_argument("--version", action="version", version=f"mlx-tune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune a model")
+    train.add_argument("--config", "-c", help="YAML spec (command-line flags override it)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved spec and exit")
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--auto-resume", action="store_true",
+                        help="resume from the newest valid checkpoint without asking")
+    resume.add_argument("--force-fresh", action="store_true",
+                        help="start over; the old run directory is moved aside, nothing deleted")
+    add_spec_flags(train)
+
+    gen = sub.add_parser("generate", help="generate with a base model and an adapter")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--adapter", help="adapter directory (output_dir/adapters)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--system", help="optional system message")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--backend", default="auto", choices=("auto", "mlx", "torch"))
+
+    lr = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
+    lr.add_argument("--config", "-c")
+    lr.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep")
+    lr.add_argument("--end-lr", type=float, default=1.0, help="last learning rate of the sweep")
+    lr.add_argument("--steps", type=int, default=100, help="sweep length in steps")
+    lr.add_argument("--plot", help="PNG path (default: OUTPUT_DIR/lr_find.png)")
+    add_spec_flags(lr)
+
+    plan = sub.add_parser("plan", help="estimate peak memory; propose batch and accumulation")
+    plan.add_argument("--config", "-c")
+    plan.add_argument("--memory-gb", type=float, help="memory to plan for (default: detected)")
+    add_spec_flags(plan)
+
+    sub.add_parser("doctor", help="check the installation: MLX device, BLAS, dependencies")
+    return parser
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input, reported as one line."""
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .hub import ModelError
+    from .resume import ResumeError
+    return (SpecError, DataError, ModelError, ResumeError, CheckpointError)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "doctor":
+        from rich.console import Console
+        from .doctor import run_doctor
+        return run_doctor(Console())
+    if args.command == "generate":
+        from .generate import generate_cli
+        return generate_cli(args)
+    spec = spec_from_args(args)
+    if args.command == "train":
+        if args.print_config:
+            print(to_yaml(spec), end="")
+            return 0
+        from .train import train
+        mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
+        return train(spec, resume=mode).exit_code
+    if args.command == "lr-find":
+        from .lr_find import lr_find_cli
+        return lr_find_cli(spec, args)
+    from .plan import plan_cli
+    return plan_cli(spec, args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .blas import maybe_reexec_with_openblas
+    maybe_reexec_with_openblas(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except KeyboardInterrupt:
+        print("mlx-tune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
+        if isinstance(e, _known_errors()):
+            print(f"mlx-tune: error: {e}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(e, SpecError) else EXIT_ERROR
+        log = Path.cwd() / "mlx-tune-crash.log"
+        log.write_text(traceback.format_exc())
+        print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

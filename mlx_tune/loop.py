@@ -1,0 +1,298 @@
+"""The training loop: backend-agnostic, readable top to bottom.
+
+The loop owns time: the step counter, the learning rate at each step, gradient
+accumulation boundaries, when to evaluate, when to save, when to stop. The backend
+owns arrays. Step results stay lazy (MLX) until a report boundary, where one
+``to_floats`` call reads a whole interval at once: no per-step host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backends.base import Backend, EvalResult, StepResult
+from .cadence import gradient_noise_std, is_eval_step
+from .checkpoint import CheckpointManager, CheckpointSaveError
+from .evaluation import run_samples
+from .monitors import EXIT_CODES, EarlyStopping, MemoryHealth, MovingAverage, ThroughputMeter
+from .reporting import EvalReport, Reporters, TrainReport
+from .spec import Spec, fingerprint, to_dict
+
+EXIT_OK, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED = 0, 7, 130
+MAX_SAVE_FAILURES = 3
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    reason: str
+    step: int
+    best_val_loss: float | None = None
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+
+
+@dataclass
+class Interval:
+    """Sums over the current report interval (checkpointed, so a resumed run reports
+    exactly the numbers an uninterrupted one would)."""
+
+    loss_sum: float = 0.0
+    tokens: float = 0.0
+    steps: int = 0
+    grad_norm: float = 0.0
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    trained_tokens: int = 0
+    interval: Interval = field(default_factory=Interval)
+    first_val_loss: float | None = None
+    last_val_loss: float | None = None
+    last_checkpoint: str | None = None
+    last_checkpoint_step: int = 0
+
+
+class SignalGuard:
+    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once (the last
+    complete checkpoint stays valid: saves are atomic)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "SignalGuard":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise SystemExit(EXIT_INTERRUPTED)
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def python_rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    legacy = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
+
+
+def restore_python_rng(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+class Trainer:
+    """Runs the loop for one spec with one backend. Construct, optionally ``restore``,
+    then ``run``."""
+
+    def __init__(self, spec: Spec, backend: Backend, data: Any, reporters: Reporters,
+                 manager: CheckpointManager | None, schedule: Callable[[int], float],
+                 accumulation: int, log: Callable[[str], None] = print):
+        self.spec, self.backend, self.data, self.reporters = spec, backend, data, reporters
+        self.manager, self.schedule, self.accumulation, self.log = manager, schedule, accumulation, log
+        es = spec.early_stopping
+        self.stopper = EarlyStopping.from_spec(es)
+        self.loss_avg = MovingAverage(window=es.loss_window)
+        self.throughput = ThroughputMeter(window=50)
+        self.memory = MemoryHealth()
+        self.state = LoopState()
+        self.rank = getattr(backend, "rank", 0)
+        self.world_size = getattr(backend, "world_size", 1)
+        self.save_failures = 0
+
+    # -- checkpoint state -----------------------------------------------------------
+    def checkpoint_meta(self) -> dict:
+        s = self.state
+        return {"step": s.step, "trained_tokens": s.trained_tokens,
+                "interval": vars(s.interval), "first_val_loss": s.first_val_loss,
+                "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
+                "early_stopping": self.stopper.state_dict(), "loss_avg": self.loss_avg.state_dict(),
+                "memory": self.memory.state_dict(),
+                "rng": python_rng_state(), "fingerprint": fingerprint(self.spec),
+                "spec": to_dict(self.spec)}
+
+    def restore(self, arrays: dict, meta: dict) -> None:
+        self.backend.load_state_dict(arrays, meta)
+        s = self.state
+        s.step, s.trained_tokens = meta["step"], meta["trained_tokens"]
+        s.interval = Interval(**meta["interval"])
+        s.first_val_loss, s.last_val_loss = meta["first_val_loss"], meta["last_val_loss"]
+        s.last_checkpoint_step = s.step
+        self.data.train.load_state_dict(meta["data"])
+        self.stopper.load_state_dict(meta["early_stopping"])
+        self.loss_avg.load_state_dict(meta["loss_avg"])
+        self.memory.load_state_dict(meta["memory"])
+        restore_python_rng(meta["rng"])
+
+    def save(self, *, best: bool = False) -> bool:
+        """Save through the manager; a failure is reported and training goes on."""
+        if self.manager is None or self.rank != 0:
+            return True
+        arrays, backend_meta = self.backend.state_dict()
+        meta = {**self.checkpoint_meta(), "backend": backend_meta}
+        try:
+            path = self.manager.save(self.state.step, arrays, meta, best=best)
+        except CheckpointSaveError as e:
+            self.save_failures += 1
+            self.reporters.on_message(f"checkpoint at step {self.state.step} failed "
+                                      f"({self.save_failures}/{MAX_SAVE_FAILURES} in a row): {e}",
+                                      "error")
+            return False
+        self.save_failures = 0
+        self.state.last_checkpoint, self.state.last_checkpoint_step = str(path), self.state.step
+        self.reporters.on_checkpoint(self.state.step, str(path))
+        return True
+
+    # -- evaluation -----------------------------------------------------------------
+    def evaluate(self) -> EvalResult | None:
+        if self.data.valid is None:
+            return None
+        tic = time.perf_counter()
+        use_ema = self.spec.ema.enabled and self.spec.ema.use_for_eval
+        with (self.backend.ema_weights() if use_ema else nullcontext()):
+            result = self.backend.evaluate(self.data.valid.batches())
+        tokens = max(result.tokens, 1.0)
+        val_loss = result.loss_sum / tokens
+        s = self.state
+        if s.first_val_loss is None:
+            s.first_val_loss = val_loss
+        s.last_val_loss = val_loss
+        decision = self.stopper.observe_eval(s.step, val_loss)
+        samples = run_samples(self.backend, self.spec, self.data) if self.rank == 0 else []
+        self.reporters.on_eval(EvalReport(
+            step=s.step, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50.0)),
+            accuracy=result.correct / tokens, confidence=result.confidence_sum / tokens,
+            entropy=result.entropy_sum / tokens, best_val_loss=self.stopper.best_val_loss,
+            best_step=self.stopper.best_step, is_best=self.stopper.is_new_best,
+            seconds=time.perf_counter() - tic, samples=samples))
+        if self.stopper.is_new_best and s.step > 0:
+            self.save(best=True)
+        return decision
+
+    # -- reporting ------------------------------------------------------------------
+    def flush(self, pending: list[tuple[int, StepResult, float, float]]) -> Any:
+        """Read the lazy results of the interval in one sync; feed monitors and reporters.
+        Returns a stop decision or None."""
+        if not pending:
+            return None
+        flat = [v for _, r, _, _ in pending for v in (r.loss, r.tokens, r.grad_norm, r.finite)]
+        values = self.backend.to_floats(flat)
+        decision, s = None, self.state
+        for i, (step, _, lr, wall) in enumerate(pending):
+            loss, tokens, norm, finite = values[4 * i: 4 * i + 4]
+            ok = bool(finite) and math.isfinite(loss)
+            if ok:
+                self.loss_avg.update(loss)
+                s.interval.loss_sum += loss * tokens
+                s.interval.tokens += tokens
+                s.trained_tokens += int(tokens)
+            s.interval.steps += 1
+            s.interval.grad_norm = norm
+            self.throughput.update(step, wall, tokens)
+            decision = decision or self.stopper.observe_step(step, loss, norm, ok)
+        pending.clear()
+        self._last_lr = lr
+        return decision
+
+    def report(self) -> None:
+        s, iv = self.state, self.state.interval
+        active, peak = self.backend.memory()
+        self.memory.update(active)
+        self.reporters.on_train(TrainReport(
+            step=s.step, total_steps=self.spec.max_steps, epoch=getattr(self.data.train, "epoch", 0),
+            loss=iv.loss_sum / iv.tokens if iv.tokens else float("nan"),
+            loss_avg=_or_nan(self.loss_avg.value), loss_trend=self.loss_avg.trend or 0.0,
+            learning_rate=self._last_lr, grad_norm=iv.grad_norm,
+            tokens_per_second=self.throughput.tokens_per_second or 0.0,
+            steps_per_second=self.throughput.steps_per_second or 0.0,
+            eta_seconds=self.throughput.eta_seconds(s.step, self.spec.max_steps),
+            trained_tokens=s.trained_tokens, memory_mb=active / 2**20,
+            peak_memory_mb=peak / 2**20, memory_delta_mb=self.memory.delta / 2**20,
+            leak_warning=self.memory.leak_warning,
+            steps_since_checkpoint=s.step - s.last_checkpoint_step,
+            last_checkpoint=s.last_checkpoint, skipped_steps=self.stopper.skipped_steps,
+            early_stopping=self.stopper.counters()))
+        s.interval = Interval()
+
+    # -- the loop -------------------------------------------------------------------
+    def run(self) -> RunResult:
+        spec, s = self.spec, self.state
+        pending: list[tuple[int, StepResult, float, float]] = []
+        self._last_lr = self.schedule(s.step)
+        stop = None
+        if s.step == 0 and spec.eval_at_start:
+            self.evaluate()
+        with SignalGuard() as signals:
+            while s.step < spec.max_steps and stop is None:
+                if signals.requested:
+                    break
+                batch = self.data.train.next_batch()
+                if self.world_size > 1:
+                    batch = batch.split(self.world_size)[self.rank]
+                lr = self.schedule(s.step)
+                noise = gradient_noise_std(s.step, spec.gradient_noise.eta, spec.gradient_noise.gamma)
+                result = self.backend.step(batch.split(self.accumulation), lr, noise)
+                s.step += 1
+                pending.append((s.step, result, lr, time.perf_counter()))
+
+                last = s.step == spec.max_steps
+                if s.step % spec.report_every == 0 or last:
+                    stop = self.flush(pending)
+                    self.report()
+                if stop is None and is_eval_step(s.step, eval_steps=spec.eval_steps,
+                                                 max_steps=spec.max_steps,
+                                                 schedule=spec.eval_schedule):
+                    stop = self.flush(pending) or self.evaluate()
+                if stop is None and s.step % spec.checkpoint_interval == 0 and not last:
+                    self.flush(pending)
+                    if not self.save() and self.save_failures >= MAX_SAVE_FAILURES:
+                        return self._finish(EXIT_CHECKPOINT_FAILURES,
+                                            f"{MAX_SAVE_FAILURES} checkpoint saves failed in a "
+                                            "row; stopping so the run does not go on unprotected")
+            stop = stop or self.flush(pending)
+            interrupted = signals.requested
+        # Every exit path below saves first: a stop never costs the steps since the
+        # last checkpoint.
+        self.save()
+        if interrupted:
+            return self._finish(EXIT_INTERRUPTED,
+                                f"interrupted by {interrupted} at step {s.step}; "
+                                "resume with the same command and --auto-resume")
+        if stop is not None:
+            return self._finish(EXIT_CODES[stop.rule], f"early stop ({stop.rule}): {stop.reason}")
+        return self._finish(EXIT_OK, f"finished {s.step} steps")
+
+    def _finish(self, code: int, reason: str) -> RunResult:
+        self.reporters.on_stop(reason, code)
+        return RunResult(code, reason, self.state.step, self.stopper.best_val_loss,
+                         self.state.first_val_loss, self.state.last_val_loss)
+
+
+def run_dir_files(output_dir: Path) -> dict[str, Path]:
+    """Where a run writes what (documented in the README)."""
+    return {"checkpoints": output_dir / "checkpoints", "adapters": output_dir / "adapters",
+            "tensorboard": output_dir / "tensorboard", "metrics": output_dir / "metrics.jsonl",
+            "spec": output_dir / "spec.yaml"}

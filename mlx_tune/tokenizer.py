@@ -1,0 +1,24 @@
+"""One tokenizer for every backend: the model directory's Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The model's tokenizer (transformers' AutoTokenizer), with a pad token set.
+
+    Both backends and the data layer share this object, so a batch means the same
+    token ids on MLX and on PyTorch.
+    """
+    # Tokenizers' own thread pool fights the training threads on small machines and
+    # warns after fork (prefetch, distributed launchers); the data layer batches anyway.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

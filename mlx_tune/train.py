@@ -1,0 +1,137 @@
+"""The `train` recipe, top to bottom: spec -> model -> resume decision -> backend ->
+data -> loop -> adapter. Everything that can be checked without loading a model is
+checked first."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Literal
+
+import yaml
+
+from .checkpoint import CheckpointManager
+from .data import load_data
+from .hub import resolve_model
+from .keepawake import keep_awake, release
+from .loop import RunResult, Trainer
+from .reporting import make_reporters
+from .resume import decide_resume, move_run_aside
+from .schedules import build_schedule
+from .spec import Spec, effective_lr_args, fingerprint, require, to_dict
+
+# Spec fields whose change on resume is reported but allowed: they steer the rest of
+# the run without changing what the saved tensors mean.
+HARMLESS_ON_RESUME = ("max_steps", "eval_steps", "val_batches", "checkpoint_interval",
+                      "report_every", "learning_rate", "dashboard")
+
+
+def select_backend(name: str) -> str:
+    """'auto' -> mlx wherever MLX imports (Apple Silicon, MLX's Linux/CUDA builds), else
+    torch."""
+    if name != "auto":
+        return name
+    try:
+        import mlx.core  # noqa: F401
+        return "mlx"
+    except ImportError:
+        return "torch"
+
+
+def make_backend(name: str):  # -> Backend
+    if name == "mlx":
+        from .backends.mlx import MLXBackend
+        return MLXBackend()
+    from .backends.torch import TorchBackend
+    return TorchBackend()
+
+
+def resolve_accumulation(spec: Spec, model_dir: Path, log: Callable[[str], None]) -> int:
+    """Micro-batches per step: the spec's number, or 'auto' from the memory planner."""
+    if spec.gradient_accumulation_steps != "auto":
+        return int(spec.gradient_accumulation_steps)
+    from .plan import plan_accumulation
+    steps = plan_accumulation(spec, model_dir)
+    log(f"gradient_accumulation_steps: auto -> {steps} (micro-batch {spec.batch_size // steps})")
+    return steps
+
+
+def write_spec(spec: Spec, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / ".spec.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+    tmp.replace(output_dir / "spec.yaml")
+
+
+def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
+          log: Callable[[str], None] = print) -> RunResult:
+    require(spec, "model", "data")
+    spec = replace(spec, backend=select_backend(spec.backend))
+    output_dir = Path(spec.output_dir)
+    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
+                             trust_remote_code=spec.trust_remote_code, log=log)
+    backend = make_backend(spec.backend)
+    is_main = getattr(backend, "rank", 0) == 0
+
+    # Resume decision before the model loads: a refusal costs a second, not a minute.
+    manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
+                                keep=spec.keep_checkpoints, log=log) if is_main else None
+    loaded = None
+    if resume == "fresh" and is_main:
+        if output_dir.exists() and any(output_dir.iterdir()):
+            log(f"--force-fresh: moved the previous run aside to {move_run_aside(output_dir)}")
+        manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
+                                    keep=spec.keep_checkpoints, log=log)
+    elif manager is not None:
+        loaded = decide_resume(manager, current_fingerprint=fingerprint(spec), mode=resume,
+                               interactive=sys.stdin.isatty(), log=log,
+                               harmless_fields=HARMLESS_ON_RESUME, output_dir=output_dir)
+    loaded = _share_resume(backend, loaded, output_dir, spec, log)
+
+    info = backend.load(spec, resolved.path)
+    accumulation = resolve_accumulation(spec, resolved.path, log)
+    pct = 100.0 * info.trainable_params / max(info.total_params, 1)
+    log(f"model {resolved.path} ({info.total_params / 1e6:.2f}M parameters"
+        + (f", {info.quantized_bits}-bit" if info.quantized_bits else "")
+        + f"); trainable {info.trainable_params / 1e6:.3f}M ({pct:.3f}%) with {spec.fine_tune_type}")
+    data = load_data(spec, backend.tokenizer, rank=backend.rank, world_size=backend.world_size,
+                     log=log)
+    if is_main:
+        write_spec(spec, output_dir)
+    reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
+                               resume_step=loaded.step if loaded else None,
+                               tensorboard=spec.tensorboard, is_main_rank=is_main)
+    keepawake = keep_awake(os.getpid(), spec.allow_sleep, log=log) if is_main else None
+    try:
+        trainer = Trainer(spec, backend, data, reporters, manager,
+                          build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
+                          accumulation, log=lambda m: reporters.on_message(m))
+        if loaded is not None:
+            trainer.restore(loaded.arrays, loaded.meta)
+        reporters.on_start({"model": str(resolved.path), "backend": spec.backend,
+                            "trainable_params": info.trainable_params,
+                            "total_params": info.total_params, "total_steps": spec.max_steps,
+                            "resume_step": loaded.step if loaded else None,
+                            "output_dir": str(output_dir)})
+        result = trainer.run()
+        if is_main:
+            backend.save_adapter(output_dir / "adapters")
+            if spec.ema.enabled:
+                with backend.ema_weights():
+                    backend.save_adapter(output_dir / "adapters_ema")
+            reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+        return result
+    finally:
+        reporters.close()
+        data.close()
+        release(keepawake)
+
+
+def _share_resume(backend, loaded, output_dir: Path, spec: Spec, log):
+    """Distributed runs: every rank restores rank 0's checkpoint (see distributed.py)."""
+    if getattr(backend, "world_size", 1) <= 1:
+        return loaded
+    from .distributed import share_resume_point
+    return share_resume_point(backend, loaded, output_dir, spec, log)

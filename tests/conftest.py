@@ -1,0 +1,46 @@
+"""Shared fixtures. The suite runs with the same BLAS fix as the product: on Linux,
+pytest re-executes itself once with the system OpenBLAS preloaded (MLX's bundled
+reference BLAS makes every training test ~30x slower)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import mlx_tune
+from mlx_tune.blas import maybe_reexec_with_openblas
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Give the terminal back before exec: pytest already redirected fds 1 and 2.
+    capman = config.pluginmanager.getplugin("capturemanager")
+    if capman is None or os.environ.get("MLX_TUNE_BLAS"):
+        return
+    capman.stop_global_capturing()
+    maybe_reexec_with_openblas(list(config.invocation_params.args), module="pytest")
+    capman.start_global_capturing()  # no exec happened (no OpenBLAS, or fix disabled)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = Path(mlx_tune.__file__).parent / "assets" / "tiny-mistral"
+RECIPES = REPO / "data" / "recipes"
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    if not (TINY / "model.safetensors").exists():
+        pytest.skip("the embedded tiny model is not built (python scripts/build_tiny_model.py)")
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def recipes() -> Path:
+    return RECIPES
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for `python -m mlx_tune` children: quiet, offline, deterministic."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
+    return env
