@@ -29,6 +29,11 @@ def _flag(key: str, meta: dict) -> str:
 def _parse_value(tp: Any):
     """Flag values are YAML scalars ('4', 'null', '[q, v]'); comma lists for list fields."""
     def parse(text: str) -> Any:
+        for number in (int, float):  # YAML 1.1 reads '1e-3' as a string
+            try:
+                return number(text)
+            except ValueError:
+                pass
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:

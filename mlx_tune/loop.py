@@ -134,13 +134,13 @@ class Trainer:
                 "rng": python_rng_state(), "fingerprint": fingerprint(self.spec),
                 "spec": to_dict(self.spec)}
 
-    def restore(self, arrays: dict, meta: dict) -> None:
+    def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:
         self.backend.load_state_dict(arrays, meta)
         s = self.state
         s.step, s.trained_tokens = meta["step"], meta["trained_tokens"]
         s.interval = Interval(**meta["interval"])
         s.first_val_loss, s.last_val_loss = meta["first_val_loss"], meta["last_val_loss"]
-        s.last_checkpoint_step = s.step
+        s.last_checkpoint, s.last_checkpoint_step = path, s.step
         self.data.train.load_state_dict(meta["data"])
         self.stopper.load_state_dict(meta["early_stopping"])
         self.loss_avg.load_state_dict(meta["loss_avg"])
@@ -150,6 +150,11 @@ class Trainer:
     def save(self, *, best: bool = False) -> bool:
         """Save through the manager; a failure is reported and training goes on."""
         if self.manager is None or self.rank != 0:
+            return True
+        s = self.state
+        if s.last_checkpoint is not None and s.last_checkpoint_step == s.step:
+            if best:  # the interval checkpoint of this step becomes best/
+                self.manager.mark_best(s.last_checkpoint)
             return True
         arrays, backend_meta = self.backend.state_dict()
         meta = {**self.checkpoint_meta(), "backend": backend_meta}

@@ -319,6 +319,11 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)

@@ -12,6 +12,7 @@ from typing import Callable, Literal
 
 import yaml
 
+from . import faults
 from .checkpoint import CheckpointManager
 from .data import load_data
 from .hub import resolve_model
@@ -89,6 +90,7 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                                interactive=sys.stdin.isatty(), log=log,
                                harmless_fields=HARMLESS_ON_RESUME, output_dir=output_dir)
     loaded = _share_resume(backend, loaded, output_dir, spec, log)
+    faults.install(manager)
 
     info = backend.load(spec, resolved.path)
     accumulation = resolve_accumulation(spec, resolved.path, log)
@@ -103,13 +105,15 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
                                resume_step=loaded.step if loaded else None,
                                tensorboard=spec.tensorboard, is_main_rank=is_main)
-    keepawake = keep_awake(os.getpid(), spec.allow_sleep, log=log) if is_main else None
+    keepawake = keep_awake(os.getpid(), spec.allow_sleep,
+                           log=log if sys.platform == "darwin" else None) if is_main else None
     try:
         trainer = Trainer(spec, backend, data, reporters, manager,
                           build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
                           accumulation, log=lambda m: reporters.on_message(m))
         if loaded is not None:
-            trainer.restore(loaded.arrays, loaded.meta)
+            trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
+            log(f"resumed from {loaded.path} at step {loaded.step}")
         reporters.on_start({"model": str(resolved.path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,

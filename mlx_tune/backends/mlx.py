@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_map
 
 from ..batch import Batch
 from ..checkpoint import MlxCodec
@@ -55,6 +55,17 @@ def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path
         "quantize_group_size": spec.quantize_group_size,
         "trainer": "mlx-tune",
     }
+
+
+def set_leaf(tree: Any, dotted: str, value: Any) -> None:
+    """tree["a"]["0"]... = value for a key from tree_flatten ("a.0.b")."""
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
 
 
 class MLXBackend:
@@ -163,18 +174,21 @@ class MLXBackend:
             return [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]
 
         self.model.load_weights(part("trainable/"), strict=False)
-        opt = tree_unflatten(part("optimizer/"))
-        expected = {k for k, _ in tree_flatten(self.optimizer.state)}
-        if expected != {k for k, _ in tree_flatten(opt)}:
+        opt = dict(part("optimizer/"))
+        if {k for k, _ in tree_flatten(self.optimizer.state)} != set(opt):
             raise ValueError("checkpoint optimizer state does not match this optimizer "
                              f"({meta.get('optimizer')} in the checkpoint)")
-        for key, value in opt.items():  # in place: the compiled step holds this dict
-            self.optimizer.state[key] = value
-        ema = part("ema/")
-        if ema and self.step_fn.ema:
-            self.step_fn.ema.update(tree_unflatten(ema))
+        # Leaf by leaf, in place: the compiled step holds these very containers, and
+        # rebuilding them would drop branches that hold no arrays.
+        for key, value in opt.items():
+            set_leaf(self.optimizer.state, key, value)
+        if self.step_fn.ema:
+            for key, value in part("ema/"):
+                set_leaf(self.step_fn.ema, key, value)
         if "rng/mlx" in arrays:
-            mx.random.state[0] = arrays["rng/mlx"]
+            # The global key cannot be assigned, but seed(s) sets key = [s >> 32, s & 0xffffffff].
+            hi, lo = (int(x) for x in arrays["rng/mlx"].tolist())
+            mx.random.seed((hi << 32) | lo)
         mx.eval(self.step_fn.state)
 
     @contextmanager
@@ -197,7 +211,7 @@ class MLXBackend:
         directory.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         mx.eval(weights)
-        tmp = directory / ".adapters.safetensors.tmp"
+        tmp = directory / ".tmp-adapters.safetensors"  # mlx appends .safetensors otherwise
         mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
         tmp.replace(directory / "adapters.safetensors")
         config = adapter_config(self.spec, self.keys, self.num_layers, self.model_dir)
