@@ -1,0 +1,107 @@
+"""The data layer: JSONL records -> token ids and masks -> numpy ``Batch``es.
+
+    bundle = load_data(spec, tokenizer, log=print)
+    batch = bundle.train.next_batch()          # forever; the loop stops by step count
+    state = bundle.train.state_dict()          # JSON-able; load_state_dict() resumes exactly
+    val = bundle.valid.batches() if bundle.valid else None   # read on first use, then fixed
+    bundle.close()
+
+Modules: ``records`` (readers, validation), ``tokenize`` (chat template, masks,
+truncation), ``batching`` (buckets, padding), ``filters`` (curriculum, quality),
+``augment``, ``sources`` (in-memory epochs, streaming passes), ``stream`` (TrainStream,
+prefetch), ``validation`` (LazyValidation, test files), ``seeding``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ..spec import CurriculumStage, Spec
+from . import seeding
+from .augment import make_augmenter
+from .batching import pad_id_of
+from .records import DataError, Record, find_files, first_format, read_records
+from .sources import MemorySource, Settings, StreamingSource
+from .stream import TrainStream
+from .tokenize import tokenize_all, unwrap
+from .validation import LazyValidation, load_eval_file
+
+__all__ = ["DataBundle", "DataError", "LazyValidation", "Record", "TrainStream", "load_data",
+           "load_eval_file"]
+
+
+@dataclass
+class DataBundle:
+    train: TrainStream
+    valid: Optional[LazyValidation]
+    train_records: int  # before per-epoch filters
+
+    def close(self) -> None:
+        self.train.close()
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
+              log: Callable[[str], None] = print) -> DataBundle:
+    """Open a data directory for training.
+
+    Every rank draws the same global batch sequence (the caller takes
+    ``batch.split(world_size)[rank]``); only rank 0 logs, so lines are not repeated.
+    """
+    if rank != 0:
+        log = _quiet
+    tokenizer = unwrap(tokenizer)
+    if not spec.data:
+        raise DataError("'data' is not set: give --data DIR (a directory with train.jsonl)")
+    files = find_files(spec.data)
+    if spec.batch_size % world_size:
+        raise DataError(f"batch_size={spec.batch_size} cannot be split evenly across "
+                        f"{world_size} data-parallel ranks")
+    holdout = spec.val_split if files.valid is None and spec.val_split else None
+    if files.valid is not None and spec.val_split:
+        log(f"val_split={spec.val_split} ignored: validating on {files.valid}")
+    settings = Settings(
+        tokenizer=tokenizer, seed=spec.seed, batch_size=spec.batch_size,
+        max_length=spec.max_length, mask_prompt=spec.mask_prompt, pad_id=pad_id_of(tokenizer),
+        stages=[CurriculumStage(**s) if isinstance(s, dict) else s for s in spec.curriculum],
+        quality=spec.quality,
+        augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory))
+
+    held: Optional[list[Record]] = None
+    if spec.streaming:
+        kind = first_format(files.train)
+        source = StreamingSource(files.train, kind, settings, spec.shuffle_buffer, holdout)
+        count = source.count()  # a line count: nothing is parsed or tokenized yet
+    else:
+        records = read_records(files.train)
+        kind = records[0].kind
+        if holdout:
+            held = [r for r in records if seeding.held_out(spec.seed, r.line, holdout)]
+            records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
+        examples = tokenize_all(records, tokenizer, spec.mask_prompt, spec.max_length,
+                                "train", log)
+        source = MemorySource(examples, settings)
+        count = len(examples)
+    if count < spec.batch_size:
+        raise DataError(f"{files.train}: {count} usable training records, fewer than "
+                        f"batch_size={spec.batch_size}")
+
+    valid: Optional[LazyValidation] = None
+    if files.valid is not None:
+        valid = LazyValidation(files.valid, spec, tokenizer, log=log)
+    elif holdout and held is None:  # streaming: hold-out lines are read on first use
+        valid = LazyValidation(files.train, spec, tokenizer, log=log, holdout=holdout)
+    elif held:
+        valid = LazyValidation(files.train, spec, tokenizer, log=log, records=held)
+    if valid is None:
+        log("no validation data: evaluation is skipped")
+
+    mode = "streaming" if spec.streaming else "in memory"
+    split = f", {len(held)} held out by val_split" if held else ""
+    log(f"train: {count} {kind} records from {files.train} ({mode}{split})")
+    train = TrainStream(source, spec.prefetch, log, seed=spec.seed)
+    return DataBundle(train, valid, count)

@@ -1,0 +1,66 @@
+"""Length-bucketed batches and padding into ``Batch`` arrays.
+
+Padding to a multiple of 32 (capped at max_length) bounds the number of distinct batch
+shapes: compiled training steps recompile per shape, so a handful of shapes is cheap and
+a new shape every step is not.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..batch import Batch
+
+ALIGN = 32
+
+
+def padded_length(longest: int, max_length: int) -> int:
+    """T = min(max_length, longest rounded up to a multiple of ALIGN)."""
+    return min(max_length, -(-longest // ALIGN) * ALIGN)
+
+
+def pad_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else EOS, else 0 (padding is masked out anyway)."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, list):  # some configs list several EOS ids
+            value = value[0] if value else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def pad_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
+              max_length: int) -> Batch:
+    """Right-pad (ids, mask) rows into a Batch of T = padded_length(longest)."""
+    width = padded_length(max(len(ids) for ids, _ in rows), max_length)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (ids, m) in enumerate(rows):
+        n = min(len(ids), width)
+        tokens[i, :n] = ids[:n]
+        mask[i, :n] = m[:n]
+    return Batch(tokens, mask)
+
+
+def bucket(lengths: Sequence[int], batch_size: int, rng: np.random.Generator | None,
+           drop_last: bool = True) -> list[list[int]]:
+    """Positions into ``lengths`` grouped into length-sorted batches.
+
+    With an rng (training): a random ``len % batch_size`` records sit out this epoch (so
+    dropping the incomplete batch never always drops the longest records), ties in length
+    are broken randomly, and the batch order is shuffled. Without one (evaluation): a plain
+    stable sort, the incomplete last batch kept unless ``drop_last``.
+    """
+    n = len(lengths)
+    order = np.arange(n) if rng is None else rng.permutation(n)
+    if drop_last and n % batch_size:
+        order = order[n % batch_size:]
+    lens = np.asarray(lengths, dtype=np.int64)[order]
+    order = order[np.argsort(lens, kind="stable")]
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches

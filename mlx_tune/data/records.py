@@ -1,0 +1,186 @@
+"""JSONL readers and record validation: chat, completions and text formats.
+
+Every problem is a one-line ``DataError`` naming ``file:line`` and what was expected, so a
+bad record costs a second at startup rather than a crash hours into a run. Lines are read
+as bytes and decoded one at a time so that even an encoding error names its line, and a
+file is never held whole in memory by the readers (streaming builds on ``iter_lines``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+FORMATS = ("chat", "completions", "text")
+ROLES = ("system", "user", "assistant")
+VALID_NAMES = ("valid.jsonl", "val.jsonl")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One parsed record. Completions are stored as a two-turn conversation."""
+
+    line: int  # 1-based line number in its file: the record's stable identity
+    kind: str  # "chat" | "completions" | "text"
+    messages: Optional[tuple] = None  # tuple of {"role", "content"} dicts (chat, completions)
+    text: Optional[str] = None  # text records only
+    quality: Optional[float] = None
+    difficulty: Optional[int] = None
+    extra: dict = field(default_factory=dict, compare=False)  # other fields, kept verbatim
+    source: str = field(default="", compare=False)  # the file, for error messages
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.source else f"record at line {self.line}"
+
+    @property
+    def user_turns(self) -> int:
+        return sum(1 for m in self.messages or () if m["role"] == "user")
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """The files of a data directory."""
+
+    directory: Path
+    train: Path
+    valid: Optional[Path]
+    test: Optional[Path]
+
+
+def find_files(directory: str | Path) -> DataFiles:
+    """Locate train.jsonl (required), valid.jsonl or val.jsonl, and test.jsonl."""
+    d = Path(directory)
+    expected = "expected train.jsonl, and optionally valid.jsonl (or val.jsonl) and test.jsonl"
+    if not d.is_dir():
+        raise DataError(f"{d}: data directory not found ({expected})")
+    train = d / "train.jsonl"
+    if not train.is_file():
+        raise DataError(f"{d}: no train.jsonl in the data directory ({expected})")
+    valids = [d / n for n in VALID_NAMES if (d / n).is_file()]
+    if len(valids) > 1:
+        # Silently preferring one would evaluate on data the user may not expect.
+        raise DataError(f"{d}: both valid.jsonl and val.jsonl exist; keep one of them")
+    test = d / "test.jsonl"
+    return DataFiles(d, train, valids[0] if valids else None, test if test.is_file() else None)
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every non-blank line, read one line at a time."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid UTF-8 ({e.reason})") from None
+            if number == 1:
+                text = text.lstrip("\ufeff")  # editors on Windows write a BOM
+            if text.strip():
+                yield number, text
+
+
+def detect_format(obj: Any) -> Optional[str]:
+    if not isinstance(obj, dict):
+        return None
+    if "messages" in obj:
+        return "chat"
+    if "prompt" in obj or "completion" in obj:
+        return "completions"
+    if "text" in obj:
+        return "text"
+    return None
+
+
+def _number(obj: dict, key: str, where: str, kind: type) -> Any:
+    value = obj.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) if kind is float else isinstance(value, int)
+    if isinstance(value, bool) or not ok:
+        what = "a number" if kind is float else "an integer"
+        raise DataError(f"{where}: '{key}' must be {what}, got {value!r}")
+    return kind(value)
+
+
+def _messages(value: Any, where: str) -> tuple:
+    shape = f"{where}: 'messages' must be a list of {{role, content}} objects"
+    if not isinstance(value, list) or not value:
+        raise DataError(shape)
+    out = []
+    for i, m in enumerate(value):
+        if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)):
+            raise DataError(shape)
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of "
+                            + ", ".join(ROLES))
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: 'messages' has no assistant turn to train on")
+    return tuple(out)
+
+
+def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = None) -> Record:
+    """Parse and validate one JSONL line. ``expect`` is the file's format (from line 1)."""
+    where = f"{path}:{line}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    kind = detect_format(obj)
+    if kind is None:
+        raise DataError(f"{where}: record has none of 'messages', 'prompt'/'completion', 'text'")
+    if expect is not None and kind != expect:
+        raise DataError(f"{where}: record is in {kind} format but the file is in {expect} "
+                        "format (detected from its first record); one format per file")
+    quality = _number(obj, "quality", where, float)
+    difficulty = _number(obj, "difficulty", where, int)
+    known = {"messages", "prompt", "completion", "text", "quality", "difficulty"}
+    extra = {k: v for k, v in obj.items() if k not in known}
+    if kind == "chat":
+        return Record(line, kind, messages=_messages(obj["messages"], where), quality=quality,
+                      difficulty=difficulty, extra=extra, source=str(path))
+    if kind == "completions":
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise DataError(f"{where}: completions records need string 'prompt' and "
+                            "'completion' fields")
+        messages = ({"role": "user", "content": prompt},
+                    {"role": "assistant", "content": completion})
+        return Record(line, kind, messages=messages, quality=quality, difficulty=difficulty,
+                      extra=extra, source=str(path))
+    if not isinstance(obj["text"], str):
+        raise DataError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
+    return Record(line, kind, text=obj["text"], quality=quality, difficulty=difficulty,
+                  extra=extra, source=str(path))
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """Parse a file record by record; the first record fixes the file's format."""
+    kind = None
+    for line, text in iter_lines(path):
+        record = parse_line(text, path, line, kind)
+        kind = record.kind
+        yield record
+    if kind is None:
+        raise DataError(f"{path}: file is empty (expected one JSON record per line)")
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Every record of a file, validated."""
+    return list(iter_records(path))
+
+
+def first_format(path: str | Path) -> str:
+    """The format of a file, from its first record (parses only that line)."""
+    for line, text in iter_lines(path):
+        return parse_line(text, path, line).kind
+    raise DataError(f"{path}: file is empty (expected one JSON record per line)")

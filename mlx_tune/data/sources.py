@@ -1,0 +1,197 @@
+"""Where training batches come from: an in-memory epoch plan, or a streaming pass.
+
+A source turns a position (a JSON-able dict) into an endless iterator of
+``(batch, position after it, log lines)``. Everything it does is a pure function of the
+spec, the data and that position, which is what makes resume exact: ``TrainStream`` keeps
+the position of the last batch handed out and restarts a source from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+from ..batch import Batch
+from ..spec import CurriculumStage, QualitySpec
+from . import seeding
+from .augment import Augmenter
+from .batching import bucket, pad_batch
+from .filters import epoch_filter
+from .records import DataError, iter_lines, parse_line
+from .tokenize import Example, Truncation, make_example
+
+Item = tuple  # (Batch, state dict after this batch, list of log lines)
+
+# Streaming: records are bucketed by length within windows of this many batches.
+WINDOW_BATCHES = 16
+# Streaming: random indices are drawn from the generator in blocks (fewer numpy calls).
+DRAW_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a source needs from the spec, plus the tokenizer."""
+
+    tokenizer: object
+    seed: int
+    batch_size: int
+    max_length: int
+    mask_prompt: bool
+    pad_id: int
+    stages: Sequence[CurriculumStage]
+    quality: QualitySpec
+    augmenter: Optional[Augmenter]
+
+    def example(self, record, counts: Optional[Truncation] = None) -> Optional[Example]:
+        return make_example(record, self.tokenizer, self.mask_prompt, self.max_length, counts)
+
+    def assemble(self, examples: Sequence[Example], epoch: int) -> Batch:
+        """Pad examples into a batch, augmenting the ones drawn for this epoch.
+
+        Augmented records are tokenized here, per epoch; the cached un-augmented tokens are
+        used otherwise, and also when an augmented record is left with no target after
+        truncation (so a batch never shrinks).
+        """
+        rows = []
+        for ex in examples:
+            if self.augmenter is not None:
+                rewritten = self.augmenter.apply(ex.record, epoch)
+                if rewritten is not None:
+                    ex = self.example(rewritten) or ex
+            rows.append((ex.ids, ex.mask))
+        return pad_batch(rows, self.pad_id, self.max_length)
+
+    def too_few(self, where: str, kept: int, detail: str) -> DataError:
+        return DataError(f"{where}: the filters keep {kept} records, fewer than "
+                         f"batch_size={self.batch_size} ({detail})")
+
+
+class MemorySource:
+    """All train records tokenized once; each epoch is a plan of length-bucketed batches."""
+
+    mode = "memory"
+
+    def __init__(self, examples: list[Example], settings: Settings):
+        self.examples = examples
+        self.s = settings
+        self.records = len(examples)
+
+    def plan(self, epoch: int) -> tuple[list[list[int]], list[str]]:
+        """Example indices of every batch of ``epoch``, and the epoch's filter log line."""
+        f = epoch_filter(self.s.stages, self.s.quality, epoch)
+        kept = [i for i, ex in enumerate(self.examples) if f.keeps(ex.record, ex.length)]
+        if len(kept) < self.s.batch_size:
+            raise self.s.too_few(f"epoch {epoch}", len(kept), f.message())
+        rng = seeding.rng(self.s.seed, seeding.EPOCH_ORDER, epoch)
+        groups = bucket([self.examples[i].length for i in kept], self.s.batch_size, rng)
+        return [[kept[j] for j in g] for g in groups], [f.message()] if f.active else []
+
+    def iterate(self, state: dict) -> Iterator[Item]:
+        epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
+        while True:
+            plan, messages = self.plan(epoch)
+            for p in range(position, len(plan)):
+                batch = self.s.assemble([self.examples[i] for i in plan[p]], epoch)
+                yield batch, {"epoch": epoch, "position": p + 1}, messages
+                messages = []
+            epoch, position = epoch + 1, 0
+
+
+class StreamingSource:
+    """train.jsonl read line by line once per epoch through a seeded shuffle buffer.
+
+    The buffer shuffles raw lines, so skipping to a resume position costs reading and
+    shuffling lines only: nothing skipped is parsed or tokenized. Kept records are
+    bucketed by length within windows of WINDOW_BATCHES batches.
+    """
+
+    mode = "streaming"
+
+    def __init__(self, path: str | Path, kind: str, settings: Settings, buffer: int,
+                 holdout: Optional[float], log_counts: bool = True):
+        self.path, self.kind, self.s = path, kind, settings
+        self.buffer, self.holdout = buffer, holdout
+        self.truncation_logged = not log_counts
+        self.records: Optional[int] = None
+
+    def count(self) -> int:
+        """Train records (non-blank lines not held out for validation): one cheap pass."""
+        self.records = sum(1 for _ in self._lines())
+        return self.records
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        for line, text in iter_lines(self.path):
+            if not seeding.held_out(self.s.seed, line, self.holdout):
+                yield line, text
+
+    def shuffled(self, epoch: int) -> Iterator[tuple[int, str]]:
+        """The epoch's shuffled stream of (line, text)."""
+        rng = seeding.rng(self.s.seed, seeding.STREAM_SHUFFLE, epoch)
+        buf: list = []
+        draws, k = [], 0
+        for item in self._lines():
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            if k == len(draws):
+                draws, k = rng.integers(0, self.buffer, DRAW_BLOCK).tolist(), 0
+            j = draws[k]
+            k += 1
+            yield buf[j]
+            buf[j] = item
+        for j in rng.permutation(len(buf)).tolist():
+            yield buf[j]
+
+    def iterate(self, state: dict) -> Iterator[Item]:
+        epoch = int(state.get("epoch", 0))
+        consumed = int(state.get("consumed", 0))
+        skip = int(state.get("batch_in_window", 0))
+        position = int(state.get("position", 0))
+        pending: list[str] = []
+        window_size = WINDOW_BATCHES * self.s.batch_size
+        while True:
+            resumed = consumed > 0
+            f = epoch_filter(self.s.stages, self.s.quality, epoch)
+            counts = Truncation("train", self.s.max_length)
+            stream = self.shuffled(epoch)
+            for _ in range(consumed):  # replay to the saved position, parsing nothing
+                next(stream, None)
+            start, done = consumed, False
+            while not done:
+                window, taken = [], 0
+                while len(window) < window_size:
+                    item = next(stream, None)
+                    if item is None:
+                        done = True
+                        break
+                    taken += 1
+                    record = parse_line(item[1], self.path, item[0], self.kind)
+                    ex = self.s.example(record, counts)
+                    if ex is not None and f.keeps(ex.record, ex.length):
+                        window.append(ex)
+                rng = seeding.rng(self.s.seed, seeding.STREAM_WINDOW, epoch, start)
+                groups = bucket([ex.length for ex in window], self.s.batch_size, rng) \
+                    if len(window) >= self.s.batch_size else []
+                for b in range(skip, len(groups)):
+                    batch = self.s.assemble([window[i] for i in groups[b]], epoch)
+                    position += 1
+                    last = b + 1 == len(groups)
+                    # After a window's last batch, point past the window: no re-tokenizing.
+                    after = {"epoch": epoch, "position": position,
+                             "consumed": start + taken if last else start,
+                             "batch_in_window": 0 if last else b + 1}
+                    yield batch, after, pending
+                    pending = []
+                skip, start = 0, start + taken
+            if position == 0:
+                raise self.s.too_few(f"{self.path} (streaming epoch {epoch})", f.kept,
+                                     f.message())
+            if not resumed:
+                # Counts are only whole for a pass read from its start.
+                if f.active:
+                    pending.append(f.message())
+                if not self.truncation_logged and counts.message():
+                    pending.append(counts.message())
+                self.truncation_logged = True
+            epoch, consumed, position = epoch + 1, 0, 0

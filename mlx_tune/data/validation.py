@@ -1,0 +1,103 @@
+"""Validation and test data: lazy, fixed, deterministic.
+
+``LazyValidation`` opens nothing until ``batches()`` is first called (a run that never
+evaluates never pays for it), then keeps the same list of batches for the whole run, so
+every evaluation measures the same tokens and validation losses are comparable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ..batch import Batch
+from ..spec import Spec
+from . import seeding
+from .batching import bucket, pad_batch, pad_id_of
+from .records import Record, first_format, iter_lines, iter_records, parse_line
+from .tokenize import Example, tokenize_all, unwrap
+
+
+def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,
+             order_seed: Optional[int] = None) -> list[Batch]:
+    """Length-sorted batches (the incomplete last one kept); optionally in a seeded order."""
+    groups = bucket([ex.length for ex in examples], batch_size, None, drop_last=False)
+    if order_seed is not None:
+        # A seeded order makes "the first N batches" a spread of lengths, not the N
+        # shortest; fixed by the seed, so it is the same subset every evaluation.
+        perm = seeding.rng(order_seed, seeding.VALID_ORDER).permutation(len(groups))
+        groups = [groups[i] for i in perm]
+    return [pad_batch([(examples[i].ids, examples[i].mask) for i in g], pad_id, max_length)
+            for g in groups]
+
+
+class LazyValidation:
+    """Validation batches, read and tokenized on first use.
+
+    Sources: a validation file; or train.jsonl lines held out by ``val_split`` (a seeded
+    hash of each line number, so the same lines every run); or records already read.
+    """
+
+    def __init__(self, path: str | Path, spec: Spec, tokenizer, *,
+                 log: Callable[[str], None] = print, holdout: Optional[float] = None,
+                 records: Optional[list[Record]] = None):
+        self.path = Path(path)
+        self._spec = spec
+        self._tokenizer = unwrap(tokenizer)
+        self._log = log
+        self._holdout = holdout
+        self._records = records
+        self._batches: Optional[list[Batch]] = None
+        self.name = "val_split" if holdout or records is not None else "valid"
+
+    def _iter_records(self) -> Iterator[Record]:
+        if self._records is not None:
+            yield from self._records
+        elif self._holdout:
+            kind = first_format(self.path)
+            for line, text in iter_lines(self.path):
+                if seeding.held_out(self._spec.seed, line, self._holdout):
+                    yield parse_line(text, self.path, line, kind)
+        else:
+            yield from iter_records(self.path)
+
+    def batches(self) -> list[Batch]:
+        """The fixed validation batches: the first ``val_batches`` (-1 = all)."""
+        if self._batches is None:
+            spec = self._spec
+            examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
+                                    spec.max_length, self.name, self._log)
+            batches = _batches(examples, spec.batch_size, pad_id_of(self._tokenizer),
+                               spec.max_length, order_seed=spec.seed)
+            if spec.val_batches >= 0:
+                batches = batches[:spec.val_batches]
+            if not batches and spec.val_batches != 0:
+                self._log(f"{self.path}: no usable validation records; evaluation is skipped")
+            self._batches = batches
+        return list(self._batches)
+
+    def first_prompts(self, n: int) -> list[list[dict]]:
+        """The first n validation conversations without their final assistant answer."""
+        out: list[list[dict]] = []
+        if n <= 0:
+            return out
+        for record in self._iter_records():
+            if not record.messages:
+                continue  # text records have no prompt to complete
+            messages = [dict(m) for m in record.messages]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            if last == 0:
+                continue
+            out.append(messages[:last])
+            if len(out) == n:
+                break
+        return out
+
+
+def load_eval_file(path: str | Path, spec: Spec, tokenizer, *,
+                   log: Callable[[str], None] = print) -> list[Batch]:
+    """Every record of a test file as length-sorted batches (the last may be smaller)."""
+    tokenizer = unwrap(tokenizer)
+    examples = tokenize_all(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
+                            Path(path).stem, log)
+    return _batches(examples, spec.batch_size, pad_id_of(tokenizer), spec.max_length)
