@@ -15,6 +15,7 @@ import yaml
 from . import faults
 from .checkpoint import CheckpointManager
 from .data import load_data
+from .distributed import barrier, check_world, guard_run
 from .hub import resolve_model
 from .keepawake import keep_awake, release
 from .loop import RunResult, Trainer
@@ -45,6 +46,8 @@ def make_backend(name: str):  # -> Backend
     if name == "mlx":
         from .backends.mlx import MLXBackend
         return MLXBackend()
+    from .backends.torch_ddp import init_from_env
+    init_from_env()  # under torchrun: join the process group before the backend looks
     from .backends.torch import TorchBackend
     return TorchBackend()
 
@@ -71,10 +74,13 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     require(spec, "model", "data")
     spec = replace(spec, backend=select_backend(spec.backend))
     output_dir = Path(spec.output_dir)
-    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
-                             trust_remote_code=spec.trust_remote_code, log=log)
     backend = make_backend(spec.backend)
     is_main = getattr(backend, "rank", 0) == 0
+    if not is_main:  # distributed: rank 0 speaks for the run; the others print only errors
+        log = _quiet
+    check_world(spec, getattr(backend, "world_size", 1))
+    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
+                             trust_remote_code=spec.trust_remote_code, log=log)
 
     # Resume decision before the model loads: a refusal costs a second, not a minute.
     manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
@@ -102,8 +108,10 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                      log=log)
     if is_main:
         write_spec(spec, output_dir)
+    # Logs continue from the resume step; a start from scratch supersedes whatever an
+    # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
     reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
-                               resume_step=loaded.step if loaded else None,
+                               resume_step=loaded.step if loaded else -1,
                                tensorboard=spec.tensorboard, is_main_rank=is_main)
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
                            log=log if sys.platform == "darwin" else None) if is_main else None
@@ -119,18 +127,25 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": loaded.step if loaded else None,
                             "output_dir": str(output_dir)})
-        result = trainer.run()
-        if is_main:
-            backend.save_adapter(output_dir / "adapters")
-            if spec.ema.enabled:
-                with backend.ema_weights():
-                    backend.save_adapter(output_dir / "adapters_ema")
-            reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+        with guard_run(backend) as watchdog:  # a dead or hung peer: one line, exit 8
+            trainer.heartbeat = watchdog.beat
+            result = trainer.run()
+            if is_main:
+                backend.save_adapter(output_dir / "adapters")
+                if spec.ema.enabled:
+                    with backend.ema_weights():
+                        backend.save_adapter(output_dir / "adapters_ema")
+                reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+            barrier(backend)  # every rank reports success only once rank 0 has written it
         return result
     finally:
         reporters.close()
         data.close()
         release(keepawake)
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def _share_resume(backend, loaded, output_dir: Path, spec: Spec, log):

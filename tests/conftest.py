@@ -22,7 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
     capman.start_global_capturing()  # no exec happened (no OpenBLAS, or fix disabled)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = Path(mlx_tune.__file__).parent / "assets" / "tiny-mistral"
+# MLX_TUNE_TEST_MODEL points the suite at another build of the tiny model.
+TINY = Path(os.environ.get("MLX_TUNE_TEST_MODEL")
+            or Path(mlx_tune.__file__).parent / "assets" / "tiny-mistral")
 RECIPES = REPO / "data" / "recipes"
 
 

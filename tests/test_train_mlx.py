@@ -59,18 +59,21 @@ def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, recipes,
 
 
 def test_accumulating_2x4_equals_batch_8(tiny_model, recipes, tmp_path):
-    spec = small_spec(tiny_model, recipes, tmp_path, batch_size=8)
+    # SGD, so the weights show the gradient itself: Adam's first update is about
+    # lr * sign(g) and turns rounding noise in near-zero gradients into +-lr.
+    spec = small_spec(tiny_model, recipes, tmp_path, batch_size=8, optimizer="sgd",
+                      momentum=0.0, weight_decay=0.0)
     batch = load_data(spec, loaded_backend(spec).tokenizer, log=lambda m: None).train.next_batch()
     weights = []
     for parts in (1, 2):
         backend = loaded_backend(spec)
         for _ in range(2):
-            result = backend.step(batch.split(parts), 1e-3, 0.0)
+            result = backend.step(batch.split(parts), 0.5, 0.0)
         weights.append(trainable(backend))
         loss = backend.to_floats([result.loss])[0]
         assert math.isfinite(loss)
     for key in weights[0]:
-        np.testing.assert_allclose(weights[0][key], weights[1][key], atol=2e-6, rtol=1e-4)
+        np.testing.assert_allclose(weights[0][key], weights[1][key], atol=1e-6, rtol=1e-5)
 
 
 def test_nan_in_the_loss_never_reaches_the_weights(tiny_model, recipes, tmp_path):
