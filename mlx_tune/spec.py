@@ -500,8 +500,10 @@ def fingerprint(spec: Spec) -> dict[str, Any]:
 
 def effective_lr_args(spec: Spec) -> dict[str, Any]:
     """Keyword arguments for schedules.build_schedule from a spec."""
+    # A short test run (--max-steps 10) with the default warmup of 50 warms up throughout.
+    warmup = 0 if spec.warmup_ratio is not None else min(spec.warmup_steps, spec.max_steps)
     return dict(learning_rate=spec.learning_rate, total_steps=spec.max_steps,
-                warmup_steps=0 if spec.warmup_ratio is not None else spec.warmup_steps,
+                warmup_steps=warmup,
                 warmup_ratio=spec.warmup_ratio, min_lr=spec.min_lr,
                 t_0=spec.cosine_restarts.t_0, t_mult=spec.cosine_restarts.t_mult,
                 max_lr=spec.onecycle.max_lr, pct_start=spec.onecycle.pct_start,
