@@ -1,0 +1,302 @@
+"""`mlx-tune lr-find`: an exponential learning-rate sweep and a suggestion.
+
+The sweep trains for ``steps`` optimizer steps on the real training data with the
+spec's model, adapter and optimizer, raising the learning rate geometrically from
+``start_lr`` to ``end_lr``, and stops once the loss diverges. It runs on the live
+backend, so the trainable weights, optimizer state and RNG are snapshotted first and
+restored afterwards: the caller's model is exactly as it was.
+
+The suggestion is the learning rate of the *steepest descent* of the smoothed loss
+curve (fastai's "steep" rule): losses are smoothed with an exponential moving average
+(beta 0.98, bias-corrected, so the first points are not pulled towards 0), the
+gradient of the smoothed loss is taken w.r.t. log10(lr) (a central difference over 5%
+of the sweep, see ``suggest_lr``), and the most negative one before the divergence wins. That lr is where training makes the fastest progress per
+step; lower is safer, higher is near the cliff.
+
+The PNG is written without matplotlib (a ~40 MB dependency for one diagnostic image):
+the plot is rasterised into a numpy RGB array and encoded by a minimal PNG writer
+(signature, IHDR, one zlib-compressed IDAT, IEND; chunks CRC'd with zlib.crc32).
+Tick labels use a built-in 3x5 pixel font of the few glyphs they need.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .spec import Spec, SpecError, require
+
+BETA = 0.98
+DIVERGENCE_FACTOR = 4.0
+
+
+@dataclass
+class LRFindResult:
+    lrs: list[float]  # the learning rates actually run (the sweep may stop early)
+    losses: list[float]  # loss of each step, before its update
+    smoothed: list[float]  # bias-corrected EMA of losses
+    suggestion: float | None  # lr at the steepest descent (None: no descent, too few points)
+    suggestion_index: int | None
+    stop_reason: str  # "completed", "diverged" or "non-finite loss"
+    min_loss_lr: float | None = None  # lr at the lowest smoothed loss before the stop
+
+
+# -- the pure parts ---------------------------------------------------------------
+
+def sweep_lrs(start_lr: float, end_lr: float, steps: int) -> list[float]:
+    """lr_i = start * (end/start)^(i/(steps-1)): evenly spaced in log(lr)."""
+    if steps < 2:
+        return [start_lr] * steps
+    ratio = end_lr / start_lr
+    return [start_lr * ratio ** (i / (steps - 1)) for i in range(steps)]
+
+
+def smooth(losses: Sequence[float], beta: float = BETA) -> list[float]:
+    """Exponential moving average with bias correction (divide by 1 - beta^(i+1))."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def is_diverged(smoothed_loss: float, best_smoothed: float,
+                factor: float = DIVERGENCE_FACTOR) -> bool:
+    """Non-finite, or the smoothed loss has grown past factor x the best seen."""
+    return not math.isfinite(smoothed_loss) or smoothed_loss > factor * best_smoothed
+
+
+def suggest_lr(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int | None = None,
+               window: int | None = None) -> int | None:
+    """Index of the steepest descent of ``smoothed`` w.r.t. log10(lr), or None.
+
+    The caller passes only the points before divergence. The slope at i is the central
+    difference over i +- ``window`` points (default: 5% of the sweep; one-sided at the
+    ends): adjacent-point differences would crown a single noisy batch, while a wider
+    stencil measures sustained descent. The last point is excluded (its slope reaches
+    into the divergence), and so are the first ``skip_start`` (default: a tenth of the
+    sweep), where the bias-corrected average is still the mean of a handful of batches.
+    """
+    n = len(lrs)
+    skip = n // 10 if skip_start is None else skip_start
+    if n < 3 or n - 1 - skip < 1:
+        return None
+    k = max(1, n // 20) if window is None else window
+    x = np.log10(np.asarray(lrs, dtype=np.float64))
+    y = np.asarray(smoothed, dtype=np.float64)
+    i = np.arange(n)
+    lo, hi = np.maximum(i - k, 0), np.minimum(i + k, n - 1)
+    slope = ((y[hi] - y[lo]) / (x[hi] - x[lo]))[skip:-1]
+    slope = np.where(np.isfinite(slope), slope, np.inf)
+    if slope.min() >= 0:
+        return None  # the loss never went down: no useful suggestion
+    return skip + int(np.argmin(slope))
+
+
+def _y_range(values: Sequence[float]) -> tuple[float, float]:
+    """Loss axis: from the minimum to a bit above the start, so a final spike does not
+    flatten the interesting part of the curve into one row."""
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    low = min(finite)
+    high = min(max(finite), finite[0] + 0.5 * (finite[0] - low)) if finite[0] > low else max(finite)
+    return low, high if high > low else low + 1.0
+
+
+def text_plot(lrs: Sequence[float], losses: Sequence[float], mark: int | None = None,
+              width: int = 60, height: int = 10) -> str:
+    """Loss (the CLI passes the smoothed curve) vs log10(lr) in a few rows of characters;
+    a "v" above the plot marks the suggestion."""
+    if not lrs:
+        return "(no points)"
+    low, high = _y_range(losses)
+    x0, x1 = math.log10(lrs[0]), math.log10(lrs[-1])
+    grid = [[" "] * width for _ in range(height)]
+    col = lambda lr: 0 if x1 == x0 else round((math.log10(lr) - x0) / (x1 - x0) * (width - 1))
+    for lr, loss in zip(lrs, losses):
+        if math.isfinite(loss):
+            frac = (min(max(loss, low), high) - low) / (high - low)
+            grid[height - 1 - round(frac * (height - 1))][col(lr)] = "*"
+    top = [" "] * width
+    if mark is not None:
+        top[col(lrs[mark])] = "v"
+    rows = [f"{'':>9} " + "".join(top)]
+    for r, row in enumerate(grid):
+        label = f"{high:9.3f}" if r == 0 else f"{low:9.3f}" if r == height - 1 else ""
+        rows.append(f"{label:>9}|" + "".join(row))
+    rows.append(f"{'':>9}+" + "-" * width)
+    left, right = f"{lrs[0]:.0e}", f"{lrs[-1]:.0e}"
+    rows.append(f"{'':>10}{left}{'log10 lr':^{width - len(left) - len(right)}}{right}")
+    return "\n".join(rows)
+
+
+# 3x5 glyphs, rows top to bottom, 3 bits each (MSB = left pixel).
+_FONT = {"0": "75557", "1": "26227", "2": "71747", "3": "71717", "4": "55711", "5": "74717",
+         "6": "74757", "7": "71111", "8": "75757", "9": "75717", ".": "00002", "-": "00700",
+         "e": "25743", "+": "02720", " ": "00000"}
+
+
+def _text(img: np.ndarray, x: int, y: int, text: str, color: tuple, scale: int = 2) -> None:
+    for k, ch in enumerate(text):
+        for r, bits in enumerate(_FONT.get(ch, "00000")):
+            for c in range(3):
+                if int(bits, 16) >> (2 - c) & 1:
+                    yy, xx = y + r * scale, x + (4 * k + c) * scale
+                    img[max(yy, 0):yy + scale, max(xx, 0):xx + scale] = color
+
+
+def _line(img: np.ndarray, p: tuple[float, float], q: tuple[float, float], color: tuple) -> None:
+    n = int(max(abs(q[0] - p[0]), abs(q[1] - p[1]))) + 1
+    xs = np.rint(np.linspace(p[0], q[0], n + 1)).astype(int)
+    ys = np.rint(np.linspace(p[1], q[1], n + 1)).astype(int)
+    ok = (xs >= 0) & (xs < img.shape[1]) & (ys >= 0) & (ys < img.shape[0])
+    img[ys[ok], xs[ok]] = color
+    img[np.minimum(ys[ok] + 1, img.shape[0] - 1), xs[ok]] = color  # 2 px thick
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """A minimal PNG (8-bit RGB, no interlace): every row prefixed with filter type 0."""
+    h, w, _ = rgb.shape
+    raw = b"".join(b"\x00" + rgb[r].astype(np.uint8).tobytes() for r in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(
+            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
+def write_png(path: str | Path, lrs: Sequence[float], losses: Sequence[float],
+              smoothed: Sequence[float], mark: int | None = None,
+              width: int = 640, height: int = 400) -> Path:
+    """Raw losses (grey), smoothed (blue), suggestion (red), lr decades and loss range."""
+    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    left, right, top, bottom = 70, width - 20, 20, height - 40
+    low, high = _y_range(list(smoothed) + [v for v in losses if math.isfinite(v)])
+    x0, x1 = math.log10(lrs[0]), math.log10(lrs[-1]) if len(lrs) > 1 else math.log10(lrs[0]) + 1
+    px = lambda lr: left + (math.log10(lr) - x0) / ((x1 - x0) or 1) * (right - left)
+    py = lambda v: bottom - (min(max(v, low), high) - low) / (high - low) * (bottom - top)
+    for d in range(math.ceil(x0), math.floor(x1) + 1):  # a tick and a label per decade
+        img[bottom:bottom + 6, int(px(10.0 ** d))] = (0, 0, 0)
+        _text(img, int(px(10.0 ** d)) - 12, bottom + 12, f"1e{d}", (0, 0, 0))
+    img[top:bottom + 1, left] = img[bottom, left:right + 1] = (0, 0, 0)
+    _text(img, 4, top, f"{high:.2f}", (0, 0, 0))
+    _text(img, 4, bottom - 10, f"{low:.2f}", (0, 0, 0))
+    for lr, v in zip(lrs, losses):
+        if math.isfinite(v):
+            y, x = int(py(v)), int(px(lr))
+            img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = (180, 180, 180)
+    pts = [(px(lr), py(v)) for lr, v in zip(lrs, smoothed) if math.isfinite(v)]
+    for p, q in zip(pts, pts[1:]):
+        _line(img, p, q, (31, 90, 200))
+    if mark is not None:
+        x = int(px(lrs[mark]))
+        img[top:bottom, max(x - 1, 0):x + 1] = (220, 40, 40)
+        _text(img, min(x + 6, width - 70), top, f"{lrs[mark]:.1e}", (220, 40, 40))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_png(img))
+    return path
+
+
+# -- the driver ---------------------------------------------------------------------
+
+def _copy(value: Any) -> Any:
+    """A snapshot that later steps cannot change. torch optimizers update tensors in
+    place, so those are cloned; MLX arrays are immutable (an update makes new arrays),
+    so holding a reference is already a copy and costs nothing."""
+    if hasattr(value, "detach") and hasattr(value, "clone"):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    return value
+
+
+def run_lr_find(spec: Spec, backend: Any, data: Any, start_lr: float, end_lr: float,
+                steps: int, *, accumulation: int = 1,
+                log: Callable[[str], None] = print) -> LRFindResult:
+    """Sweep on the live backend, then restore its trainable weights and optimizer state."""
+    arrays, meta = backend.state_dict()
+    snapshot = {k: _copy(v) for k, v in arrays.items()}
+    lrs, losses, smoothed = sweep_lrs(start_lr, end_lr, steps), [], []
+    reason, best = "completed", math.inf
+    try:
+        for i, lr in enumerate(lrs):
+            batch = data.train.next_batch()
+            result = backend.step(batch.split(accumulation), lr, 0.0)
+            # One sync per step: the divergence test needs the number now.
+            (loss,) = backend.to_floats([result.loss])
+            losses.append(loss)
+            smoothed = smooth(losses)
+            if not math.isfinite(loss):
+                reason = "non-finite loss"
+                break
+            if i > 0 and is_diverged(smoothed[-1], best):
+                reason = "diverged"
+                break
+            best = min(best, smoothed[-1])
+            if (i + 1) % max(steps // 10, 1) == 0:
+                log(f"lr-find: step {i + 1}/{steps}  lr {lr:.2e}  loss {loss:.4f}")
+    finally:
+        backend.load_state_dict(snapshot, meta)
+    # The points before the one that triggered the stop are the usable curve.
+    usable = len(losses) - (reason != "completed")
+    index = suggest_lr(lrs[:usable], smoothed[:usable])
+    finite = [(v, lr) for v, lr in zip(smoothed[:usable], lrs) if math.isfinite(v)]
+    return LRFindResult(lrs=lrs[:len(losses)], losses=losses, smoothed=smoothed,
+                        suggestion=lrs[index] if index is not None else None,
+                        suggestion_index=index, stop_reason=reason,
+                        min_loss_lr=min(finite)[1] if finite else None)
+
+
+def lr_find_cli(spec: Spec, args: Any) -> int:
+    """`mlx-tune lr-find`: load the model and data as `train` would, sweep, report."""
+    from .data import load_data
+    from .hub import resolve_model
+    from .train import make_backend, resolve_accumulation, select_backend
+
+    start, end, steps = args.start_lr, args.end_lr, args.steps
+    if not (0 < start < end):
+        raise SpecError(f"lr-find: need 0 < --start-lr < --end-lr, got {start:g} and {end:g}")
+    if steps < 3:
+        raise SpecError(f"lr-find: --steps must be at least 3, got {steps}")
+    require(spec, "model", "data")
+    spec = replace(spec, backend=select_backend(spec.backend))
+    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
+                             trust_remote_code=spec.trust_remote_code)
+    backend = make_backend(spec.backend)
+    backend.load(spec, resolved.path)
+    accumulation = resolve_accumulation(spec, resolved.path, print)
+    data = load_data(spec, backend.tokenizer)
+    try:
+        result = run_lr_find(spec, backend, data, start, end, steps, accumulation=accumulation)
+    finally:
+        data.close()
+    print(text_plot(result.lrs, result.smoothed, result.suggestion_index))
+    png = write_png(args.plot or Path(spec.output_dir) / "lr_find.png", result.lrs,
+                    result.losses, result.smoothed, result.suggestion_index)
+    table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools
+    table.write_text("lr,loss,smoothed_loss\n" + "".join(
+        f"{lr:.6e},{loss:.6f},{sm:.6f}\n"
+        for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed)))
+    print(f"lr-find: {len(result.losses)} steps ({result.stop_reason}); plot written to {png} "
+          f"(values in {table.name})")
+    if result.suggestion is None:
+        print("lr-find: no suggestion: the loss did not decrease; widen the range "
+              "(--start-lr/--end-lr) or use more --steps")
+        return 1
+    config = f" --config {args.config}" if getattr(args, "config", None) else ""
+    print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent of the "
+          "smoothed loss)")
+    if result.min_loss_lr:  # fastai's other rule of thumb: a decade below the minimum
+        print(f"conservative alternative: {result.min_loss_lr / 10:.2e} (the smoothed loss "
+              f"is lowest at {result.min_loss_lr:.2e}; a tenth of that)")
+    print(f"use it:  mlx-tune train{config} --learning-rate {result.suggestion:.2e}"
+          "  (plus the other flags given here)")
+    return 0

@@ -1,0 +1,183 @@
+"""lr-find: the pure parts on synthetic curves, the driver on a fake backend, and one
+real sweep on the tiny model that must leave the caller's weights untouched."""
+
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mlx_tune.batch import Batch
+from mlx_tune.lr_find import (LRFindResult, is_diverged, run_lr_find, smooth, suggest_lr,
+                              sweep_lrs, text_plot, write_png)
+from mlx_tune.spec import build_spec
+
+
+def test_sweep_is_geometric_from_start_to_end():
+    lrs = sweep_lrs(1e-6, 1e-1, 6)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-1)
+    assert all(b / a == pytest.approx(10.0) for a, b in zip(lrs, lrs[1:]))
+
+
+def test_smoothing_is_bias_corrected():
+    # Without the correction the first values would be pulled towards 0.
+    assert smooth([5.0] * 10) == pytest.approx([5.0] * 10)
+    s = smooth([1.0, 3.0])
+    assert s[1] == pytest.approx((0.98 * 0.02 * 1 + 0.02 * 3) / (1 - 0.98 ** 2))
+
+
+def test_suggestion_is_the_steepest_descent_in_log_lr():
+    lrs = sweep_lrs(1e-6, 1.0, 61)  # 10 points per decade
+    x = np.log10(lrs)
+    # Flat, then falls fastest at 1e-3 (tanh is steepest at 0), then rises again.
+    loss = 3 - np.tanh(3 * (x + 3)) + np.maximum(x + 1, 0) ** 2
+    i = suggest_lr(lrs, list(loss))
+    assert lrs[i] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_suggestion_survives_batch_noise_and_an_outlier():
+    lrs = sweep_lrs(1e-7, 1.0, 100)
+    rng = np.random.default_rng(0)
+    raw = [3 - math.tanh(2 * (math.log10(lr) + 3)) + rng.normal(0, 0.3) for lr in lrs]
+    raw[20] += 5  # one bad batch early on must not pass for the steepest descent
+    i = suggest_lr(lrs, smooth(raw))
+    # True steepest point 1e-3; the EMA's lag moves it right, not by a decade.
+    assert 1e-3 <= lrs[i] <= 1e-2
+
+
+def test_no_suggestion_when_the_loss_never_falls():
+    lrs = sweep_lrs(1e-5, 1e-1, 20)
+    assert suggest_lr(lrs, [1.0 + k for k in range(20)]) is None
+    assert suggest_lr(lrs[:2], [2.0, 1.0]) is None
+
+
+def test_divergence_rule():
+    assert not is_diverged(3.9, 1.0)
+    assert is_diverged(4.1, 1.0)
+    assert is_diverged(float("nan"), 1.0) and is_diverged(float("inf"), 1.0)
+
+
+class FakeBackend:
+    """Loss follows a fixed function of the current lr; weights are one number whose
+    'state' must come back after the sweep."""
+
+    def __init__(self, loss_of_lr):
+        self.loss_of_lr, self.weight, self.steps = loss_of_lr, 1.0, 0
+
+    def state_dict(self):
+        return {"trainable/w": np.array([self.weight])}, {"backend": "fake"}
+
+    def load_state_dict(self, arrays, meta):
+        self.weight = float(arrays["trainable/w"][0])
+
+    def step(self, micro_batches, lr, noise_std):
+        self.steps += 1
+        self.weight += lr
+        return SimpleNamespace(loss=self.loss_of_lr(lr))
+
+    def to_floats(self, values):
+        return [float(v) for v in values]
+
+
+def fake_data():
+    batch = Batch(np.zeros((2, 4), np.int32), np.ones((2, 4), np.float32))
+    return SimpleNamespace(train=SimpleNamespace(next_batch=lambda: batch))
+
+
+def test_sweep_stops_at_divergence_and_restores_the_state():
+    # Falls between 1e-4 and 1e-2, explodes above 1e-1.
+    def loss(lr):
+        x = math.log10(lr)
+        return 3 - math.tanh(2 * (x + 3)) + (1e3 * (x + 1) ** 2 if x > -1 else 0.0)
+
+    backend = FakeBackend(loss)
+    result = run_lr_find(build_spec(), backend, fake_data(), 1e-7, 10.0, 200, log=lambda m: None)
+    assert result.stop_reason == "diverged"
+    assert len(result.losses) < 200 and backend.steps == len(result.losses)
+    assert math.log10(result.lrs[-1]) > -1  # stopped past the cliff, not before
+    assert backend.weight == 1.0  # restored
+    assert 1e-4 < result.suggestion < 1e-1
+    assert result.suggestion < result.min_loss_lr < 1e-1  # the minimum is past the descent
+
+
+def test_sweep_stops_on_a_non_finite_loss():
+    backend = FakeBackend(lambda lr: float("nan") if lr > 1e-3 else 2.0 - lr)
+    result = run_lr_find(build_spec(), backend, fake_data(), 1e-6, 1.0, 50, log=lambda m: None)
+    assert result.stop_reason == "non-finite loss"
+    assert not math.isfinite(result.losses[-1]) and backend.weight == 1.0
+
+
+def test_text_plot_marks_the_suggestion():
+    lrs = sweep_lrs(1e-6, 1.0, 40)
+    losses = [3 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]
+    art = text_plot(lrs, losses, 20, width=40, height=6)
+    lines = art.splitlines()
+    assert lines[0].count("v") == 1 and art.count("*") >= 20
+    assert "1e-06" in lines[-1] and "1e+00" in lines[-1]
+
+
+def test_png_is_a_valid_image(tmp_path):
+    lrs = sweep_lrs(1e-6, 1.0, 50)
+    losses = [3 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]
+    path = write_png(tmp_path / "sub" / "lr.png", lrs, losses, smooth(losses), 25,
+                     width=320, height=200)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, pos = {}, 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks[kind] = body
+        pos += 12 + length
+    assert list(chunks)[-1] == b"IEND"
+    w, h, depth, color = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    assert (w, h, depth, color) == (320, 200, 8, 2)
+    raw = zlib.decompress(chunks[b"IDAT"])
+    assert len(raw) == h * (1 + 3 * w)
+    pixels = np.frombuffer(raw, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
+    assert (pixels == 255).mean() > 0.8  # mostly background
+    assert ((pixels[..., 0] > 200) & (pixels[..., 1] < 80)).any()  # the red suggestion line
+
+
+def test_real_sweep_restores_the_weights(tiny_model, recipes, tmp_path):
+    """A few steps at absurd learning rates on the MLX backend, then the exact arrays."""
+    from mlx.utils import tree_flatten
+
+    from mlx_tune.backends.mlx import MLXBackend
+    from mlx_tune.data import load_data
+
+    lines = (recipes / "train.jsonl").read_text().splitlines()[:32]  # tokenizing all is slow
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    spec = build_spec(None, {"model": str(tiny_model), "data": str(tmp_path), "batch_size": 2,
+                             "max_length": 64, "lora.rank": 4})
+    backend = MLXBackend()
+    backend.load(spec, tiny_model)
+    before = {k: np.array(v) for k, v in tree_flatten(backend.model.parameters())}
+    opt_before = {k: np.array(v) for k, v in tree_flatten(backend.optimizer.state)}
+    data = load_data(spec, backend.tokenizer, log=lambda m: None)
+    during = {}
+    restore = backend.load_state_dict
+
+    def spy(arrays, meta):  # the weights the sweep left behind, just before the restore
+        during.update({k: np.array(v) for k, v in tree_flatten(backend.model.parameters())})
+        restore(arrays, meta)
+
+    backend.load_state_dict = spy
+    try:
+        result = run_lr_find(spec, backend, data, 1e-4, 10.0, 6, log=lambda m: None)
+    finally:
+        data.close()
+    assert isinstance(result, LRFindResult) and 2 <= len(result.losses) <= 6
+    assert any(not np.array_equal(before[k], during[k]) for k in before)  # it did train
+    after = {k: np.array(v) for k, v in tree_flatten(backend.model.parameters())}
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    for k, v in tree_flatten(backend.optimizer.state):
+        np.testing.assert_array_equal(opt_before[k], np.array(v), err_msg=k)
