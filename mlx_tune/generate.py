@@ -49,6 +49,6 @@ def generate_mlx(model_dir: Path, adapter: str | None, messages: list[dict], max
     if adapter:
         load_adapters(model, adapter)
     model.eval()
-    tokenizer = load_tokenizer(Path(model_dir))
+    tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=make_sampler(temp=0.0))

@@ -84,6 +84,10 @@ class MLXBackend:
         self.spec, self.model_dir = spec, Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, spec.trust_remote_code)
         model, config = load_model(self.model_dir, trust_remote_code=spec.trust_remote_code)
+        # Every end-of-sequence id the model declares (generation_config.json included):
+        # a chat model may end a turn with </s> as well as its template's end token.
+        eos = config.get("eos_token_id")
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         bits = (config.get("quantization") or {}).get("bits")
         if spec.quantize and bits is None:
             model, config = quantize_model(model, config, spec.quantize_group_size, spec.quantize)
@@ -228,7 +232,8 @@ class MLXBackend:
                                                     tokenize=False)
         self.model.eval()
         try:
-            return generate(self.model, TokenizerWrapper(self.tokenizer), prompt,
+            tokenizer = TokenizerWrapper(self.tokenizer, eos_token_ids=self.eos_ids)
+            return generate(self.model, tokenizer, prompt,
                             max_tokens=max_tokens, sampler=make_sampler(temp=0.0))
         finally:
             self.model.train()

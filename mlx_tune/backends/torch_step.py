@@ -1,0 +1,242 @@
+"""The PyTorch training step: the same arithmetic as ``mlx_step.py``, eagerly.
+
+One optimizer step = ``accumulate`` (forward + backward of each micro-batch; the loss is
+a per-token *sum*, so gradients of micro-batches add up exactly), then ``update``:
+divide by the step's total target tokens, global norm, finite guard, clipping,
+gradient noise, optimizer, EMA. Read it side by side with ``CompiledStep._update``.
+
+Where the frameworks force a difference, the meaning is kept:
+- MLX selects the old weights/optimizer state with ``where`` when a step is non-finite;
+  torch optimizers update in place, so the update is simply not run. That costs one
+  host sync per step (the finite flag), which a whole forward/backward dwarfs.
+- A trainable tensor that got no gradient counts as a zero gradient (MLX's grads tree
+  is always complete), so weight decay and momentum still apply to it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..batch import Batch
+
+
+def causal_logits(forward: Callable, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits predicting ``tokens[:, 1:]``, in float32.
+
+    MLX feeds ``tokens[:, :-1]``; the model is causal, so feeding all of ``tokens`` and
+    dropping the last position gives the same logits, and keeps the sequence length the
+    data layer chose: T-1 is odd for every even T, and CPU flash attention ran ~1.4x
+    slower at 511 than at 512 positions (GPU kernels favour aligned lengths too). This is
+    also what transformers' own loss does."""
+    return forward(input_ids=tokens, use_cache=False).logits[:, :-1].float()
+
+
+def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token cross-entropy over target tokens, number of target tokens).
+
+    torch's label smoothing, (1-eps)*CE + eps*mean_k(-log p_k), is MLX's
+    ``logsumexp - (1-eps)*z_y - eps*mean(z)``, term for term."""
+    targets, weights = tokens[:, 1:], mask[:, 1:]
+    logits = causal_logits(forward, tokens)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         label_smoothing=label_smoothing, reduction="none")
+    return (ce.view_as(weights) * weights).sum(), weights.sum()
+
+
+def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
+    targets, weights = tokens[:, 1:], mask[:, 1:]
+    logits = causal_logits(forward, tokens)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    probs = logprobs.exp()
+    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
+    correct = (logits.argmax(dim=-1) == targets).float()
+    confidence = probs.max(dim=-1).values
+    entropy = -(probs * logprobs).sum(dim=-1)
+    return torch.stack([(ce * weights).sum(), weights.sum(), (correct * weights).sum(),
+                        (confidence * weights).sum(), (entropy * weights).sum()])
+
+
+def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64))
+    mask = torch.from_numpy(np.asarray(batch.mask, dtype=np.float32))
+    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+@dataclass
+class StepConfig:
+    grad_clip: float  # 0 = off
+    label_smoothing: float
+    ema_decay: float | None  # None = no EMA
+    world_size: int  # > 1: sums are all-reduced across ranks inside the step
+    gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
+
+
+class TorchStep:
+    """Owns the optimizer step and the EMA copies of the trainable weights.
+
+    ``params`` maps names to the trainable parameters (the checkpoint's names);
+    ``forward`` is the model or its ``torch.compile``d version; ``autocast`` returns the
+    mixed-precision context of every forward (a no-op on CPU)."""
+
+    def __init__(self, forward: Callable, params: dict[str, torch.nn.Parameter],
+                 optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device,
+                 autocast: Callable[[], AbstractContextManager] = nullcontext):
+        self.forward, self.params, self.optimizer = forward, params, optimizer
+        self.config, self.device, self.autocast = config, device, autocast
+        self.ema: dict[str, torch.Tensor] = {}
+        if config.ema_decay is not None:
+            self.ema = {k: p.detach().clone() for k, p in params.items()}
+
+    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward + backward of each micro-batch; gradients of the loss *sums* add up in
+        ``.grad``. Returns (loss_sum, target tokens)."""
+        loss_sum = torch.zeros((), device=self.device)
+        ntok = torch.zeros((), device=self.device)
+        ddp = self.ddp()
+        for i, batch in enumerate(micro_batches):
+            tokens, mask = to_device(batch, self.device)
+            # Under DDP, gradients are reduced with the step's last micro-batch only.
+            last = i == len(micro_batches) - 1
+            with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
+                with self.autocast():
+                    loss, n = token_loss_sums(self.forward, tokens, mask,
+                                              self.config.label_smoothing)
+                loss.backward()
+            loss_sum += loss.detach()
+            ntok += n
+        return loss_sum, ntok
+
+    def ddp(self) -> Any:
+        """The DistributedDataParallel wrapper in ``forward`` (maybe compiled), if any:
+        it sums gradients across ranks during backward (see torch_ddp.py)."""
+        from torch.nn.parallel import DistributedDataParallel
+        module = getattr(self.forward, "_orig_mod", self.forward)
+        return module if isinstance(module, DistributedDataParallel) else None
+
+    @torch.no_grad()
+    def update(self, loss_sum: torch.Tensor, ntok: torch.Tensor, lr: float,
+               noise_std: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        params = list(self.params.values())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        if cfg.world_size > 1:
+            # Data parallel: every rank adds its sums; the division below makes the
+            # result the mean over the *global* batch's target tokens (as MLX does).
+            # Gradients are summed here unless DDP already did it during backward.
+            import torch.distributed as dist
+            for t in [loss_sum, ntok, *(grads if self.ddp() is None else [])]:
+                dist.all_reduce(t)
+        denom = ntok.clamp(min=1.0)
+        torch._foreach_div_(grads, denom)
+        norm = torch.linalg.vector_norm(torch.stack(
+            torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        finite = torch.isfinite(loss_sum) & torch.isfinite(norm)
+        if bool(finite):  # the one host sync of a step
+            if cfg.grad_clip > 0:
+                factor = (cfg.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+                torch._foreach_mul_(grads, factor)
+            if cfg.gradient_noise:
+                for g in grads:
+                    g.add_(noise_std * torch.randn(g.shape, device=g.device).to(g.dtype))
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr  # the loop owns the schedule
+            self.optimizer.step()
+            if self.ema:
+                d = cfg.ema_decay
+                for k, p in self.params.items():
+                    self.ema[k].mul_(d).add_(p.detach().to(self.ema[k].dtype), alpha=1 - d)
+        # A non-finite step leaves weights, optimizer state and EMA exactly as they were.
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / denom, ntok, norm, finite.float()
+
+    def __call__(self, micro_batches: Sequence[Batch], lr: float, noise_std: float):
+        loss_sum, ntok = self.accumulate(micro_batches)
+        return self.update(loss_sum, ntok, lr, noise_std)
+
+    def eval_batch(self, batch: Batch) -> torch.Tensor:
+        tokens, mask = to_device(batch, self.device)
+        with torch.no_grad(), self.autocast():
+            return eval_sums(self.forward, tokens, mask)
+
+
+def make_optimizer(name: str, params: list[torch.nn.Parameter], *, learning_rate: float,
+                   weight_decay: float, betas: Sequence[float], eps: float,
+                   momentum: float) -> torch.optim.Optimizer:
+    """The spec's optimizer, with the hyper-parameters ``mlx_step.make_optimizer`` uses:
+    AdamW's decay is decoupled (``p -= lr*wd*p``) on both sides, Adam has none, SGD's
+    is L2 (added to the gradient), Adafactor's is 0."""
+    betas = (float(betas[0]), float(betas[1]))
+    # One fused kernel for all tensors (the HF Trainer's default, adamw_torch_fused):
+    # same formula, a fraction of the per-tensor op overhead (0.5 vs 2.5 ms a step for
+    # the tiny model's 28 LoRA tensors on a CPU). Parity with MLX is measured with it.
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params) or None
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=learning_rate, betas=betas, eps=eps,
+                                 weight_decay=weight_decay, fused=fused)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=momentum,
+                               weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+        return Adafactor(params, lr=learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer,
+                     names: dict[torch.nn.Parameter, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optimizer/<param>/<key>`` tensors, plus which of them were Python scalars (such
+    as Adafactor's int step) so they come back as such. Nothing is pickled."""
+    arrays: dict[str, torch.Tensor] = {}
+    scalars: dict[str, str] = {}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            name = f"optimizer/{names[p]}/{key}"
+            if isinstance(value, torch.Tensor):
+                arrays[name] = value.detach()
+            elif isinstance(value, (bool, int, float)):
+                arrays[name] = torch.tensor(value)
+                scalars[name] = type(value).__name__
+            elif value is not None:  # e.g. SGD's momentum_buffer without momentum
+                raise TypeError(f"optimizer state {name} is a {type(value).__name__}; "
+                                "only tensors and numbers can be checkpointed")
+    return arrays, scalars
+
+
+def load_optimizer_arrays(optimizer: torch.optim.Optimizer, arrays: dict[str, Any],
+                          params: dict[str, torch.nn.Parameter], scalars: dict) -> None:
+    casts = {"bool": bool, "int": int, "float": float}
+    # torch keeps Adam's step count on the CPU, unless fused/capturable (on the device).
+    step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
+    state: dict[torch.nn.Parameter, dict] = {}
+    for name, value in arrays.items():
+        if not name.startswith("optimizer/"):
+            continue
+        pname, key = name[len("optimizer/"):].rsplit("/", 1)
+        if pname not in params:
+            raise ValueError(f"checkpoint optimizer state names '{pname}', which is not a "
+                             "trainable tensor of this model")
+        p = params[pname]
+        if name in scalars:
+            value = casts[scalars[name]](value.item())
+        elif key != "step" or step_on_device:
+            value = value.to(p.device, copy=True)  # never share memory with the caller
+        else:
+            value = value.clone()
+        state.setdefault(p, {})[key] = value
+    optimizer.state.clear()
+    for p, st in state.items():
+        optimizer.state[p] = st
