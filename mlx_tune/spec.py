@@ -202,7 +202,7 @@ class Spec:
     allow_sleep: bool = _f(False, "on macOS, let the machine idle-sleep during the run")
     # -- torch backend -------------------------------------------------------
     torch_compile: bool = _f(False, "torch: compile the model with torch.compile")
-    torch_threads: Optional[int] = _f(None, "torch: CPU threads (default: physical cores)", low=1)
+    torch_threads: Optional[int] = _f(None, "torch: CPU threads (default: half the physical cores; a busy machine runs 1 thread faster than 2)", low=1)
 
 
 # Which top-level fields go under which heading in `mlx-tune train --help`.
