@@ -22,6 +22,7 @@ import numpy as np
 from .backends.base import Backend, EvalResult, StepResult
 from .cadence import gradient_noise_std, is_eval_step
 from .checkpoint import CheckpointManager, CheckpointSaveError
+from .distributed import agree, broadcast_flag, broadcast_stop, shard_rows
 from .evaluation import run_samples
 from .monitors import EXIT_CODES, EarlyStopping, MemoryHealth, MovingAverage, ThroughputMeter
 from .reporting import EvalReport, Reporters, TrainReport
@@ -122,6 +123,10 @@ class Trainer:
         self.rank = getattr(backend, "rank", 0)
         self.world_size = getattr(backend, "world_size", 1)
         self.save_failures = 0
+        # Distributed runs: the watchdog's beat (distributed.Watchdog), called once a step.
+        self.heartbeat: Callable[[], None] = lambda: None
+        self._signals: SignalGuard | None = None
+        self._agreed_interrupt: str | None = None  # a signal every rank has agreed on
 
     # -- checkpoint state -----------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -132,7 +137,7 @@ class Trainer:
                 "early_stopping": self.stopper.state_dict(), "loss_avg": self.loss_avg.state_dict(),
                 "memory": self.memory.state_dict(),
                 "rng": python_rng_state(), "fingerprint": fingerprint(self.spec),
-                "spec": to_dict(self.spec)}
+                "spec": to_dict(self.spec), "world_size": self.world_size}
 
     def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:
         self.backend.load_state_dict(arrays, meta)
@@ -177,8 +182,12 @@ class Trainer:
             return None
         tic = time.perf_counter()
         use_ema = self.spec.ema.enabled and self.spec.ema.use_for_eval
+        batches = self.data.valid.batches()
+        if self.world_size > 1:  # each rank evaluates its rows; the backend adds up the sums
+            batches = [b for b in (shard_rows(b, self.rank, self.world_size) for b in batches)
+                       if b is not None]
         with (self.backend.ema_weights() if use_ema else nullcontext()):
-            result = self.backend.evaluate(self.data.valid.batches())
+            result = self.backend.evaluate(self._beating(batches))
         tokens = max(result.tokens, 1.0)
         val_loss = result.loss_sum / tokens
         s = self.state
@@ -195,7 +204,12 @@ class Trainer:
             seconds=time.perf_counter() - tic, samples=samples))
         if self.stopper.is_new_best and s.step > 0:
             self.save(best=True)
-        return decision
+        return broadcast_stop(decision, self.backend)  # rank 0 decides for every rank
+
+    def _beating(self, batches: list) -> Any:
+        for batch in batches:
+            self.heartbeat()
+            yield batch
 
     # -- reporting ------------------------------------------------------------------
     def flush(self, pending: list[tuple[int, StepResult, float, float]]) -> Any:
@@ -220,7 +234,17 @@ class Trainer:
             decision = decision or self.stopper.observe_step(step, loss, norm, ok)
         pending.clear()
         self._last_lr = lr
+        if self.world_size > 1:  # rank 0's decision, and any rank's signal, for every rank
+            decision, self._agreed_interrupt = agree(
+                decision, self._signals and self._signals.requested, self.backend)
         return decision
+
+    def _interrupted(self) -> str | None:
+        """The signal that ends the loop. Distributed ranks act on it at the next report
+        boundary, where they agree (``flush``), so all of them stop after the same step."""
+        if self.world_size > 1:
+            return self._agreed_interrupt
+        return self._signals.requested if self._signals else None
 
     def report(self) -> None:
         s, iv = self.state, self.state.interval
@@ -251,8 +275,9 @@ class Trainer:
         if s.step == 0 and spec.eval_at_start:
             self.evaluate()
         with SignalGuard() as signals:
+            self._signals = signals
             while s.step < spec.max_steps and stop is None:
-                if signals.requested:
+                if self._interrupted():
                     break
                 batch = self.data.train.next_batch()
                 if self.world_size > 1:
@@ -260,6 +285,7 @@ class Trainer:
                 lr = self.schedule(s.step)
                 noise = gradient_noise_std(s.step, spec.gradient_noise.eta, spec.gradient_noise.gamma)
                 result = self.backend.step(batch.split(self.accumulation), lr, noise)
+                self.heartbeat()
                 s.step += 1
                 pending.append((s.step, result, lr, time.perf_counter()))
 
@@ -273,12 +299,13 @@ class Trainer:
                     stop = self.flush(pending) or self.evaluate()
                 if stop is None and s.step % spec.checkpoint_interval == 0 and not last:
                     self.flush(pending)
-                    if not self.save() and self.save_failures >= MAX_SAVE_FAILURES:
+                    self.save()  # rank 0 only; it tells the others whether to give up
+                    if broadcast_flag(self.save_failures >= MAX_SAVE_FAILURES, self.backend):
                         return self._finish(EXIT_CHECKPOINT_FAILURES,
                                             f"{MAX_SAVE_FAILURES} checkpoint saves failed in a "
                                             "row; stopping so the run does not go on unprotected")
             stop = stop or self.flush(pending)
-            interrupted = signals.requested
+            interrupted = self._interrupted()
         # Every exit path below saves first: a stop never costs the steps since the
         # last checkpoint.
         self.save()

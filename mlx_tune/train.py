@@ -78,7 +78,7 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     is_main = getattr(backend, "rank", 0) == 0
     if not is_main:  # distributed: rank 0 speaks for the run; the others print only errors
         log = _quiet
-    check_world(spec, getattr(backend, "world_size", 1))
+    check_world(spec, getattr(backend, "world_size", 1), spec.backend)
     resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
                              trust_remote_code=spec.trust_remote_code, log=log)
 
@@ -136,6 +136,11 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                     with backend.ema_weights():
                         backend.save_adapter(output_dir / "adapters_ema")
                 reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+            if result.first_val_loss and result.last_val_loss is not None:
+                reporters.on_message(
+                    f"validation loss {result.first_val_loss:.4f} at the first evaluation -> "
+                    f"{result.last_val_loss:.4f} at step {result.step} "
+                    f"({100 * result.last_val_loss / result.first_val_loss:.0f}%)")
             barrier(backend)  # every rank reports success only once rank 0 has written it
         return result
     finally:
@@ -149,8 +154,7 @@ def _quiet(_: str) -> None:
 
 
 def _share_resume(backend, loaded, output_dir: Path, spec: Spec, log):
-    """Distributed runs: every rank restores rank 0's checkpoint (see distributed.py)."""
-    if getattr(backend, "world_size", 1) <= 1:
-        return loaded
+    """Distributed runs: every rank restores rank 0's checkpoint (see distributed.py).
+    Any run: says so when the checkpoint was written by another number of ranks."""
     from .distributed import share_resume_point
     return share_resume_point(backend, loaded, output_dir, spec, log)

@@ -103,9 +103,9 @@ class CompiledStep:
         if cfg.world_size > 1:
             # Data parallel: every rank adds its sums; the division below makes the
             # result the mean over the *global* batch's target tokens.
-            grads = tree_map(mx.distributed.all_sum, grads)
-            loss_sum = mx.distributed.all_sum(loss_sum)
-            ntok = mx.distributed.all_sum(ntok)
+            # One packed collective: a dead peer then raises instead of hanging the ring.
+            from ..distributed import all_sum_packed
+            grads, loss_sum, ntok = all_sum_packed(grads, loss_sum, ntok)
         denom = mx.maximum(ntok, 1.0)
         grads = tree_map(lambda g: g / denom.astype(g.dtype), grads)
         norm = global_norm(grads)

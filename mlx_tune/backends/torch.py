@@ -275,10 +275,13 @@ class TorchBackend:
         self.model, self.num_layers = model, layers
         self.guard = FourBitGuard(model)
         self.forward = model
+        if self.world_size > 1:  # torchrun: DDP sums gradients across ranks in backward
+            from .torch_ddp import wrap
+            self.forward = wrap(model, self.device)
         if spec.torch_compile:
             import torch._dynamo as dynamo
             dynamo.config.suppress_errors = True  # fall back to eager where it fails
-            self.forward = torch.compile(model)
+            self.forward = torch.compile(self.forward)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = make_optimizer(spec.optimizer, list(self.params.values()),
                                         learning_rate=spec.learning_rate,
