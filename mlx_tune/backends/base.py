@@ -17,6 +17,37 @@ from ..checkpoint import ArrayCodec
 from ..spec import Spec
 
 
+# Spec target names -> the last component of module names, in mlx-lm's and in
+# transformers' models alike (Mistral/Llama/Qwen names, and Mixtral-style w1/w2/w3).
+TARGET_SUFFIXES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",),
+                   "o": ("o_proj", "out_proj"), "gate": ("gate_proj", "w1"),
+                   "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+
+
+def match_targets(linear_names: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the spec's
+    targets, given the paths of the block's linear layers."""
+    keys = []
+    for target in targets:
+        found = [n for n in linear_names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
+        if not found:
+            raise ValueError(f"lora.targets: this model has no '{target}' projection "
+                             f"(its linear layers are: {', '.join(sorted(linear_names))})")
+        keys.extend(found)
+    return keys
+
+
+@dataclass
+class StepConfig:
+    """What a backend's step needs from the spec, the same on every backend."""
+
+    grad_clip: float  # 0 = off
+    label_smoothing: float
+    ema_decay: float | None  # None = no EMA
+    world_size: int  # > 1: sums are all-reduced across ranks inside the step
+    gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
+
+
 @dataclass
 class StepResult:
     """What one optimizer step reports. Values may be lazy framework scalars: the loop

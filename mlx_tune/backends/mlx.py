@@ -19,27 +19,16 @@ from ..batch import Batch
 from ..checkpoint import MlxCodec
 from ..spec import Spec
 from ..tokenizer import load_tokenizer
-from .base import EvalResult, ModelInfo, StepResult
-from .mlx_step import CompiledStep, StepConfig, make_optimizer
+from .base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
+from .mlx_step import CompiledStep, make_optimizer
 
-# Spec target names -> the last component of module names in mlx-lm's models.
-TARGET_SUFFIXES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj"),
-                   "gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
     """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the targets."""
-    names = [name for name, m in block.named_modules()
-             if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
-    keys = []
-    for target in targets:
-        found = [n for n in names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
-        if not found:
-            raise ValueError(f"lora.targets: this model has no '{target}' projection "
-                             f"(its linear layers are: {', '.join(sorted(names))})")
-        keys.extend(found)
-    return keys
+    return match_targets([name for name, m in block.named_modules()
+                          if isinstance(m, (nn.Linear, nn.QuantizedLinear))], targets)
 
 
 def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path) -> dict:

@@ -13,7 +13,6 @@ rounding, however the tokens fall between the micro-batches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
@@ -21,6 +20,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
+
+from .base import StepConfig
 
 
 def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
@@ -45,15 +46,6 @@ def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array) -> mx.array:
     correct = (predicted == targets).astype(mx.float32)
     return mx.stack([(ce * weights).sum(), weights.sum(), (correct * weights).sum(),
                      (confidence * weights).sum(), (entropy * weights).sum()])
-
-
-@dataclass
-class StepConfig:
-    grad_clip: float  # 0 = off
-    label_smoothing: float
-    ema_decay: float | None  # None = no EMA
-    world_size: int  # > 1: sums are all-reduced across ranks inside the step
-    gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
 
 
 def global_norm(grads: Any) -> mx.array:

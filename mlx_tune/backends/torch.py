@@ -33,13 +33,10 @@ import torch
 from ..batch import Batch
 from ..spec import Spec
 from ..tokenizer import load_tokenizer
-from .base import EvalResult, ModelInfo, StepResult
-from .torch_step import (StepConfig, TorchStep, load_optimizer_arrays, make_optimizer,
+from .base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
+from .torch_step import (TorchStep, load_optimizer_arrays, make_optimizer,
                          optimizer_arrays)
 
-# Spec target names -> the last component of module names (as in backends/mlx.py).
-TARGET_SUFFIXES = {"q": ("q_proj",), "k": ("k_proj",), "v": ("v_proj",), "o": ("o_proj", "out_proj"),
-                   "gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SIDECAR = "mlx_tune_adapter.json"  # how to rebuild the base an adapter was trained on
 
@@ -155,15 +152,8 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def lora_keys(block: torch.nn.Module, targets: Sequence[str]) -> list[str]:
     """Module paths inside a block (``self_attn.q_proj``) for the spec's targets."""
-    names = [n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
-    keys = []
-    for target in targets:
-        found = [n for n in names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
-        if not found:
-            raise ValueError(f"lora.targets: this model has no '{target}' projection "
-                             f"(its linear layers are: {', '.join(sorted(names))})")
-        keys.extend(found)
-    return keys
+    return match_targets([n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)],
+                         targets)
 
 
 class FourBitGuard:

@@ -16,7 +16,6 @@ Where the frameworks force a difference, the meaning is kept:
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..batch import Batch
+from .base import StepConfig
 
 
 def causal_logits(forward: Callable, tokens: torch.Tensor) -> torch.Tensor:
@@ -70,13 +70,6 @@ def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.T
     return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-@dataclass
-class StepConfig:
-    grad_clip: float  # 0 = off
-    label_smoothing: float
-    ema_decay: float | None  # None = no EMA
-    world_size: int  # > 1: sums are all-reduced across ranks inside the step
-    gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
 
 
 class TorchStep:
