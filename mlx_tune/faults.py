@@ -1,12 +1,14 @@
 """Fault injection for the crash tests and benchmarks/fault_injection.py.
 
-Inert unless ``MLX_TUNE_FAULTS`` is set, e.g. ``MLX_TUNE_FAULTS=save_sleep=2`` makes
-every checkpoint shard write pause 2 s half way (after the temp directory exists and
-before the manifest), so a test can SIGKILL the process in the middle of a save.
+Inert unless ``MLX_TUNE_FAULTS`` is set (comma-separated):
+- ``save_sleep=2``: every checkpoint shard write pauses 2 s half way (after the temp
+  directory exists, before the manifest), so a test can SIGKILL the process mid-save;
+- ``disk_full``: every shard write fails with ENOSPC, as on a full disk.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -24,13 +26,16 @@ def _settings() -> dict[str, float]:
 def install(manager: Any) -> None:
     """Wrap the manager's codec according to MLX_TUNE_FAULTS (no-op when unset)."""
     settings = _settings()
-    if manager is None or "save_sleep" not in settings:
+    if manager is None or not settings.keys() & {"save_sleep", "disk_full"}:
         return
-    codec, pause = manager.codec, settings["save_sleep"]
+    codec = manager.codec
     original = codec.save_file
 
-    def slow_save(arrays: dict, path: str) -> None:
+    def faulty_save(arrays: dict, path: str) -> None:
+        if "disk_full" in settings:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
         original(arrays, path)
-        time.sleep(pause)  # the shard is on disk, the manifest is not: a torn checkpoint
+        # The shard is on disk, the manifest is not: a torn checkpoint if killed now.
+        time.sleep(settings.get("save_sleep", 0))
 
-    codec.save_file = slow_save
+    codec.save_file = faulty_save

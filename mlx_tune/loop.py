@@ -123,6 +123,7 @@ class Trainer:
         self.rank = getattr(backend, "rank", 0)
         self.world_size = getattr(backend, "world_size", 1)
         self.save_failures = 0
+        self._failed_step: int | None = None
         # Distributed runs: the watchdog's beat (distributed.Watchdog), called once a step.
         self.heartbeat: Callable[[], None] = lambda: None
         self._signals: SignalGuard | None = None
@@ -161,12 +162,15 @@ class Trainer:
             if best:  # the interval checkpoint of this step becomes best/
                 self.manager.mark_best(s.last_checkpoint)
             return True
+        if self._failed_step == s.step:  # one attempt per step: the next interval retries
+            return False
         arrays, backend_meta = self.backend.state_dict()
         meta = {**self.checkpoint_meta(), "backend": backend_meta}
         try:
             path = self.manager.save(self.state.step, arrays, meta, best=best)
         except CheckpointSaveError as e:
             self.save_failures += 1
+            self._failed_step = s.step
             self.reporters.on_message(f"checkpoint at step {self.state.step} failed "
                                       f"({self.save_failures}/{MAX_SAVE_FAILURES} in a row): {e}",
                                       "error")

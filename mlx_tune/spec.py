@@ -229,6 +229,12 @@ SECTIONS = {
 # tensors of another shape or meaning. Everything else is reported and allowed.
 FINGERPRINT_FIELDS = ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size",
                       "lora.rank", "lora.layers", "lora.targets", "optimizer")
+# Fields that steer the rest of a run without changing what the saved tensors mean: a
+# resume across a change of these is allowed and the change is reported.
+RESUME_REPORTED_FIELDS = ("max_steps", "eval_steps", "eval_schedule", "val_batches",
+                          "checkpoint_interval", "keep_checkpoints", "report_every",
+                          "learning_rate", "lr_schedule", "gradient_accumulation_steps",
+                          "early_stopping.patience")
 
 
 # -- walking the dataclass tree ------------------------------------------------
@@ -494,8 +500,9 @@ def require(spec: Spec, *keys: str) -> None:
 
 
 def fingerprint(spec: Spec) -> dict[str, Any]:
-    """The settings a checkpoint is bound to (see FINGERPRINT_FIELDS)."""
-    return {key: get(spec, key) for key in FINGERPRINT_FIELDS}
+    """What a checkpoint records of its spec: the fields it is bound to
+    (FINGERPRINT_FIELDS) and those whose change on resume is only reported."""
+    return {key: get(spec, key) for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS}
 
 
 def effective_lr_args(spec: Spec) -> dict[str, Any]:

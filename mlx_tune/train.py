@@ -22,13 +22,7 @@ from .loop import RunResult, Trainer
 from .reporting import make_reporters
 from .resume import decide_resume, move_run_aside
 from .schedules import build_schedule
-from .spec import Spec, effective_lr_args, fingerprint, require, to_dict
-
-# Spec fields whose change on resume is reported but allowed: they steer the rest of
-# the run without changing what the saved tensors mean.
-HARMLESS_ON_RESUME = ("max_steps", "eval_steps", "val_batches", "checkpoint_interval",
-                      "report_every", "learning_rate", "dashboard")
-
+from .spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict
 
 def select_backend(name: str) -> str:
     """'auto' -> mlx wherever MLX imports (Apple Silicon, MLX's Linux/CUDA builds), else
@@ -94,7 +88,7 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     elif manager is not None:
         loaded = decide_resume(manager, current_fingerprint=fingerprint(spec), mode=resume,
                                interactive=sys.stdin.isatty(), log=log,
-                               harmless_fields=HARMLESS_ON_RESUME, output_dir=output_dir)
+                               harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir)
     loaded = _share_resume(backend, loaded, output_dir, spec, log)
     faults.install(manager)
 

@@ -140,3 +140,38 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(config, reference,
     assert "step-0000008" in done.stdout + done.stderr  # skipped with its reason
     assert "sha256" in done.stdout + done.stderr
     assert_identical(out, reference, resumed_from=4)
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(config, reference, tmp_path,
+                                                               subprocess_env):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(command(config, out), env=subprocess_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not past_step(5)(out):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 130, output[-2000:]
+    assert "interrupted by SIGINT" in output and "--auto-resume" in output
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    step = int(saved[-1].split("-")[1])
+    assert step >= 5  # the interrupted step was saved, not only the last interval checkpoint
+    run_to_end(config, out, subprocess_env)
+    assert_identical(out, reference, resumed_from=step)
+
+
+def test_three_failed_saves_in_a_row_stop_the_run(config, tmp_path, subprocess_env):
+    out = tmp_path / "run"
+    env = {**subprocess_env, "MLX_TUNE_FAULTS": "disk_full"}
+    done = subprocess.run(command(config, out), env=env, capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL)
+    text = done.stdout + done.stderr
+    assert done.returncode == 7, text[-2000:]
+    assert text.count("No space left on device") >= 3
+    assert "3 checkpoint saves failed in a row" in text
+    # Training went on between the failures: saves were tried at steps 4, 8 and 12.
+    assert max(train_records(out)) == 12
+    assert not list((out / "checkpoints").glob("step-*"))
+    assert not list((out / "checkpoints").glob(".tmp-*"))

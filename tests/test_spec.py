@@ -91,7 +91,9 @@ def test_every_spec_field_has_a_flag_and_flags_parse_to_the_spec():
 
 def test_fingerprint_holds_the_fields_a_checkpoint_is_bound_to():
     fp = fingerprint(build_spec(overrides={"model": "m", "lora.rank": 4}))
-    assert fp["model"] == "m" and fp["lora.rank"] == 4 and "max_steps" not in fp
+    assert fp["model"] == "m" and fp["lora.rank"] == 4
+    assert fp["max_steps"] == 2000  # recorded so a change can be reported on resume
+    assert "seed" not in fp and "output_dir" not in fp
 
 
 def test_print_config_shows_the_resolved_spec(tmp_path):
