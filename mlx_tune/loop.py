@@ -14,17 +14,16 @@ import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from .backends.base import Backend, EvalResult, StepResult
+from .backends.base import Backend, StepResult
 from .cadence import gradient_noise_std, is_eval_step
 from .checkpoint import CheckpointManager, CheckpointSaveError
 from .distributed import agree, broadcast_flag, broadcast_stop, shard_rows
 from .evaluation import run_samples
-from .monitors import EXIT_CODES, EarlyStopping, MemoryHealth, MovingAverage, ThroughputMeter
+from .monitors import EXIT_CODES, EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from .reporting import EvalReport, Reporters, TrainReport
 from .spec import Spec, fingerprint, to_dict
 
@@ -116,7 +115,6 @@ class Trainer:
         self.manager, self.schedule, self.accumulation, self.log = manager, schedule, accumulation, log
         es = spec.early_stopping
         self.stopper = EarlyStopping.from_spec(es)
-        self.loss_avg = MovingAverage(window=es.loss_window)
         self.throughput = ThroughputMeter(window=50)
         self.memory = MemoryHealth()
         self.state = LoopState()
@@ -135,7 +133,7 @@ class Trainer:
         return {"step": s.step, "trained_tokens": s.trained_tokens,
                 "interval": vars(s.interval), "first_val_loss": s.first_val_loss,
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
-                "early_stopping": self.stopper.state_dict(), "loss_avg": self.loss_avg.state_dict(),
+                "early_stopping": self.stopper.state_dict(),
                 "memory": self.memory.state_dict(),
                 "rng": python_rng_state(), "fingerprint": fingerprint(self.spec),
                 "spec": to_dict(self.spec), "world_size": self.world_size}
@@ -149,7 +147,6 @@ class Trainer:
         s.last_checkpoint, s.last_checkpoint_step = path, s.step
         self.data.train.load_state_dict(meta["data"])
         self.stopper.load_state_dict(meta["early_stopping"])
-        self.loss_avg.load_state_dict(meta["loss_avg"])
         self.memory.load_state_dict(meta["memory"])
         restore_python_rng(meta["rng"])
 
@@ -167,21 +164,21 @@ class Trainer:
         arrays, backend_meta = self.backend.state_dict()
         meta = {**self.checkpoint_meta(), "backend": backend_meta}
         try:
-            path = self.manager.save(self.state.step, arrays, meta, best=best)
+            path = self.manager.save(s.step, arrays, meta, best=best)
         except CheckpointSaveError as e:
             self.save_failures += 1
             self._failed_step = s.step
-            self.reporters.on_message(f"checkpoint at step {self.state.step} failed "
+            self.reporters.on_message(f"checkpoint at step {s.step} failed "
                                       f"({self.save_failures}/{MAX_SAVE_FAILURES} in a row): {e}",
                                       "error")
             return False
         self.save_failures = 0
-        self.state.last_checkpoint, self.state.last_checkpoint_step = str(path), self.state.step
-        self.reporters.on_checkpoint(self.state.step, str(path))
+        s.last_checkpoint, s.last_checkpoint_step = str(path), s.step
+        self.reporters.on_checkpoint(s.step, str(path))
         return True
 
     # -- evaluation -----------------------------------------------------------------
-    def evaluate(self) -> EvalResult | None:
+    def evaluate(self) -> StopDecision | None:
         if self.data.valid is None:
             return None
         tic = time.perf_counter()
@@ -228,7 +225,6 @@ class Trainer:
             loss, tokens, norm, finite = values[4 * i: 4 * i + 4]
             ok = bool(finite) and math.isfinite(loss)
             if ok:
-                self.loss_avg.update(loss)
                 s.interval.loss_sum += loss * tokens
                 s.interval.tokens += tokens
                 s.trained_tokens += int(tokens)
@@ -257,7 +253,9 @@ class Trainer:
         self.reporters.on_train(TrainReport(
             step=s.step, total_steps=self.spec.max_steps, epoch=getattr(self.data.train, "epoch", 0),
             loss=iv.loss_sum / iv.tokens if iv.tokens else float("nan"),
-            loss_avg=_or_nan(self.loss_avg.value), loss_trend=self.loss_avg.trend or 0.0,
+            # Early stopping's own moving average of finite losses (its plateau rule uses it).
+            loss_avg=_or_nan(self.stopper.moving_average.value),
+            loss_trend=self.stopper.moving_average.trend or 0.0,
             learning_rate=self._last_lr, grad_norm=iv.grad_norm,
             tokens_per_second=self.throughput.tokens_per_second or 0.0,
             steps_per_second=self.throughput.steps_per_second or 0.0,
@@ -325,10 +323,3 @@ class Trainer:
         self.reporters.on_stop(reason, code)
         return RunResult(code, reason, self.state.step, self.stopper.best_val_loss,
                          self.state.first_val_loss, self.state.last_val_loss)
-
-
-def run_dir_files(output_dir: Path) -> dict[str, Path]:
-    """Where a run writes what (documented in the README)."""
-    return {"checkpoints": output_dir / "checkpoints", "adapters": output_dir / "adapters",
-            "tensorboard": output_dir / "tensorboard", "metrics": output_dir / "metrics.jsonl",
-            "spec": output_dir / "spec.yaml"}

@@ -77,15 +77,13 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                              trust_remote_code=spec.trust_remote_code, log=log)
 
     # Resume decision before the model loads: a refusal costs a second, not a minute.
+    # --force-fresh moves the old run aside untouched, before the manager tidies anything.
+    if resume == "fresh" and is_main and output_dir.exists() and any(output_dir.iterdir()):
+        log(f"--force-fresh: moved the previous run aside to {move_run_aside(output_dir)}")
     manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
                                 keep=spec.keep_checkpoints, log=log) if is_main else None
     loaded = None
-    if resume == "fresh" and is_main:
-        if output_dir.exists() and any(output_dir.iterdir()):
-            log(f"--force-fresh: moved the previous run aside to {move_run_aside(output_dir)}")
-        manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
-                                    keep=spec.keep_checkpoints, log=log)
-    elif manager is not None:
+    if resume != "fresh" and manager is not None:
         loaded = decide_resume(manager, current_fingerprint=fingerprint(spec), mode=resume,
                                interactive=sys.stdin.isatty(), log=log,
                                harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir)

@@ -3,7 +3,6 @@ pytest re-executes itself once with the system OpenBLAS preloaded (MLX's bundled
 reference BLAS makes every training test ~30x slower)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
