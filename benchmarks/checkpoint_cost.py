@@ -18,14 +18,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlx_tune.blas import maybe_reexec_with_openblas  # noqa: E402
+from mlx_tune.system.blas import maybe_reexec_with_openblas  # noqa: E402
 
 
 def measure(fine_tune_type: str, args) -> dict:
-    from mlx_tune.backends.mlx import MLXBackend
-    from mlx_tune.checkpoint import CheckpointManager
+    from mlx_tune.backends.mlx.backend import MLXBackend
+    from mlx_tune.checkpoint.manager import CheckpointManager
     from mlx_tune.data import load_data
-    from mlx_tune.spec import build_spec
+    from mlx_tune.config.spec import build_spec
 
     spec = build_spec(overrides={"model": args.model, "data": args.data, "batch_size": 8,
                                  "max_length": 256, "fine_tune_type": fine_tune_type,

@@ -16,7 +16,7 @@ TINY = REPO / "mlx_tune" / "assets" / "tiny-mistral"
 RECIPES = REPO / "data" / "recipes"
 sys.path.insert(0, str(REPO))
 
-from mlx_tune.blas import find_openblas  # noqa: E402
+from mlx_tune.system.blas import find_openblas  # noqa: E402
 
 
 def bench_env() -> dict:

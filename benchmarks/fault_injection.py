@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RECIPES, TINY, bench_env, train_command  # noqa: E402
 
-from mlx_tune.checkpoint import CheckpointCorrupt, CheckpointManager, NumpyCodec  # noqa: E402
+from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointManager, NumpyCodec  # noqa: E402
 
 SPEC = """model: {model}
 data: {data}

@@ -32,7 +32,7 @@ TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
 
 
 def random_batches(vocab: int, batch: int, seq_len: int, n: int, seed: int = 0):
-    from mlx_tune.batch import Batch
+    from mlx_tune.data.batch import Batch
 
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, seq_len), dtype=np.float32)
@@ -61,8 +61,8 @@ class Ours:
     """Our backend; ``round`` runs some steps and returns the timed step durations."""
 
     def __init__(self, args, compile_: bool = False):
-        from mlx_tune.backends.torch import TorchBackend
-        from mlx_tune.spec import build_spec
+        from mlx_tune.backends.torch.backend import TorchBackend
+        from mlx_tune.config.spec import build_spec
 
         self.backend = TorchBackend()
         self.backend.load(build_spec(overrides={
@@ -88,7 +88,7 @@ class HFTrainer:
     def __init__(self, args):
         from peft import LoraConfig, get_peft_model
 
-        from mlx_tune.backends.torch import decoder_layers, default_device, load_base, lora_keys
+        from mlx_tune.backends.torch.backend import decoder_layers, default_device, load_base, lora_keys
 
         self.args, self.device = args, default_device()
         base = load_base(Path(args.model), quantize=None, dtype="auto", device=self.device)
@@ -139,8 +139,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from mlx_tune.backends.torch import default_device
-    from mlx_tune.tokenizer import load_tokenizer
+    from mlx_tune.backends.torch.backend import default_device
+    from mlx_tune.models.tokenizer import load_tokenizer
 
     vocab = len(load_tokenizer(Path(args.model)))
     batches = random_batches(vocab, args.batch_size, args.seq_len, args.warmup + args.steps)

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from . import __version__
-from .spec import SECTIONS, Spec, SpecError, build_spec, leaf_fields, to_yaml
+from mlx_tune import __version__
+from mlx_tune.config.spec import SECTIONS, Spec, SpecError, build_spec, leaf_fields, to_yaml
 
 EXIT_USAGE, EXIT_ERROR = 2, 1
 
@@ -122,39 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input, reported as one line."""
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .hub import ModelError
-    from .resume import ResumeError
+    from mlx_tune.checkpoint.manager import CheckpointError
+    from mlx_tune.data import DataError
+    from mlx_tune.models.hub import ModelError
+    from mlx_tune.checkpoint.resume import ResumeError
     return (SpecError, DataError, ModelError, ResumeError, CheckpointError)
 
 
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from rich.console import Console
-        from .doctor import run_doctor
+        from mlx_tune.commands.doctor import run_doctor
         return run_doctor(Console())
     if args.command == "generate":
-        from .generate import generate_cli
+        from mlx_tune.commands.generate import generate_cli
         return generate_cli(args)
     spec = spec_from_args(args)
     if args.command == "train":
         if args.print_config:
             print(to_yaml(spec), end="")
             return 0
-        from .train import train
+        from mlx_tune.training.recipe import train
         mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode).exit_code
     if args.command == "lr-find":
-        from .lr_find import lr_find_cli
+        from mlx_tune.commands.lr_find import lr_find_cli
         return lr_find_cli(spec, args)
-    from .plan import plan_cli
+    from mlx_tune.commands.plan import plan_cli
     return plan_cli(spec, args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .blas import maybe_reexec_with_openblas
+    from mlx_tune.system.blas import maybe_reexec_with_openblas
     maybe_reexec_with_openblas(argv)
     args = build_parser().parse_args(argv)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import mlx_tune
-from mlx_tune.blas import maybe_reexec_with_openblas
+from mlx_tune.system.blas import maybe_reexec_with_openblas
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mlx_tune.checkpoint as ckpt_mod
-from mlx_tune.checkpoint import (
+import mlx_tune.checkpoint.manager as ckpt_mod
+from mlx_tune.checkpoint.manager import (
     CheckpointCorrupt,
     CheckpointManager,
     CheckpointSaveError,

@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.dashboard: what the live view shows, and that reporting costs the
+"""Tests for mlx_tune.reporting.dashboard: what the live view shows, and that reporting costs the
 training loop nothing (rendering happens only in the refresh thread)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import pytest
 from rich.console import Console
 
-from mlx_tune import dashboard as dash
-from mlx_tune.dashboard import LEAK_MARK, RichDashboard, fmt_duration
-from mlx_tune.reporting import EvalReport, TrainReport
+from mlx_tune.reporting import dashboard as dash
+from mlx_tune.reporting.dashboard import LEAK_MARK, RichDashboard, fmt_duration
+from mlx_tune.reporting.records import EvalReport, TrainReport
 
 
 def train(step: int = 900, **kw) -> TrainReport:

@@ -17,7 +17,7 @@ from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import Record, read_records
 from mlx_tune.data.testing import tiny_tokenizer
 from mlx_tune.data.tokenize import encode_record
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "data" / "recipes"

@@ -12,7 +12,7 @@ from mlx_tune.data import DataError, load_data
 from mlx_tune.data import sources
 from mlx_tune.data import tokenize as tokenize_module
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from mlx_tune.data import load_data, load_eval_file
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from mlx_tune import distributed as D
-from mlx_tune.batch import Batch
-from mlx_tune.monitors import StopDecision
-from mlx_tune.spec import SpecError, build_spec
+from mlx_tune.distributed import coordination as D
+from mlx_tune.data.batch import Batch
+from mlx_tune.training.monitors import StopDecision
+from mlx_tune.config.spec import SpecError, build_spec
 
 K = 6  # steps of every run below
 KILL_TIMEOUT = 20  # MLX_TUNE_DIST_TIMEOUT of the run whose rank is killed
@@ -73,10 +73,10 @@ early_stopping: {{warmup: 1000}}
 
 MLX_LAUNCH = shutil.which("mlx.launch")
 TORCHRUN = shutil.which("torchrun")
-HAS_TORCH_BACKEND = importlib.util.find_spec("mlx_tune.backends.torch") is not None
+HAS_TORCH_BACKEND = importlib.util.find_spec("mlx_tune.backends.torch.backend") is not None
 needs_mlx_launch = pytest.mark.skipif(MLX_LAUNCH is None, reason="mlx.launch is not installed")
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None or not HAS_TORCH_BACKEND,
-                                    reason="torchrun or mlx_tune.backends.torch is missing")
+                                    reason="torchrun or mlx_tune.backends.torch.backend is missing")
 
 
 # -- fast checks, in this process -----------------------------------------------------
@@ -298,9 +298,9 @@ import json, sys
 from pathlib import Path
 import mlx.core as mx
 import numpy as np
-from mlx_tune import distributed as D
-from mlx_tune.checkpoint import Loaded
-from mlx_tune.monitors import StopDecision
+from mlx_tune.distributed import coordination as D
+from mlx_tune.checkpoint.manager import Loaded
+from mlx_tune.training.monitors import StopDecision
 
 group = mx.distributed.init()
 backend = type("B", (), {"name": "mlx", "rank": group.rank(), "world_size": group.size()})()

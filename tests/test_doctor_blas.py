@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.blas (the OpenBLAS re-exec) and mlx_tune.doctor.
+"""Tests for mlx_tune.system.blas (the OpenBLAS re-exec) and mlx_tune.commands.doctor.
 
 The re-exec tests run real subprocesses through a tiny probe module (``python -m
 blas_probe``), since what is tested is the dynamic loader's view of a fresh process.
@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mlx_tune import blas, doctor
-from mlx_tune.doctor import Check, run_doctor
+from mlx_tune.system import blas
+
+from mlx_tune.commands import doctor
+from mlx_tune.commands.doctor import Check, run_doctor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
@@ -26,7 +28,7 @@ needs_openblas = pytest.mark.skipif(not (LINUX and OPENBLAS and blas._mlx_cpu_wh
 
 PROBE = '''
 import json, os, sys
-from mlx_tune.blas import maybe_reexec_with_openblas, blas_status
+from mlx_tune.system.blas import maybe_reexec_with_openblas, blas_status
 maybe_reexec_with_openblas(sys.argv[1:], module="blas_probe")
 import mlx.core as mx
 mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))

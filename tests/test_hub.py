@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.hub: local directories, aliases, and a fake Hugging Face cache.
+"""Tests for mlx_tune.models.hub: local directories, aliases, and a fake Hugging Face cache.
 
 No test touches the network: the Hub tests run with HF_HUB_OFFLINE=1 against a cache
 built in tmp_path in huggingface_hub's own layout, or with snapshot_download replaced.
@@ -15,8 +15,8 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants
 
-from mlx_tune import hub
-from mlx_tune.hub import ModelError, ModelNotCachedError, ResolvedModel, resolve_model
+from mlx_tune.models import hub
+from mlx_tune.models.hub import ModelError, ModelNotCachedError, ResolvedModel, resolve_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,7 +131,7 @@ def test_alias_table_is_well_formed_and_shipped():
             assert entry.get("mlx_4bit", "mlx-community/x").startswith("mlx-community/"), name
         assert entry.get("description"), name
     # The package copy is the one that ships; the repository's configs/ shows the same table.
-    assert hub.ALIASES_PATH.is_relative_to(Path(hub.__file__).parent)
+    assert hub.ALIASES_PATH.is_relative_to(Path(hub.__file__).parent.parent)
     assert (REPO_ROOT / "configs" / "models.yaml").read_text() == hub.ALIASES_PATH.read_text()
 
 

@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlx_tune.batch import Batch
-from mlx_tune.lr_find import (LRFindResult, is_diverged, run_lr_find, smooth, suggest_lr,
+from mlx_tune.data.batch import Batch
+from mlx_tune.commands.lr_find import (LRFindResult, is_diverged, run_lr_find, smooth, suggest_lr,
                               sweep_lrs, text_plot, write_png)
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 
 def test_sweep_is_geometric_from_start_to_end():
@@ -149,7 +149,7 @@ def test_real_sweep_restores_the_weights(tiny_model, recipes, tmp_path):
     """A few steps at absurd learning rates on the MLX backend, then the exact arrays."""
     from mlx.utils import tree_flatten
 
-    from mlx_tune.backends.mlx import MLXBackend
+    from mlx_tune.backends.mlx.backend import MLXBackend
     from mlx_tune.data import load_data
 
     lines = (recipes / "train.jsonl").read_text().splitlines()[:32]  # tokenizing all is slow

@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.monitors: every rule on crafted sequences, and resume."""
+"""Tests for mlx_tune.training.monitors: every rule on crafted sequences, and resume."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from mlx_tune.monitors import (
+from mlx_tune.training.monitors import (
     EXIT_CODES,
     EarlyStopping,
     EarlyStoppingConfig,

@@ -29,7 +29,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 mx = pytest.importorskip("mlx.core")
 
-from mlx_tune.spec import build_spec  # noqa: E402
+from mlx_tune.config.spec import build_spec  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -46,7 +46,7 @@ def make_spec(model, data, **overrides):
 def steps(tiny_model, recipes):
     """The first STEPS training batches of the recipes dataset, from the data layer."""
     from mlx_tune.data import load_data
-    from mlx_tune.tokenizer import load_tokenizer
+    from mlx_tune.models.tokenizer import load_tokenizer
 
     bundle = load_data(make_spec(tiny_model, recipes), load_tokenizer(tiny_model),
                        log=lambda m: None)
@@ -60,8 +60,8 @@ def load_pair(spec, model):
     """Both backends, with the torch LoRA weights copied from MLX (lora_b made nonzero)."""
     from mlx.utils import tree_flatten
 
-    from mlx_tune.backends.mlx import MLXBackend
-    from mlx_tune.backends.torch import TorchBackend
+    from mlx_tune.backends.mlx.backend import MLXBackend
+    from mlx_tune.backends.torch.backend import TorchBackend
 
     m = MLXBackend()
     m.load(spec, model)

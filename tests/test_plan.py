@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlx_tune import plan
-from mlx_tune.hub import ModelError
-from mlx_tune.plan import (ModelShape, estimate, plan_accumulation, plan_cli, propose,
+from mlx_tune.commands import plan
+from mlx_tune.models.hub import ModelError
+from mlx_tune.commands.plan import (ModelShape, estimate, plan_accumulation, plan_cli, propose,
                            weight_bytes)
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
 GB = 1e9
@@ -144,8 +144,8 @@ def measured_peak(model_dir: Path, spec, batch: int, length: int) -> int:
     """Peak bytes of two real optimizer steps (after a warm-up step that compiles)."""
     import mlx.core as mx
 
-    from mlx_tune.backends.mlx import MLXBackend
-    from mlx_tune.batch import Batch
+    from mlx_tune.backends.mlx.backend import MLXBackend
+    from mlx_tune.data.batch import Batch
 
     backend = MLXBackend()
     backend.load(spec, model_dir)

@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.reporting / reporters / tb / keepawake: exact lines, resume-safe
+"""Tests for mlx_tune.reporting.records / reporters / tb / keepawake: exact lines, resume-safe
 metrics.jsonl, TensorBoard events read back from disk, reporter selection."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_tune import keepawake
-from mlx_tune.reporters import (
+from mlx_tune.system import keepawake
+from mlx_tune.reporting.text import (
     JsonlReporter,
     PlainReporter,
     fmt_dec,
@@ -21,7 +21,8 @@ from mlx_tune.reporters import (
     format_eval_line,
     format_train_line,
 )
-from mlx_tune.reporting import EvalReport, NullReporter, Reporters, TrainReport, make_reporters
+from mlx_tune.reporting.records import EvalReport, NullReporter, Reporters, TrainReport
+from mlx_tune.reporting.factory import make_reporters
 
 EXAMPLE_LINE = (
     "step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5"
@@ -252,7 +253,7 @@ def texts(events: list, tag: str) -> list[tuple[int, str]]:
 
 
 def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
-    from mlx_tune.tb import TensorBoardReporter
+    from mlx_tune.reporting.tensorboard import TensorBoardReporter
 
     logdir = tmp_path / "tensorboard"
     tb = TensorBoardReporter(logdir, None)
@@ -289,7 +290,7 @@ def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
 
 # ------------------------------------------------------------------ selection
 def test_make_reporters_plain_without_terminal(tmp_path, monkeypatch):
-    from mlx_tune.tb import TensorBoardReporter
+    from mlx_tune.reporting.tensorboard import TensorBoardReporter
 
     monkeypatch.setattr("sys.stdout", io.StringIO())  # not a TTY
     reps = make_reporters("auto", output_dir=tmp_path, total_steps=10, resume_step=None,
@@ -306,7 +307,7 @@ def test_make_reporters_plain_without_terminal(tmp_path, monkeypatch):
 
 
 def test_make_reporters_rich_and_auto_terminal(tmp_path, monkeypatch):
-    from mlx_tune.dashboard import RichDashboard
+    from mlx_tune.reporting.dashboard import RichDashboard
 
     class FakeTTY(io.StringIO):
         def isatty(self):
@@ -397,7 +398,7 @@ def test_release_stops_a_running_process():
 def test_tensorboard_reporter_does_not_import_torch(tmp_path):
     # tensorboardX imports torch eagerly when installed; an MLX run must not pay for it.
     code = (
-        "import sys; from mlx_tune.tb import TensorBoardReporter as T; "
+        "import sys; from mlx_tune.reporting.tensorboard import TensorBoardReporter as T; "
         f"t = T({str(tmp_path)!r}); t.close(); assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_tune.checkpoint import CheckpointManager, NumpyCodec
-from mlx_tune.resume import (
+from mlx_tune.checkpoint.manager import CheckpointManager, NumpyCodec
+from mlx_tune.checkpoint.resume import (
     FINGERPRINT_KEY,
     ResumeError,
     compare_fingerprints,

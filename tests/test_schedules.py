@@ -1,4 +1,4 @@
-"""Tests for mlx_tune.schedules: closed forms, edge cases, and torch parity."""
+"""Tests for mlx_tune.training.schedules: closed forms, edge cases, and torch parity."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from mlx_tune.schedules import SCHEDULES, build_schedule, resolve_warmup_steps
+from mlx_tune.training.schedules import SCHEDULES, build_schedule, resolve_warmup_steps
 
 LR = 2e-4
 

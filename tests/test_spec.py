@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from mlx_tune.cli import build_parser, spec_from_args
-from mlx_tune.spec import Spec, SpecError, build_spec, fingerprint, leaf_fields
+from mlx_tune.config.spec import Spec, SpecError, build_spec, fingerprint, leaf_fields
 
 
 def test_defaults_follow_the_users_proven_settings():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.backends.mlx import MLXBackend
-from mlx_tune.cadence import gradient_noise_std, is_eval_step
+from mlx_tune.backends.mlx.backend import MLXBackend
+from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
 from mlx_tune.data import load_data
-from mlx_tune.spec import build_spec
+from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_label_smoothing_matches_torch_cross_entropy():
 
 
 def test_label_smoothing_penalises_a_perfect_prediction(tiny_model, recipes, batch):
-    from mlx_tune.backends.mlx_step import token_loss_sums
+    from mlx_tune.backends.mlx.step import token_loss_sums
 
     class Oracle(nn.Module):  # puts all its mass on the right next token
         def __init__(self, tokens, vocab):

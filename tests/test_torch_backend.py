@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from mlx_tune.batch import Batch  # noqa: E402
-from mlx_tune.spec import build_spec  # noqa: E402
+from mlx_tune.data.batch import Batch  # noqa: E402
+from mlx_tune.config.spec import build_spec  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -47,7 +47,7 @@ def make_batch(tokenizer, conversations=MESSAGES) -> Batch:
 
 
 def load(tiny_model, **overrides):
-    from mlx_tune.backends.torch import TorchBackend
+    from mlx_tune.backends.torch.backend import TorchBackend
 
     spec = build_spec(overrides={"model": str(tiny_model), "lora.dropout": 0.0, "torch_threads": 1,
                                  **overrides})
@@ -86,8 +86,8 @@ def rel_err(a: dict, b: dict) -> float:
 # -- codec -------------------------------------------------------------------------------
 
 def test_codec_roundtrip_without_pickles(tmp_path):
-    from mlx_tune.backends.torch import TorchCodec
-    from mlx_tune.checkpoint import CheckpointManager
+    from mlx_tune.backends.torch.backend import TorchCodec
+    from mlx_tune.checkpoint.manager import CheckpointManager
 
     base = torch.randn(4, 3)
     arrays = {"a": base, "view": base[1:3], "bf16": torch.randn(5, dtype=torch.bfloat16),
@@ -172,12 +172,12 @@ def test_nonfinite_step_is_skipped_entirely(tiny_model):
 
 
 def test_resume_is_bit_identical(tiny_model, tmp_path):
-    from mlx_tune.backends.torch import TorchCodec
-    from mlx_tune.checkpoint import CheckpointManager
+    from mlx_tune.backends.torch.backend import TorchCodec
+    from mlx_tune.checkpoint.manager import CheckpointManager
 
     over = dict(optimizer="adamw", **{"lora.dropout": 0.2}, ema={"enabled": True, "decay": 0.5},
                 gradient_noise={"eta": 0.01}, grad_clip=0.5)
-    from mlx_tune.tokenizer import load_tokenizer
+    from mlx_tune.models.tokenizer import load_tokenizer
     batch = make_batch(load_tokenizer(tiny_model))
 
     def steps(backend, n):
@@ -225,7 +225,7 @@ def test_optimizer_scalars_survive_a_checkpoint(tiny_model):
 def test_saved_adapter_loads_in_peft_and_generates(tiny_model, tmp_path):
     from peft import PeftModel
 
-    from mlx_tune.backends.torch import generate_with_adapter, load_base
+    from mlx_tune.backends.torch.backend import generate_with_adapter, load_base
 
     a, info = load(tiny_model, **{"lora.layers": 1, "lora.targets": ["q", "v", "down"]})
     assert a.keys == ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -253,7 +253,7 @@ def test_saved_adapter_loads_in_peft_and_generates(tiny_model, tmp_path):
 
 
 def test_ema_weights_swap_and_full_finetune_save(tiny_model, tmp_path):
-    from mlx_tune.backends.torch import generate_with_adapter
+    from mlx_tune.backends.torch.backend import generate_with_adapter
 
     a, info = load(tiny_model, fine_tune_type="full", optimizer="adamw",
                    ema={"enabled": True, "decay": 0.5})
@@ -293,7 +293,7 @@ def dequantized_reference(backend, tiny_model):
     import bitsandbytes as bnb
     from peft import get_peft_model
 
-    from mlx_tune.backends.torch import TorchBackend, load_base
+    from mlx_tune.backends.torch.backend import TorchBackend, load_base
 
     ref = TorchBackend()
     ref.spec, ref.tokenizer = backend.spec, backend.tokenizer
@@ -310,7 +310,7 @@ def dequantized_reference(backend, tiny_model):
     with torch.no_grad():
         for k, p in backend.params.items():
             params[k].copy_(p)
-    from mlx_tune.backends.torch_step import StepConfig, TorchStep
+    from mlx_tune.backends.torch.step import StepConfig, TorchStep
     ref.params = {k: params[k] for k in backend.params}
     ref.optimizer = torch.optim.SGD(list(ref.params.values()), lr=0.0)
     ref.step_fn = TorchStep(ref.model, ref.params, ref.optimizer,

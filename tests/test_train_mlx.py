@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_tune.backends.mlx import MLXBackend
-from mlx_tune.backends.mlx_step import token_loss_sums
-from mlx_tune.batch import Batch
+from mlx_tune.backends.mlx.backend import MLXBackend
+from mlx_tune.backends.mlx.step import token_loss_sums
+from mlx_tune.data.batch import Batch
 from mlx_tune.data import load_data
-from mlx_tune.spec import build_spec
-from mlx_tune.train import train
+from mlx_tune.config.spec import build_spec
+from mlx_tune.training.recipe import train
 
 
 def small_spec(tiny_model, recipes, tmp_path, **over):

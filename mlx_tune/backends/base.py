@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
-from ..batch import Batch
-from ..checkpoint import ArrayCodec
-from ..spec import Spec
+from mlx_tune.data.batch import Batch
+from mlx_tune.checkpoint.manager import ArrayCodec
+from mlx_tune.config.spec import Spec
 
 
 # Spec target names -> the last component of module names, in mlx-lm's and in

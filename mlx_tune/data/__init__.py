@@ -17,15 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from ..spec import CurriculumStage, Spec
-from . import seeding
-from .augment import make_augmenter
-from .batching import pad_id_of
-from .records import DataError, Record, find_files, first_format, read_records
-from .sources import MemorySource, Settings, StreamingSource
-from .stream import TrainStream
-from .tokenize import tokenize_all, unwrap
-from .validation import LazyValidation, load_eval_file
+from mlx_tune.config.spec import CurriculumStage, Spec
+from mlx_tune.data import seeding
+from mlx_tune.data.augment import make_augmenter
+from mlx_tune.data.batching import pad_id_of
+from mlx_tune.data.records import DataError, Record, find_files, first_format, read_records
+from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
+from mlx_tune.data.stream import TrainStream
+from mlx_tune.data.tokenize import tokenize_all, unwrap
+from mlx_tune.data.validation import LazyValidation, load_eval_file
 
 __all__ = ["DataBundle", "DataError", "LazyValidation", "Record", "TrainStream", "load_data",
            "load_eval_file"]

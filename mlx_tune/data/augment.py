@@ -11,9 +11,9 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..spec import AugmentationSpec
-from . import seeding
-from .records import DataError, Record
+from mlx_tune.config.spec import AugmentationSpec
+from mlx_tune.data import seeding
+from mlx_tune.data.records import DataError, Record
 
 
 def load_templates(aug: AugmentationSpec, data_dir: Optional[str | Path] = None) -> list[str]:

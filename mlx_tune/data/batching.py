@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..batch import Batch
+from mlx_tune.data.batch import Batch
 
 ALIGN = 32
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..spec import CurriculumStage, QualitySpec
-from .records import Record
+from mlx_tune.config.spec import CurriculumStage, QualitySpec
+from mlx_tune.data.records import Record
 
 
 def stage_for_epoch(stages: Sequence[CurriculumStage], epoch: int

@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-from ..batch import Batch
-from ..spec import CurriculumStage, QualitySpec
-from . import seeding
-from .augment import Augmenter
-from .batching import bucket, pad_batch
-from .filters import epoch_filter
-from .records import DataError, iter_lines, parse_line
-from .tokenize import Example, Truncation, make_example
+from mlx_tune.data.batch import Batch
+from mlx_tune.config.spec import CurriculumStage, QualitySpec
+from mlx_tune.data import seeding
+from mlx_tune.data.augment import Augmenter
+from mlx_tune.data.batching import bucket, pad_batch
+from mlx_tune.data.filters import epoch_filter
+from mlx_tune.data.records import DataError, iter_lines, parse_line
+from mlx_tune.data.tokenize import Example, Truncation, make_example
 
 Item = tuple  # (Batch, state dict after this batch, list of log lines)
 

@@ -12,7 +12,7 @@ import queue
 import threading
 from typing import Callable, Iterator, Optional
 
-from ..batch import Batch
+from mlx_tune.data.batch import Batch
 
 STATE_VERSION = 1
 

@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-from .records import DataError, Record
+from mlx_tune.data.records import DataError, Record
 
 # Fast tokenizers are not safe to drive from two threads at once (the Rust side is
 # mutably borrowed when settings change), and the prefetch thread tokenizes while the

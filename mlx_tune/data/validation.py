@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ..batch import Batch
-from ..spec import Spec
-from . import seeding
-from .batching import bucket, pad_batch, pad_id_of
-from .records import Record, first_format, iter_lines, iter_records, parse_line
-from .tokenize import Example, tokenize_all, unwrap
+from mlx_tune.data.batch import Batch
+from mlx_tune.config.spec import Spec
+from mlx_tune.data import seeding
+from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
+from mlx_tune.data.records import Record, first_format, iter_lines, iter_records, parse_line
+from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
 
 
 def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,

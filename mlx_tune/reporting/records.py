@@ -4,9 +4,9 @@ The loop builds plain-Python records (``TrainReport``, ``EvalReport``) at its re
 interval and hands them to a ``Reporters`` list. Reporters never see framework arrays,
 so nothing here can force a host sync. Concrete reporters live in:
 
-- ``mlx_tune.reporters``  -- ``PlainReporter`` (one line per report), ``JsonlReporter``
-- ``mlx_tune.tb``         -- ``TensorBoardReporter``
-- ``mlx_tune.dashboard``  -- ``RichDashboard`` (rich live view)
+- ``mlx_tune.reporting.text``  -- ``PlainReporter`` (one line per report), ``JsonlReporter``
+- ``mlx_tune.reporting.tensorboard``         -- ``TensorBoardReporter``
+- ``mlx_tune.reporting.dashboard``  -- ``RichDashboard`` (rich live view)
 
 They are imported lazily (``make_reporters`` and module ``__getattr__``) so that a plain
 run never imports rich's live machinery and a run without TensorBoard never imports
@@ -162,69 +162,3 @@ class Reporters(list):
 
     def close(self) -> None:
         self._call("close")
-
-
-def stdout_is_terminal() -> bool:
-    """True when a live view makes sense: a real TTY that is not TERM=dumb."""
-    try:
-        tty = sys.stdout.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stdout
-        return False
-    return tty and os.environ.get("TERM", "") != "dumb"
-
-
-def make_reporters(
-    mode: Literal["auto", "rich", "plain"],
-    *,
-    output_dir: Path,
-    total_steps: int,
-    resume_step: int | None,
-    tensorboard: bool,
-    is_main_rank: bool = True,
-) -> Reporters:
-    """The reporters for one run.
-
-    auto = rich dashboard when stdout is a terminal, plain lines otherwise (log files,
-    nohup, CI). ``output_dir/metrics.jsonl`` always; ``output_dir/tensorboard/`` when
-    enabled. Non-main ranks of a distributed run write no files and print only errors,
-    so N ranks do not produce N interleaved copies of every line.
-    """
-    from mlx_tune.reporters import JsonlReporter, PlainReporter
-
-    if mode not in ("auto", "rich", "plain"):
-        raise ValueError(f"report mode must be 'auto', 'rich' or 'plain', got {mode!r}")
-    if not is_main_rank:
-        return Reporters([PlainReporter(sys.stderr, min_level="error")])
-
-    output_dir = Path(output_dir)
-    use_rich = mode == "rich" or (mode == "auto" and stdout_is_terminal())
-    out = Reporters()
-    if use_rich:
-        from mlx_tune.dashboard import RichDashboard
-
-        out.append(RichDashboard(total_steps))
-    else:
-        out.append(PlainReporter())
-    out.append(JsonlReporter(output_dir / "metrics.jsonl", resume_step))
-    if tensorboard:
-        from mlx_tune.tb import TensorBoardReporter
-
-        out.append(TensorBoardReporter(output_dir / "tensorboard", resume_step))
-    return out
-
-
-_LAZY = {
-    "PlainReporter": "mlx_tune.reporters",
-    "JsonlReporter": "mlx_tune.reporters",
-    "TensorBoardReporter": "mlx_tune.tb",
-    "RichDashboard": "mlx_tune.dashboard",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # Convenience re-exports without import cycles or eager rich/tensorboardX imports.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,9 +36,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .checkpoint import Loaded
-from .monitors import EXIT_CODES, StopDecision
-from .spec import Spec, SpecError
+from mlx_tune.checkpoint.manager import Loaded
+from mlx_tune.training.monitors import EXIT_CODES, StopDecision
+from mlx_tune.config.spec import Spec, SpecError
 
 EXIT_PEER_LOST = 8  # a rank of a distributed run died or stopped answering
 TIMEOUT_ENV = "MLX_TUNE_DIST_TIMEOUT"
@@ -373,7 +373,7 @@ def all_sum_packed(tree: Any, *scalars: Any) -> tuple:
 def shard_rows(batch: Any, rank: int, world: int) -> Any | None:
     """This rank's rows of an evaluation batch (None when it gets none): validation is
     split like training, and the sums are added up across ranks by the backend."""
-    from .batch import Batch
+    from mlx_tune.data.batch import Batch
     if world <= 1:
         return batch
     tokens = np.array_split(batch.tokens, world)[rank]

@@ -15,12 +15,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from ..batch import Batch
-from ..checkpoint import MlxCodec
-from ..spec import Spec
-from ..tokenizer import load_tokenizer
-from .base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
-from .mlx_step import CompiledStep, make_optimizer
+from mlx_tune.data.batch import Batch
+from mlx_tune.checkpoint.manager import MlxCodec
+from mlx_tune.config.spec import Spec
+from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.backends.base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
+from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .hub import resolve_model
-from .train import select_backend
+from mlx_tune.models.hub import resolve_model
+from mlx_tune.training.recipe import select_backend
 
 
 def generate_cli(args: argparse.Namespace) -> int:
@@ -16,7 +16,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     if args.adapter:
         config_path = Path(args.adapter) / "adapter_config.json"
         if not config_path.is_file():
-            from .hub import ModelError
+            from mlx_tune.models.hub import ModelError
             raise ModelError(f"{args.adapter}: no adapter_config.json (expected an adapter "
                              "directory such as OUTPUT_DIR/adapters)")
         quantize = json.loads(config_path.read_text()).get("quantize")
@@ -24,7 +24,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     if backend == "torch":
-        from .backends.torch import generate_with_adapter
+        from mlx_tune.backends.torch.backend import generate_with_adapter
         text = generate_with_adapter(resolved.path, args.adapter, messages, args.max_tokens)
     else:
         text = generate_mlx(resolved.path, args.adapter, messages, args.max_tokens, quantize)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Collection, Literal
 
-from mlx_tune.checkpoint import CheckpointManager, Loaded
+from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
 
 FINGERPRINT_KEY = "fingerprint"
 ResumeMode = Literal["ask", "auto", "fresh"]

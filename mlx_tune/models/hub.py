@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # The alias table is package data (pyproject ships mlx_tune/configs/*.yaml): an installed
 # mlx-tune cannot see the repository's configs/ folder, which only holds a link to this file.
 ALIASES_PATH = PACKAGE_DIR / "configs" / "models.yaml"

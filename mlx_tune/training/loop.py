@@ -18,14 +18,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backends.base import Backend, StepResult
-from .cadence import gradient_noise_std, is_eval_step
-from .checkpoint import CheckpointManager, CheckpointSaveError
-from .distributed import agree, broadcast_flag, broadcast_stop, shard_rows
-from .evaluation import run_samples
-from .monitors import EXIT_CODES, EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
-from .reporting import EvalReport, Reporters, TrainReport
-from .spec import Spec, fingerprint, to_dict
+from mlx_tune.backends.base import Backend, StepResult
+from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
+from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
+from mlx_tune.distributed.coordination import agree, broadcast_flag, broadcast_stop, shard_rows
+from mlx_tune.training.samples import run_samples
+from mlx_tune.training.monitors import EXIT_CODES, EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
+from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
+from mlx_tune.config.spec import Spec, fingerprint, to_dict
 
 EXIT_OK, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED = 0, 7, 130
 MAX_SAVE_FAILURES = 3

@@ -12,17 +12,17 @@ from typing import Callable, Literal
 
 import yaml
 
-from . import faults
-from .checkpoint import CheckpointManager
-from .data import load_data
-from .distributed import barrier, check_world, guard_run
-from .hub import resolve_model
-from .keepawake import keep_awake, release
-from .loop import RunResult, Trainer
-from .reporting import make_reporters
-from .resume import decide_resume, move_run_aside
-from .schedules import build_schedule
-from .spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict
+from mlx_tune.checkpoint import faults
+from mlx_tune.checkpoint.manager import CheckpointManager
+from mlx_tune.data import load_data
+from mlx_tune.distributed.coordination import barrier, check_world, guard_run
+from mlx_tune.models.hub import resolve_model
+from mlx_tune.system.keepawake import keep_awake, release
+from mlx_tune.training.loop import RunResult, Trainer
+from mlx_tune.reporting.factory import make_reporters
+from mlx_tune.checkpoint.resume import decide_resume, move_run_aside
+from mlx_tune.training.schedules import build_schedule
+from mlx_tune.config.spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict
 
 def select_backend(name: str) -> str:
     """'auto' -> mlx wherever MLX imports (Apple Silicon, MLX's Linux/CUDA builds), else
@@ -38,11 +38,11 @@ def select_backend(name: str) -> str:
 
 def make_backend(name: str):  # -> Backend
     if name == "mlx":
-        from .backends.mlx import MLXBackend
+        from mlx_tune.backends.mlx.backend import MLXBackend
         return MLXBackend()
-    from .backends.torch_ddp import init_from_env
+    from mlx_tune.backends.torch.ddp import init_from_env
     init_from_env()  # under torchrun: join the process group before the backend looks
-    from .backends.torch import TorchBackend
+    from mlx_tune.backends.torch.backend import TorchBackend
     return TorchBackend()
 
 
@@ -50,7 +50,7 @@ def resolve_accumulation(spec: Spec, model_dir: Path, log: Callable[[str], None]
     """Micro-batches per step: the spec's number, or 'auto' from the memory planner."""
     if spec.gradient_accumulation_steps != "auto":
         return int(spec.gradient_accumulation_steps)
-    from .plan import plan_accumulation
+    from mlx_tune.commands.plan import plan_accumulation
     steps = plan_accumulation(spec, model_dir)
     log(f"gradient_accumulation_steps: auto -> {steps} (micro-batch {spec.batch_size // steps})")
     return steps
@@ -148,5 +148,5 @@ def _quiet(_: str) -> None:
 def _share_resume(backend, loaded, output_dir: Path, spec: Spec, log):
     """Distributed runs: every rank restores rank 0's checkpoint (see distributed.py).
     Any run: says so when the checkpoint was written by another number of ranks."""
-    from .distributed import share_resume_point
+    from mlx_tune.distributed.coordination import share_resume_point
     return share_resume_point(backend, loaded, output_dir, spec, log)

@@ -21,7 +21,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
-from .base import StepConfig
+from mlx_tune.backends.base import StepConfig
 
 
 def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
@@ -96,7 +96,7 @@ class CompiledStep:
             # Data parallel: every rank adds its sums; the division below makes the
             # result the mean over the *global* batch's target tokens.
             # One packed collective: a dead peer then raises instead of hanging the ring.
-            from ..distributed import all_sum_packed
+            from mlx_tune.distributed.coordination import all_sum_packed
             grads, loss_sum, ntok = all_sum_packed(grads, loss_sum, ntok)
         denom = mx.maximum(ntok, 1.0)
         grads = tree_map(lambda g: g / denom.astype(g.dtype), grads)

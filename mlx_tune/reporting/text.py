@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from mlx_tune.reporting import LEVELS, EvalReport, NullReporter, TrainReport
+from mlx_tune.reporting.records import LEVELS, EvalReport, NullReporter, TrainReport
 
 
 # ------------------------------------------------------------------ formatting

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from mlx_tune.checkpoint_io import (
+from mlx_tune.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlx_tune.reporting import EvalReport, NullReporter, TrainReport
+from mlx_tune.reporting.records import EvalReport, NullReporter, TrainReport
 
 
 def _import_summary_writer() -> Any:

@@ -23,8 +23,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from mlx_tune.reporters import fmt_dec, fmt_fixed, fmt_int, fmt_lr, one_line, percent
-from mlx_tune.reporting import EvalReport, NullReporter, TrainReport
+from mlx_tune.reporting.text import fmt_dec, fmt_fixed, fmt_int, fmt_lr, one_line, percent
+from mlx_tune.reporting.records import EvalReport, NullReporter, TrainReport
 
 LEAK_MARK = "⚠ LEAK?"
 _LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .spec import Spec, SpecError, require
+from mlx_tune.config.spec import Spec, SpecError, require
 
 BETA = 0.98
 DIVERGENCE_FACTOR = 4.0
@@ -257,9 +257,9 @@ def run_lr_find(spec: Spec, backend: Any, data: Any, start_lr: float, end_lr: fl
 
 def lr_find_cli(spec: Spec, args: Any) -> int:
     """`mlx-tune lr-find`: load the model and data as `train` would, sweep, report."""
-    from .data import load_data
-    from .hub import resolve_model
-    from .train import make_backend, resolve_accumulation, select_backend
+    from mlx_tune.data import load_data
+    from mlx_tune.models.hub import resolve_model
+    from mlx_tune.training.recipe import make_backend, resolve_accumulation, select_backend
 
     start, end, steps = args.start_lr, args.end_lr, args.steps
     if not (0 < start < end):

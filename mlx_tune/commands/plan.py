@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .spec import Spec, require
+from mlx_tune.config.spec import Spec, require
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -250,7 +250,7 @@ def budget_bytes(spec: Spec, memory_gb: float | None = None,
 
 
 def _backend(spec: Spec) -> str:
-    from .train import select_backend
+    from mlx_tune.training.recipe import select_backend
     return select_backend(spec.backend)
 
 
@@ -277,7 +277,7 @@ def load_config(name: str, spec: Spec, log: Callable[[str], Any] = print) -> dic
     """config.json of --model: a local directory or embedded alias via hub.resolve_model;
     a Hugging Face id or alias from the cache, else only config.json is fetched (a plan
     must not download gigabytes of weights)."""
-    from .hub import ModelError, _looks_like_path, hf_offline, load_aliases, resolve_model
+    from mlx_tune.models.hub import ModelError, _looks_like_path, hf_offline, load_aliases, resolve_model
 
     entry = {k.lower(): v for k, v in load_aliases().items()}.get(name.lower(), {})
     repo = entry.get("repo", name)

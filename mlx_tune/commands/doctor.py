@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlx_tune import __version__
-from mlx_tune.blas import blas_advice, blas_status
+from mlx_tune.system.blas import blas_advice, blas_status
 
 # (distribution name, what it is for). Versions come from package metadata, so listing
 # them costs no imports.
@@ -215,7 +215,7 @@ def _torch_devices() -> str:
 
 
 def check_hf_cache() -> list[Check]:
-    from mlx_tune.hub import hf_cache_dir, hf_offline
+    from mlx_tune.models.hub import hf_cache_dir, hf_offline
 
     cache = Path(hf_cache_dir())
     models = len(list(cache.glob("models--*"))) if cache.is_dir() else 0

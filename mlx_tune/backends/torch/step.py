@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..batch import Batch
-from .base import StepConfig
+from mlx_tune.data.batch import Batch
+from mlx_tune.backends.base import StepConfig
 
 
 def causal_logits(forward: Callable, tokens: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ module)::
 
     self.forward = model
     if self.world_size > 1:
-        from .torch_ddp import wrap
+        from mlx_tune.backends.torch.ddp import wrap
         self.forward = wrap(model, self.device)
     if spec.torch_compile:
         self.forward = torch.compile(self.forward)
@@ -44,7 +44,7 @@ def init_from_env() -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from ..distributed import timeout_from_env
+    from mlx_tune.distributed.coordination import timeout_from_env
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

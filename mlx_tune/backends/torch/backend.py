@@ -30,11 +30,11 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from ..batch import Batch
-from ..spec import Spec
-from ..tokenizer import load_tokenizer
-from .base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
-from .torch_step import (TorchStep, load_optimizer_arrays, make_optimizer,
+from mlx_tune.data.batch import Batch
+from mlx_tune.config.spec import Spec
+from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.backends.base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
+from mlx_tune.backends.torch.step import (TorchStep, load_optimizer_arrays, make_optimizer,
                          optimizer_arrays)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -266,7 +266,7 @@ class TorchBackend:
         self.guard = FourBitGuard(model)
         self.forward = model
         if self.world_size > 1:  # torchrun: DDP sums gradients across ranks in backward
-            from .torch_ddp import wrap
+            from mlx_tune.backends.torch.ddp import wrap
             self.forward = wrap(model, self.device)
         if spec.torch_compile:
             import torch._dynamo as dynamo

@@ -1,0 +1,59 @@
+"""The reporters of one run, chosen from the spec: a live view or plain lines,
+always metrics.jsonl, TensorBoard when enabled."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from mlx_tune.reporting.records import Reporters
+from mlx_tune.reporting.text import JsonlReporter, PlainReporter
+
+
+def stdout_is_terminal() -> bool:
+    """True when a live view makes sense: a real TTY that is not TERM=dumb."""
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+    return tty and os.environ.get("TERM", "") != "dumb"
+
+
+def make_reporters(
+    mode: Literal["auto", "rich", "plain"],
+    *,
+    output_dir: Path,
+    total_steps: int,
+    resume_step: int | None,
+    tensorboard: bool,
+    is_main_rank: bool = True,
+) -> Reporters:
+    """The reporters for one run.
+
+    auto = rich dashboard when stdout is a terminal, plain lines otherwise (log files,
+    nohup, CI). ``output_dir/metrics.jsonl`` always; ``output_dir/tensorboard/`` when
+    enabled. Non-main ranks of a distributed run write no files and print only errors,
+    so N ranks do not produce N interleaved copies of every line.
+    """
+    if mode not in ("auto", "rich", "plain"):
+        raise ValueError(f"report mode must be 'auto', 'rich' or 'plain', got {mode!r}")
+    if not is_main_rank:
+        return Reporters([PlainReporter(sys.stderr, min_level="error")])
+
+    output_dir = Path(output_dir)
+    use_rich = mode == "rich" or (mode == "auto" and stdout_is_terminal())
+    out = Reporters()
+    if use_rich:
+        from mlx_tune.reporting.dashboard import RichDashboard
+
+        out.append(RichDashboard(total_steps))
+    else:
+        out.append(PlainReporter())
+    out.append(JsonlReporter(output_dir / "metrics.jsonl", resume_step))
+    if tensorboard:
+        from mlx_tune.reporting.tensorboard import TensorBoardReporter
+
+        out.append(TensorBoardReporter(output_dir / "tensorboard", resume_step))
+    return out
