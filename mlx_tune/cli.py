@@ -18,8 +18,7 @@ import yaml
 
 from mlx_tune import __version__
 from mlx_tune.config.spec import SECTIONS, Spec, SpecError, build_spec, leaf_fields, to_yaml
-
-EXIT_USAGE, EXIT_ERROR = 2, 1
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 
 def _flag(key: str, meta: dict) -> str:
@@ -141,7 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "train":
         if args.print_config:
             print(to_yaml(spec), end="")
-            return 0
+            return EXIT_OK
         from mlx_tune.training.recipe import train
         mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode).exit_code
@@ -161,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(args)
     except KeyboardInterrupt:
         print("mlx-tune: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         if isinstance(e, _known_errors()):
             print(f"mlx-tune: error: {e}", file=sys.stderr)

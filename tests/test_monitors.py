@@ -8,7 +8,6 @@ import math
 import pytest
 
 from mlx_tune.training.monitors import (
-    EXIT_CODES,
     EarlyStopping,
     EarlyStoppingConfig,
     MemoryHealth,
@@ -225,8 +224,7 @@ def test_from_spec_and_counters():
                              "consecutive_nonfinite": 1, "skipped_steps": 1}
 
 
-def test_config_validation_and_exit_codes():
-    assert EXIT_CODES == {"plateau": 3, "val_plateau": 4, "grad_spike": 5, "nonfinite": 6}
+def test_config_validation():
     assert EarlyStoppingConfig().monitor == "train_loss" and EarlyStoppingConfig().warmup == 50
     for bad in (dict(monitor="acc"), dict(patience=0), dict(check_every=0), dict(min_delta=-1.0)):
         with pytest.raises(ValueError):

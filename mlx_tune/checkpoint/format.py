@@ -26,6 +26,8 @@ import struct
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from mlx_tune.files import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 STATE_NAME = "state.json"
 FORMAT_NAME = "mlx-tune-checkpoint"
@@ -149,36 +151,6 @@ class MlxCodec:
 # ------------------------------------------------------------- file helpers
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        _full_fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _full_fsync(fd: int) -> None:
-    # On macOS plain fsync does not flush the drive cache; F_FULLFSYNC does.
-    try:
-        import fcntl
-
-        if hasattr(fcntl, "F_FULLFSYNC"):
-            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
-            return
-    except OSError:
-        pass  # not supported by this filesystem: fall back to fsync
-    os.fsync(fd)
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -188,12 +160,8 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON and fsync it. Raises TypeError/ValueError if not JSON-able."""
-    text = json.dumps(obj, indent=2)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        _full_fsync(f.fileno())
+    """Write JSON atomically and durably. Raises TypeError/ValueError if not JSON-able."""
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def is_environment_error(exc: BaseException) -> bool:

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from mlx_tune.files import fsync_dir, fsync_file
 from mlx_tune.checkpoint.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -38,8 +39,6 @@ from mlx_tune.checkpoint.format import (
     MlxCodec,
     NumpyCodec,
     describe_error,
-    fsync_dir,
-    fsync_file,
     is_environment_error,
     nbytes_of,
     pid_alive,

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from mlx_tune import __version__
 from mlx_tune.system.blas import blas_advice, blas_status
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 
 # (distribution name, what it is for). Versions come from package metadata, so listing
 # them costs no imports.
@@ -270,7 +271,7 @@ def run_doctor(console: Any, *, collect: Callable[[], list[Check]] = collect_che
     if failed:
         console.print(Text(f"missing: {', '.join(failed)}; training cannot start",
                            style="bold red"))
-        return 1
+        return EXIT_ERROR
     console.print(Text(f"ready to train ({warned} warning{'s' if warned != 1 else ''})",
                        style="green"))
-    return 0
+    return EXIT_OK

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.training.recipe import select_backend
+from mlx_tune.exit_codes import EXIT_OK
 
 
 def generate_cli(args: argparse.Namespace) -> int:
@@ -29,7 +30,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     else:
         text = generate_mlx(resolved.path, args.adapter, messages, args.max_tokens, quantize)
     print(text)
-    return 0
+    return EXIT_OK
 
 
 def generate_mlx(model_dir: Path, adapter: str | None, messages: list[dict], max_tokens: int,

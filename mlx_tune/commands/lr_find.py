@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mlx_tune.config.spec import Spec, SpecError, require
+from mlx_tune.files import atomic_write
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 
 BETA = 0.98
 DIVERGENCE_FACTOR = 4.0
@@ -201,8 +203,7 @@ def write_png(path: str | Path, lrs: Sequence[float], losses: Sequence[float],
         _text(img, min(x + 6, width - 70), top, f"{lrs[mark]:.1e}", (220, 40, 40))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(img))
-    return path
+    return atomic_write(path, encode_png(img))
 
 
 # -- the driver ---------------------------------------------------------------------
@@ -282,7 +283,7 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     png = write_png(args.plot or Path(spec.output_dir) / "lr_find.png", result.lrs,
                     result.losses, result.smoothed, result.suggestion_index)
     table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools
-    table.write_text("lr,loss,smoothed_loss\n" + "".join(
+    atomic_write(table, "lr,loss,smoothed_loss\n" + "".join(
         f"{lr:.6e},{loss:.6f},{sm:.6f}\n"
         for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed)))
     print(f"lr-find: {len(result.losses)} steps ({result.stop_reason}); plot written to {png} "
@@ -290,7 +291,7 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     if result.suggestion is None:
         print("lr-find: no suggestion: the loss did not decrease; widen the range "
               "(--start-lr/--end-lr) or use more --steps")
-        return 1
+        return EXIT_ERROR
     config = f" --config {args.config}" if getattr(args, "config", None) else ""
     print(f"suggested learning rate: {result.suggestion:.2e} (steepest descent of the "
           "smoothed loss)")
@@ -299,4 +300,4 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
               f"is lowest at {result.min_loss_lr:.2e}; a tenth of that)")
     print(f"use it:  mlx-tune train{config} --learning-rate {result.suggestion:.2e}"
           "  (plus the other flags given here)")
-    return 0
+    return EXIT_OK

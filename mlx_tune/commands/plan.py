@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlx_tune.config.spec import Spec, require
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 
 GB = 1e9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -347,8 +348,8 @@ def plan_cli(spec: Spec, args: Any) -> int:
     if fits:
         print(f"use: --batch-size {spec.batch_size} --gradient-accumulation-steps "
               f"{best.accumulation}  (micro-batch {best.micro_batch})")
-        return 0
+        return EXIT_OK
     hint = "" if spec.gradient_checkpointing else "add --gradient-checkpointing, "
     print(f"does not fit even with micro-batch 1: {hint}lower --max-length, add --quantize 4 "
           "or use a smaller model")
-    return 1
+    return EXIT_ERROR

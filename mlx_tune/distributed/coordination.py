@@ -37,10 +37,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from mlx_tune.checkpoint.manager import Loaded
-from mlx_tune.training.monitors import EXIT_CODES, StopDecision
+from mlx_tune.exit_codes import EXIT_PEER_LOST, STOP_RULE_EXIT_CODES
+from mlx_tune.training.monitors import StopDecision
 from mlx_tune.config.spec import Spec, SpecError
 
-EXIT_PEER_LOST = 8  # a rank of a distributed run died or stopped answering
 TIMEOUT_ENV = "MLX_TUNE_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
 RESUME_HINT = "resume every rank with the same command and --auto-resume"
@@ -51,7 +51,7 @@ PEER_FAILURE_MARKERS = (
     "connection closed by peer", "connection reset by peer", "broken pipe",  # gloo
     "socket closed", "nccl communicator was aborted", "ncclremoteerror",  # nccl
 )
-_RULES = sorted(EXIT_CODES)  # stop rule <-> a small integer on the wire (0 = no stop)
+_RULES = sorted(STOP_RULE_EXIT_CODES)  # stop rule <-> a small integer on the wire (0 = no stop)
 
 
 # -- the two engines behind one small interface -------------------------------------

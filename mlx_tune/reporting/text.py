@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
+from mlx_tune.files import atomic_write
 from mlx_tune.reporting.records import LEVELS, EvalReport, NullReporter, TrainReport
 
 
@@ -188,23 +188,6 @@ def _parse_complete(raw: bytes) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def _atomic_write(path: Path, lines: list[bytes]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.writelines(lines)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable; not possible on every platform
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def repair_jsonl(path: Path, resume_step: int | None) -> int:
     """Keep only complete JSON records (and, when resuming, those with step <= resume_step).
 
@@ -226,7 +209,7 @@ def repair_jsonl(path: Path, resume_step: int | None) -> int:
         keep.append(raw + b"\n")
     dropped = len(complete) - len(keep) + (1 if tail else 0)
     if dropped:
-        _atomic_write(path, keep)
+        atomic_write(path, b"".join(keep))
     return dropped
 
 

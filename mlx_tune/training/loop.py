@@ -23,11 +23,11 @@ from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
 from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from mlx_tune.distributed.coordination import agree, broadcast_flag, broadcast_stop, shard_rows
 from mlx_tune.training.samples import run_samples
-from mlx_tune.training.monitors import EXIT_CODES, EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
+from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
 from mlx_tune.config.spec import Spec, fingerprint, to_dict
+from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 
-EXIT_OK, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED = 0, 7, 130
 MAX_SAVE_FAILURES = 3
 
 
@@ -316,7 +316,7 @@ class Trainer:
                                 f"interrupted by {interrupted} at step {s.step}; "
                                 "resume with the same command and --auto-resume")
         if stop is not None:
-            return self._finish(EXIT_CODES[stop.rule], f"early stop ({stop.rule}): {stop.reason}")
+            return self._finish(stop.exit_code, f"early stop ({stop.rule}): {stop.reason}")
         return self._finish(EXIT_OK, f"finished {s.step} steps")
 
     def _finish(self, code: int, reason: str) -> RunResult:

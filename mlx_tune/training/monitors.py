@@ -5,8 +5,8 @@ decisions back. Every class has ``state_dict()`` (JSON-serialisable: only
 finite floats, ints, None, lists) and ``load_state_dict(d)``, so a resumed
 run makes exactly the decisions an uninterrupted run would have made.
 
-Process exit codes of a training run: 0 finished, 1 error, 2 usage error,
-130 interrupted (SIGINT), and one code per early-stopping rule (``EXIT_CODES``).
+Each stop rule ends the run with its own exit code (``STOP_RULE_EXIT_CODES`` in
+mlx_tune/exit_codes.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-EXIT_CODES = {"plateau": 3, "val_plateau": 4, "grad_spike": 5, "nonfinite": 6}
+from mlx_tune.exit_codes import STOP_RULE_EXIT_CODES
+
 MONITORS = ("train_loss", "val_loss", "none")
 
 # Relative slack on min_delta comparisons so decimal thresholds behave as
@@ -145,7 +145,7 @@ class StopDecision:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.rule]
+        return STOP_RULE_EXIT_CODES[self.rule]
 
 
 class EarlyStopping(_Stateful):

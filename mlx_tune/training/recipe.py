@@ -15,6 +15,7 @@ import yaml
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.manager import CheckpointManager
 from mlx_tune.data import load_data
+from mlx_tune.files import atomic_write
 from mlx_tune.distributed.coordination import barrier, check_world, guard_run
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.system.keepawake import keep_awake, release
@@ -58,9 +59,7 @@ def resolve_accumulation(spec: Spec, model_dir: Path, log: Callable[[str], None]
 
 def write_spec(spec: Spec, output_dir: Path) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / ".spec.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
-    tmp.replace(output_dir / "spec.yaml")
+    atomic_write(output_dir / "spec.yaml", yaml.safe_dump(to_dict(spec), sort_keys=False))
 
 
 def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",

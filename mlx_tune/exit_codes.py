@@ -1,0 +1,27 @@
+"""Every process exit code mlx-tune returns, in one table.
+
+Scripts and schedulers branch on these, so they are part of the interface: a number
+never changes meaning. ``mlx-tune train`` can return any of them; the other commands
+return 0, 1 or 2 (and 130 on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # an error, or a command that could not do its job (lr-find: no suggestion)
+EXIT_USAGE = 2  # a bad spec or command line
+EXIT_PLATEAU = 3  # early stop: the training loss stopped improving
+EXIT_VAL_PLATEAU = 4  # early stop: the validation loss stopped improving
+EXIT_GRAD_SPIKE = 5  # early stop: gradient norms spiked
+EXIT_NONFINITE = 6  # early stop: NaN/inf loss or gradients
+EXIT_CHECKPOINT_FAILURES = 7  # checkpoint saves failed several times in a row
+EXIT_PEER_LOST = 8  # a rank of a distributed run died or stopped answering
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM (128 + SIGINT, the shell's convention)
+
+# Early-stopping rule name -> exit code (the rules live in training/monitors.py).
+STOP_RULE_EXIT_CODES = {
+    "plateau": EXIT_PLATEAU,
+    "val_plateau": EXIT_VAL_PLATEAU,
+    "grad_spike": EXIT_GRAD_SPIKE,
+    "nonfinite": EXIT_NONFINITE,
+}
