@@ -1,4 +1,4 @@
-"""`mlx-tune train | generate | lr-find | plan | doctor`.
+"""`mlx-tune train | generate | lr-find | plan | doctor | fuse | convert-adapter | report`.
 
 Every spec field gets a flag generated from the spec itself (``lora.rank`` ->
 ``--lora-rank``), so YAML and the command line can never drift apart. Errors a user
@@ -116,7 +116,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_flags(plan)
 
     sub.add_parser("doctor", help="check the installation: MLX device, BLAS, dependencies")
+    add_morning_commands(sub)
     return parser
+
+
+def add_morning_commands(sub: Any) -> None:
+    """What users run after a night's training: fuse, convert-adapter, report."""
+    fuse = sub.add_parser("fuse", help="merge a run's adapter into its base (Hugging Face "
+                          "format, optionally GGUF)")
+    fuse.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
+    fuse.add_argument("--checkpoint", default="final",
+                      help="final (the saved adapter), best, or step-N (default: final)")
+    fuse.add_argument("--output", "-o", required=True, help="directory for the fused model")
+    fuse.add_argument("--dequantize", action="store_true",
+                      help="write float weights even when the base was quantized")
+    fuse.add_argument("--gguf", action="store_true",
+                      help="also write model.gguf (llama/mistral/mixtral; implies float weights)")
+
+    conv = sub.add_parser("convert-adapter", help="convert a LoRA/DoRA adapter between "
+                          "mlx-lm and peft formats")
+    conv.add_argument("--to", required=True, choices=("mlx", "peft"))
+    conv.add_argument("--base", help="base model directory or repo id, when the adapter's "
+                      "own config does not name one that is available here")
+    conv.add_argument("src", metavar="SRC")
+    conv.add_argument("dst", metavar="DST")
+
+    report = sub.add_parser("report", help="the morning report of a run: terminal summary "
+                            "and a self-contained HTML page with plots")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html)")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -125,7 +153,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mlx_tune.data import DataError
     from mlx_tune.models.hub import ModelError
     from mlx_tune.checkpoint.resume import ResumeError
-    return (SpecError, DataError, ModelError, ResumeError, CheckpointError)
+    from mlx_tune.export import ExportError
+    return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -133,6 +162,9 @@ def run_command(args: argparse.Namespace) -> int:
         from rich.console import Console
         from mlx_tune.commands.doctor import run_doctor
         return run_doctor(Console())
+    if args.command in ("fuse", "convert-adapter", "report"):
+        from mlx_tune.commands.morning import morning_cli
+        return morning_cli(args)
     if args.command == "generate":
         from mlx_tune.commands.generate import generate_cli
         return generate_cli(args)

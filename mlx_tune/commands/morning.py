@@ -1,0 +1,23 @@
+"""The morning-after commands: fuse, convert-adapter, report (argument handling only;
+the work is in mlx_tune.export and mlx_tune.reporting.summary)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def morning_cli(args: argparse.Namespace) -> int:
+    if args.command == "convert-adapter":
+        from mlx_tune.export.adapters import convert_adapter
+        out = convert_adapter(args.src, args.dst, args.to, base=args.base)
+        print(f"converted {args.src} -> {out} ({args.to} format)")
+        return 0
+    if args.command == "fuse":
+        from mlx_tune.export.fuse import fuse_run
+        result = fuse_run(Path(args.run_dir), args.checkpoint, Path(args.output),
+                          dequantize=args.dequantize, gguf=args.gguf, log=print)
+        print(f"fused {result.checkpoint} (step {result.step}) into {result.output}")
+        return 0
+    from mlx_tune.commands.report import report_cli
+    return report_cli(Path(args.run_dir), Path(args.html) if args.html else None)

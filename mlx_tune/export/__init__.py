@@ -1,0 +1,6 @@
+"""What happens after training: adapters converted between mlx-lm and peft, adapters
+fused into their base (Hugging Face format, optionally GGUF)."""
+
+
+class ExportError(ValueError):
+    """Bad input to convert-adapter / fuse: reported as one line by the CLI."""

@@ -1,0 +1,257 @@
+"""`mlx-tune convert-adapter`: mlx-lm adapters <-> peft adapters, LoRA and DoRA.
+
+The two formats describe the same update, y = W x + s * B A x (DoRA: rescaled row-wise
+by m / ||W + s B A||), with different names and layouts:
+
+============================  ===================================  ===========================
+                              mlx-lm (LoRALinear / DoRALinear)     peft (LoraModel)
+============================  ===================================  ===========================
+weights file                  adapters.safetensors                 adapter_model.safetensors
+A                             ``<path>.lora_a``  [in, r]           ``base_model.model.<path>.lora_A.weight``  [r, in]
+B                             ``<path>.lora_b``  [r, out]          ``base_model.model.<path>.lora_B.weight``  [out, r]
+DoRA magnitude                ``<path>.m``  [out]                  ``base_model.model.<path>.lora_magnitude_vector``  [out]
+scale s                       ``lora_parameters.scale``            ``lora_alpha / r`` (``/ sqrt(r)`` with rslora)
+which blocks                  the last ``num_layers``              ``layers_to_transform`` (None = all)
+which modules                 ``lora_parameters.keys``             ``target_modules`` (suffix match)
+============================  ===================================  ===========================
+
+So A and B are transposed, the scale becomes alpha = s * r, and the magnitude vector is
+the same numbers. Module paths are the model's own (``model.layers.3.self_attn.q_proj``),
+which mlx-lm and transformers share for the Llama family (Llama, Mistral, Qwen, Gemma...).
+Arrays go through MLX, which reads and writes bfloat16 as well as float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from mlx_tune.export import ExportError
+
+MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
+SIDECAR = "mlx_tune_adapter.json"  # the torch backend's note on how to rebuild the base
+PEFT_PREFIX = "base_model.model."
+_LAYER = re.compile(r"^(?P<head>.*?\.)(?P<idx>\d+)\.(?P<tail>.+)$")
+
+
+@dataclass
+class Adapter:
+    """Format-neutral: per module path (``model.layers.3.self_attn.q_proj``) the
+    A [r, in] and B [out, r] matrices (peft's layout) and, for DoRA, the magnitude."""
+
+    kind: str  # "lora" | "dora"
+    rank: int
+    scale: float
+    dropout: float
+    a: dict[str, mx.array]
+    b: dict[str, mx.array]
+    m: dict[str, mx.array]
+    base_model: str | None
+    extra: dict  # what mlx-tune's own files say about the base (quantize, dtype)
+
+
+def detect_format(path: Path) -> str:
+    if (path / MLX_WEIGHTS).is_file():
+        return "mlx"
+    if (path / PEFT_WEIGHTS).is_file():
+        return "peft"
+    raise ExportError(f"{path}: no {MLX_WEIGHTS} (mlx-lm) or {PEFT_WEIGHTS} (peft) found")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path / CONFIG}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{path / CONFIG}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path / CONFIG}: expected a JSON object")
+    return config
+
+
+def _split(key: str, leaves: dict[str, str], where: Path) -> tuple[str, str]:
+    for suffix, name in leaves.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], name
+    raise ExportError(f"{where}: tensor {key!r} is not a LoRA/DoRA weight "
+                      f"(expected names ending in {', '.join(leaves)})")
+
+
+def read_mlx(path: Path) -> Adapter:
+    config = _read_config(path)
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora"):
+        raise ExportError(f"{path / CONFIG}: fine_tune_type is {kind!r}; only lora and dora "
+                          "adapters convert (a full fine-tune is a model: use `mlx-tune fuse`)")
+    params = config.get("lora_parameters")
+    if not isinstance(params, dict) or "scale" not in params:
+        raise ExportError(f"{path / CONFIG}: key 'lora_parameters' with 'rank' and 'scale' expected")
+    a, b, m = {}, {}, {}
+    leaves = {".lora_a": "a", ".lora_b": "b", ".m": "m"}
+    for key, value in mx.load(str(path / MLX_WEIGHTS)).items():
+        module, leaf = _split(key, leaves, path / MLX_WEIGHTS)
+        {"a": a, "b": b, "m": m}[leaf][module] = value.T if leaf != "m" else value
+    rank = _check(a, b, m, kind, path / MLX_WEIGHTS)
+    if int(params.get("rank", rank)) != rank:
+        raise ExportError(f"{path / CONFIG}: lora_parameters.rank is {params['rank']} but the "
+                          f"weights have rank {rank}")
+    extra = {k: config[k] for k in ("quantize", "quantize_group_size", "model") if k in config}
+    return Adapter(kind, rank, float(params["scale"]), float(params.get("dropout", 0.0)),
+                   a, b, m, config.get("base_model") or config.get("model"), extra)
+
+
+def read_peft(path: Path) -> Adapter:
+    config = _read_config(path)
+    where = path / CONFIG
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ExportError(f"{where}: peft_type is {config.get('peft_type')!r}; only LORA converts")
+    for key, empty in (("rank_pattern", {}), ("alpha_pattern", {}), ("modules_to_save", None)):
+        if config.get(key) not in (empty, None, {}, []):
+            raise ExportError(f"{where}: {key} is set; mlx-lm adapters have one rank and scale "
+                              "and no extra trained modules, so this adapter cannot convert exactly")
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise ExportError(f"{where}: bias is {config.get('bias')!r}; only bias 'none' converts")
+    if config.get("fan_in_fan_out"):
+        raise ExportError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D) do not convert")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    a, b, m = {}, {}, {}
+    leaves = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m",
+              ".lora_magnitude_vector.weight": "m"}
+    for key, value in mx.load(str(path / PEFT_WEIGHTS)).items():
+        module, leaf = _split(key, leaves, path / PEFT_WEIGHTS)
+        module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
+        {"a": a, "b": b, "m": m}[leaf][module] = value
+    kind = "dora" if config.get("use_dora") else "lora"
+    rank = _check(a, b, m, kind, path / PEFT_WEIGHTS)
+    if rank != r:
+        raise ExportError(f"{where}: r is {r} but the weights have rank {rank}")
+    extra: dict = {}
+    if (path / SIDECAR).is_file():
+        extra = {k: v for k, v in json.loads((path / SIDECAR).read_text()).items()
+                 if k in ("quantize", "dtype", "model")}
+    return Adapter(kind, rank, scale, float(config.get("lora_dropout", 0.0)), a, b, m,
+                   config.get("base_model_name_or_path"), extra)
+
+
+def _check(a: dict, b: dict, m: dict, kind: str, where: Path) -> int:
+    if not a or set(a) != set(b):
+        raise ExportError(f"{where}: every adapted module needs both A and B "
+                          f"(found A for {len(a)}, B for {len(b)})")
+    if (kind == "dora") != bool(m) or (m and set(m) != set(a)):
+        raise ExportError(f"{where}: {kind} adapter but magnitude vectors for {len(m)} of "
+                          f"{len(a)} modules")
+    ranks = {v.shape[0] for v in a.values()} | {v.shape[1] for v in b.values()}
+    if len(ranks) != 1:
+        raise ExportError(f"{where}: modules have different ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def _layer_split(module: str) -> tuple[str, int, str]:
+    match = _LAYER.match(module)
+    if not match:
+        raise ExportError(f"adapted module {module!r} is not inside a numbered block")
+    return match["head"], int(match["idx"]), match["tail"]
+
+
+def num_blocks(base: str | Path | None) -> int | None:
+    """The base's number of transformer blocks, from its config.json (local or cached)."""
+    if not base:
+        return None
+    path = Path(base)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+            path = Path(snapshot_download(str(base), allow_patterns=["config.json"],
+                                          local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached or not a repo id: the caller says so
+            return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = config.get("text_config", config)
+    return config.get("num_hidden_layers") or config.get("n_layer")
+
+
+def write_mlx(ad: Adapter, dst: Path, blocks: int | None) -> None:
+    """mlx-lm adapts the *last* num_layers blocks: blocks the peft adapter skipped inside
+    that range get A = B = 0, which adds nothing (LoRA) or a magnitude left to mlx-lm's
+    own init ||W|| over an unchanged norm (DoRA: a factor of exactly one)."""
+    heads, tails, present = set(), set(), set()
+    for module in ad.a:
+        head, idx, tail = _layer_split(module)
+        heads.add(head), tails.add(tail), present.add(idx)
+    if blocks is None:
+        raise ExportError(f"cannot tell how many blocks the base {ad.base_model!r} has (mlx-lm "
+                          "counts adapted blocks from the last one): pass --base MODEL_DIR")
+    if max(present) >= blocks:
+        raise ExportError(f"the adapter touches block {max(present)} but the base has {blocks}")
+    head = heads.pop() if len(heads) == 1 else None
+    if head is None:
+        raise ExportError(f"adapted modules sit under several block lists: {sorted(heads)}")
+    weights: dict[str, mx.array] = {}
+    for idx in range(min(present), blocks):
+        for tail in sorted(tails):
+            module = f"{head}{idx}.{tail}"
+            like = next(k for k in ad.a if _layer_split(k)[2] == tail)
+            a = ad.a.get(module, mx.zeros_like(ad.a[like]))
+            b = ad.b.get(module, mx.zeros_like(ad.b[like]))
+            weights[f"{module}.lora_a"], weights[f"{module}.lora_b"] = a.T, b.T
+            if module in ad.m:
+                weights[f"{module}.m"] = ad.m[module]
+    dst.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(dst / MLX_WEIGHTS), weights, metadata={"format": "mlx"})
+    config = {"fine_tune_type": ad.kind, "num_layers": blocks - min(present),
+              "lora_parameters": {"rank": ad.rank, "scale": ad.scale, "dropout": ad.dropout,
+                                  "keys": sorted(tails)},
+              "base_model": ad.base_model, **ad.extra, "converted_by": "mlx-tune convert-adapter"}
+    (dst / CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def write_peft(ad: Adapter) -> tuple[dict, dict]:
+    layers = sorted({_layer_split(m)[1] for m in ad.a})
+    tails = sorted({_layer_split(m)[2] for m in ad.a})
+    weights: dict[str, mx.array] = {}
+    for module in sorted(ad.a):
+        weights[f"{PEFT_PREFIX}{module}.lora_A.weight"] = ad.a[module]
+        weights[f"{PEFT_PREFIX}{module}.lora_B.weight"] = ad.b[module]
+        if module in ad.m:
+            weights[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = ad.m[module]
+    # Only the keys that matter; peft fills every other field with its defaults.
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ad.rank,
+              "lora_alpha": ad.scale * ad.rank, "lora_dropout": ad.dropout,
+              "target_modules": tails, "layers_to_transform": layers, "use_dora": ad.kind == "dora",
+              "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "base_model_name_or_path": ad.base_model}
+    return weights, config
+
+
+def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None = None) -> Path:
+    """Convert the adapter in ``src`` to ``to`` ("mlx" or "peft") in ``dst``."""
+    src, dst = Path(src), Path(dst)
+    if to not in ("mlx", "peft"):
+        raise ExportError(f"--to must be mlx or peft, got {to!r}")
+    if not src.is_dir():
+        raise ExportError(f"{src}: not a directory")
+    if src.resolve() == dst.resolve():
+        raise ExportError("source and destination are the same directory")
+    fmt = detect_format(src)
+    ad = read_mlx(src) if fmt == "mlx" else read_peft(src)
+    if to == "mlx":
+        write_mlx(ad, dst, num_blocks(base or ad.base_model or ad.extra.get("model")))
+    else:
+        weights, config = write_peft(ad)
+        dst.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(dst / PEFT_WEIGHTS), weights, metadata={"format": "pt"})
+        (dst / CONFIG).write_text(json.dumps(config, indent=2))
+        (dst / SIDECAR).write_text(json.dumps({
+            "trainer": "mlx-tune", "fine_tune_type": ad.kind, "base_model": ad.base_model,
+            "quantize": ad.extra.get("quantize"), "model": ad.extra.get("model")}, indent=2))
+    return dst
