@@ -92,11 +92,7 @@ def read_mlx(path: Path) -> Adapter:
     params = config.get("lora_parameters")
     if not isinstance(params, dict) or "scale" not in params:
         raise ExportError(f"{path / CONFIG}: key 'lora_parameters' with 'rank' and 'scale' expected")
-    a, b, m = {}, {}, {}
-    leaves = {".lora_a": "a", ".lora_b": "b", ".m": "m"}
-    for key, value in mx.load(str(path / MLX_WEIGHTS)).items():
-        module, leaf = _split(key, leaves, path / MLX_WEIGHTS)
-        {"a": a, "b": b, "m": m}[leaf][module] = value.T if leaf != "m" else value
+    a, b, m = collect(mx.load(str(path / MLX_WEIGHTS)), "mlx", path / MLX_WEIGHTS)
     rank = _check(a, b, m, kind, path / MLX_WEIGHTS)
     if int(params.get("rank", rank)) != rank:
         raise ExportError(f"{path / CONFIG}: lora_parameters.rank is {params['rank']} but the "
@@ -121,13 +117,7 @@ def read_peft(path: Path) -> Adapter:
         raise ExportError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D) do not convert")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    a, b, m = {}, {}, {}
-    leaves = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m",
-              ".lora_magnitude_vector.weight": "m"}
-    for key, value in mx.load(str(path / PEFT_WEIGHTS)).items():
-        module, leaf = _split(key, leaves, path / PEFT_WEIGHTS)
-        module = module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
-        {"a": a, "b": b, "m": m}[leaf][module] = value
+    a, b, m = collect(mx.load(str(path / PEFT_WEIGHTS)), "peft", path / PEFT_WEIGHTS)
     kind = "dora" if config.get("use_dora") else "lora"
     rank = _check(a, b, m, kind, path / PEFT_WEIGHTS)
     if rank != r:
@@ -138,6 +128,28 @@ def read_peft(path: Path) -> Adapter:
                  if k in ("quantize", "dtype", "model")}
     return Adapter(kind, rank, scale, float(config.get("lora_dropout", 0.0)), a, b, m,
                    config.get("base_model_name_or_path"), extra)
+
+
+MLX_LEAVES = {".lora_a": "a", ".lora_b": "b", ".m": "m"}
+# peft's files drop the adapter name; live parameters (the torch backend's checkpoints)
+# carry it: "...lora_A.default.weight", "...lora_magnitude_vector.default.weight".
+PEFT_LEAVES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_magnitude_vector": "m",
+               ".lora_magnitude_vector.weight": "m", ".lora_A.default.weight": "a",
+               ".lora_B.default.weight": "b", ".lora_magnitude_vector.default.weight": "m"}
+
+
+def collect(tensors: dict[str, mx.array], fmt: str, where: Path | str) -> tuple[dict, dict, dict]:
+    """A [r, in], B [out, r] and magnitudes per module path, from either format's names."""
+    a: dict[str, mx.array] = {}
+    b: dict[str, mx.array] = {}
+    m: dict[str, mx.array] = {}
+    for key, value in tensors.items():
+        module, leaf = _split(key, MLX_LEAVES if fmt == "mlx" else PEFT_LEAVES, Path(where))
+        if fmt == "peft" and module.startswith(PEFT_PREFIX):
+            module = module[len(PEFT_PREFIX):]
+        transpose = fmt == "mlx" and leaf != "m"
+        {"a": a, "b": b, "m": m}[leaf][module] = value.T if transpose else value
+    return a, b, m
 
 
 def _check(a: dict, b: dict, m: dict, kind: str, where: Path) -> int:
@@ -247,11 +259,15 @@ def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None 
     if to == "mlx":
         write_mlx(ad, dst, num_blocks(base or ad.base_model or ad.extra.get("model")))
     else:
-        weights, config = write_peft(ad)
-        dst.mkdir(parents=True, exist_ok=True)
-        mx.save_safetensors(str(dst / PEFT_WEIGHTS), weights, metadata={"format": "pt"})
-        (dst / CONFIG).write_text(json.dumps(config, indent=2))
-        (dst / SIDECAR).write_text(json.dumps({
-            "trainer": "mlx-tune", "fine_tune_type": ad.kind, "base_model": ad.base_model,
-            "quantize": ad.extra.get("quantize"), "model": ad.extra.get("model")}, indent=2))
+        save_peft(ad, dst)
     return dst
+
+
+def save_peft(ad: Adapter, dst: Path) -> None:
+    weights, config = write_peft(ad)
+    dst.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(dst / PEFT_WEIGHTS), weights, metadata={"format": "pt"})
+    (dst / CONFIG).write_text(json.dumps(config, indent=2))
+    (dst / SIDECAR).write_text(json.dumps({
+        "trainer": "mlx-tune", "fine_tune_type": ad.kind, "base_model": ad.base_model,
+        "quantize": ad.extra.get("quantize"), "model": ad.extra.get("model")}, indent=2))

@@ -1,0 +1,156 @@
+"""`mlx-tune fuse`: a run's adapter merged into its base, saved in Hugging Face format.
+
+The merging is the libraries' own: on MLX, mlx-lm's ``fuse()`` of each LoRA/DoRA layer
+(what ``mlx_lm fuse`` does); on torch, peft's ``merge_and_unload``. The adapter comes
+from the run directory: ``final`` is ``adapters/`` as written at the end of training,
+``best`` and ``step-N`` are rebuilt from a checkpoint's ``trainable/...`` arrays into
+the backend's adapter format first. GGUF goes through mlx-lm's converter, for the
+architectures it supports.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from mlx_tune.export import ExportError
+from mlx_tune.export.adapters import Adapter, collect, num_blocks, save_peft, write_mlx
+
+GGUF_TYPES = ("llama", "mistral", "mixtral")  # mlx_lm.gguf's supported architectures
+RECORD = "fused_from.json"
+
+
+@dataclass
+class FuseResult:
+    output: Path
+    checkpoint: str  # final | best | step-N
+    step: int | None  # the training step the weights come from
+    source: str  # the adapter or checkpoint directory
+    backend: str
+    base_model: str
+    gguf: str | None
+
+
+def run_spec(run_dir: Path):
+    from mlx_tune.config.spec import build_spec
+    path = run_dir / "spec.yaml"
+    if not path.is_file():
+        raise ExportError(f"{run_dir}: no spec.yaml; is this a run's output_dir?")
+    return build_spec(path)
+
+
+def _final_step(run_dir: Path) -> int | None:
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return None
+    steps = [json.loads(x).get("step") for x in lines if x.strip().startswith("{")]
+    return max((s for s in steps if isinstance(s, int)), default=None)
+
+
+def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:
+    """The directory holding the weights ``which`` names, and their step."""
+    from mlx_tune.checkpoint.format import read_json
+    root = run_dir / "checkpoints"
+    steps = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit()) \
+        if root.is_dir() else []
+    listing = ", ".join(["final", "best"] + [f"step-{s}" for s in steps])
+    if which == "final":
+        if not (run_dir / "adapters").is_dir():
+            raise ExportError(f"{run_dir}: no adapters/ (the run did not finish); choose "
+                              f"--checkpoint among: {listing}")
+        return run_dir / "adapters", _final_step(run_dir)
+    if which == "best":
+        path = root / "best"
+    elif re.fullmatch(r"step-\d+", which):
+        path = root / f"step-{int(which[5:]):07d}"
+    else:
+        raise ExportError(f"--checkpoint must be final, best or step-N, got {which!r}")
+    if not path.is_dir():
+        raise ExportError(f"{run_dir}: no checkpoint {which!r}; available: {listing}")
+    return path, int(read_json(path / "manifest.json", "manifest.json")["step"])
+
+
+def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Path:
+    """The checkpoint's trainable arrays as an adapter in the backend's own format."""
+    import mlx.core as mx
+    from mlx_tune.checkpoint.manager import CheckpointManager, MlxCodec
+
+    arrays, _ = CheckpointManager(path.parent, MlxCodec(), log=lambda m: None).load(path)
+    trainable = {k[len("trainable/"):]: v for k, v in arrays.items() if k.startswith("trainable/")}
+    if not trainable:
+        raise ExportError(f"{path}: the checkpoint holds no trainable/ arrays")
+    if spec.fine_tune_type == "full":
+        if spec.backend != "mlx":
+            raise ExportError("a torch full fine-tune is a whole model already: use "
+                              "RUN_DIR/adapters, or fuse --checkpoint final")
+        dst.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(dst / "adapters.safetensors"), trainable, metadata={"format": "mlx"})
+        (dst / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full",
+                                                             "num_layers": -1}))
+        return dst
+    fmt = "mlx" if spec.backend == "mlx" else "peft"
+    a, b, m = collect(trainable, fmt, path)
+    ad = Adapter(spec.fine_tune_type, spec.lora.rank, spec.lora.scale, spec.lora.dropout,
+                 a, b, m, spec.model, {"quantize": spec.quantize, "model": str(model_dir)})
+    if fmt == "mlx":
+        write_mlx(ad, dst, num_blocks(model_dir))
+    else:
+        save_peft(ad, dst)
+    return dst
+
+
+def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = False,
+             gguf: bool = False, log: Callable[[str], None] = print) -> FuseResult:
+    run_dir, output = Path(run_dir), Path(output)
+    spec = run_spec(run_dir)
+    source, step = checkpoint_dir(run_dir, which)
+    from mlx_tune.models.hub import resolve_model
+    model_dir = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
+                              trust_remote_code=spec.trust_remote_code, log=log).path
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    if gguf and model_type not in GGUF_TYPES:
+        raise ExportError(f"GGUF export supports {', '.join(GGUF_TYPES)} models (mlx-lm's "
+                          f"converter); this base is {model_type!r}. The Hugging Face "
+                          "output can be converted with llama.cpp's convert_hf_to_gguf.py")
+    if output.exists() and any(output.iterdir()):
+        raise ExportError(f"{output}: exists and is not empty; choose a new --output")
+    with tempfile.TemporaryDirectory(prefix="mlx-tune-fuse-") as tmp:
+        adapter = source if which == "final" else adapter_from_checkpoint(
+            source, spec, Path(model_dir), Path(tmp) / "adapter")
+        if spec.backend == "mlx":
+            from mlx_tune.export.fuse_mlx import fuse_mlx
+            fuse_mlx(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf)
+        else:
+            from mlx_tune.export.fuse_torch import fuse_torch
+            fuse_torch(Path(model_dir), adapter, output, spec, log)
+    gguf_path = None
+    if gguf:
+        from mlx_tune.export.fuse_mlx import write_gguf
+        gguf_path = str(write_gguf(output))
+    result = FuseResult(output, which, step, str(source), spec.backend, spec.model, gguf_path)
+    record(run_dir, result)
+    return result
+
+
+def record(run_dir: Path, result: FuseResult) -> None:
+    """Which weights were fused: next to the model, and in the run's metrics.jsonl (so
+    ``mlx-tune report`` lists exports with the rest of the run's history)."""
+    entry = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    entry["fused_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    (result.output / RECORD).write_text(json.dumps(entry, indent=2))
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"type": "fuse", **entry, "wall_time": time.time()}) + "\n")
+
+
+def copy_chat_template(model_dir: Path, output: Path) -> None:
+    """Tokenizer saving keeps the template; a standalone .jinja file is copied as well."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (model_dir / name).is_file() and not (output / name).exists():
+            shutil.copy(model_dir / name, output / name)
