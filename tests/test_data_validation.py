@@ -69,10 +69,13 @@ def test_valid_batches_are_a_fixed_subset(tmp_path, tok):
         assert x is y
         assert np.array_equal(x.tokens, z.tokens) and np.array_equal(x.mask, z.mask)
     every = load_data(make_spec(tmp_path, val_batches=-1), tok, log=quiet).valid.batches()
-    assert len(every) == 13 and sum(x.size for x in every) == 25  # the last batch is partial
+    # The last batch holds one record and one empty row (mask 0): every batch has one shape.
+    assert len(every) == 13 and {x.size for x in every} == {2}
+    assert sum(int(x.mask.any(axis=1).sum()) for x in every) == 25
     # Length-sorted batching: the batches' length ranges do not interleave.
     ranges = sorted((min(ls), max(ls)) for ls in (
-        [int((row != tok.pad_token_id).sum()) for row in x.tokens] for x in every))
+        [int((row != tok.pad_token_id).sum()) for row, m in zip(x.tokens, x.mask) if m.any()]
+        for x in every))
     assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
 
 
@@ -100,7 +103,7 @@ def test_no_validation_data_logs_once(tmp_path, tok):
 
 def ids_in(batches, tok):
     return {int(re.search(r"item (\d+)", tok.decode(row)).group(1))
-            for b in batches for row in b.tokens}
+            for b in batches for row, m in zip(b.tokens, b.mask) if m.any()}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -131,6 +134,7 @@ def test_val_split_ignored_with_a_validation_file(tmp_path, tok):
 def test_load_eval_file(tmp_path, tok):
     path = write_jsonl(tmp_path / "test.jsonl", rows(7))
     batches = load_eval_file(path, make_spec(tmp_path, batch_size=3), tok, log=quiet)
-    assert [b.size for b in batches] == [3, 3, 1]
+    assert [b.size for b in batches] == [3, 3, 3]  # the last padded with empty rows
+    assert [int(b.mask.any(axis=1).sum()) for b in batches] == [3, 3, 1]
     assert ids_in(batches, tok) == set(range(7))
     assert all(b.tokens.shape[1] % 32 == 0 or b.tokens.shape[1] == 64 for b in batches)

@@ -145,6 +145,9 @@ class Spec:
                                     "is no validation file", low=0, high=0.5)
     streaming: bool = _f(False, "read train.jsonl in one pass per epoch through a shuffle buffer")
     shuffle_buffer: int = _f(10000, "records in the streaming shuffle buffer", low=1)
+    bucket_widths: str = _f("auto", "padded widths: auto (at most 8, chosen from the train "
+                            "lengths: bounded compiled shapes) or align32 (every multiple of "
+                            "32, unbounded)", choices=("auto", "align32"))
     prefetch: int = _f(2, "batches prepared ahead in a background thread (0 = off)", low=0)
     curriculum: list = _f([], "stages by epoch: [{until_epoch, max_tokens, max_turns, "
                               "max_difficulty}, ...]")
@@ -210,7 +213,7 @@ SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
               "trust_remote_code", "lora"),
     "data": ("data", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
-             "prefetch", "curriculum", "quality", "augmentation"),
+             "bucket_widths", "prefetch", "curriculum", "quality", "augmentation"),
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",

@@ -26,9 +26,14 @@ from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
 from mlx_tune.data.tokenize import tokenize_all, unwrap
 from mlx_tune.data.validation import LazyValidation, load_eval_file
+from mlx_tune.data.widths import Widths
 
-__all__ = ["DataBundle", "DataError", "LazyValidation", "Record", "TrainStream", "load_data",
-           "load_eval_file"]
+__all__ = ["DataBundle", "DataError", "LazyValidation", "Record", "TrainStream", "Widths",
+           "load_data", "load_eval_file"]
+
+# Streaming: bucket widths are chosen from the lengths of this many first records at most
+# (or the shuffle buffer, if smaller): the whole file is never tokenized up front.
+WIDTH_SAMPLE = 4096
 
 
 @dataclass
@@ -36,6 +41,7 @@ class DataBundle:
     train: TrainStream
     valid: Optional[LazyValidation]
     train_records: int  # before per-epoch filters
+    widths: Widths  # the run's padded widths: train, validation and resume share them
 
     def close(self) -> None:
         self.train.close()
@@ -64,18 +70,28 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
     holdout = spec.val_split if files.valid is None and spec.val_split else None
     if files.valid is not None and spec.val_split:
         log(f"val_split={spec.val_split} ignored: validating on {files.valid}")
+    widths = Widths.choose((), spec.max_length, mode=spec.bucket_widths)
     settings = Settings(
         tokenizer=tokenizer, seed=spec.seed, batch_size=spec.batch_size,
         max_length=spec.max_length, mask_prompt=spec.mask_prompt, pad_id=pad_id_of(tokenizer),
         stages=[CurriculumStage(**s) if isinstance(s, dict) else s for s in spec.curriculum],
         quality=spec.quality,
-        augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory))
+        augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory),
+        widths=widths)
 
     held: Optional[list[Record]] = None
     if spec.streaming:
         kind = first_format(files.train)
         source = StreamingSource(files.train, kind, settings, spec.shuffle_buffer, holdout)
         count = source.count()  # a line count: nothing is parsed or tokenized yet
+        if spec.bucket_widths == "auto":
+            def choose(source=source) -> Widths:
+                sample = source.sample_lengths(min(spec.shuffle_buffer, WIDTH_SAMPLE))
+                chosen = Widths.choose(sample, spec.max_length, origin=(
+                    f"chosen from the lengths of the first {len(sample)} streamed records"))
+                log(chosen.describe())
+                return chosen
+            widths.chooser = choose
     else:
         records = read_records(files.train)
         kind = records[0].kind
@@ -84,6 +100,10 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
             records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
         examples = tokenize_all(records, tokenizer, spec.mask_prompt, spec.max_length,
                                 "train", log)
+        chosen = Widths.choose([ex.length for ex in examples], spec.max_length,
+                               mode=spec.bucket_widths,
+                               origin=f"chosen from {len(examples)} training lengths")
+        widths.set(chosen.values, chosen.origin)
         source = MemorySource(examples, settings)
         count = len(examples)
     if count < spec.batch_size:
@@ -92,16 +112,20 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
 
     valid: Optional[LazyValidation] = None
     if files.valid is not None:
-        valid = LazyValidation(files.valid, spec, tokenizer, log=log)
+        valid = LazyValidation(files.valid, spec, tokenizer, log=log, widths=widths)
     elif holdout and held is None:  # streaming: hold-out lines are read on first use
-        valid = LazyValidation(files.train, spec, tokenizer, log=log, holdout=holdout)
+        valid = LazyValidation(files.train, spec, tokenizer, log=log, holdout=holdout,
+                               widths=widths)
     elif held:
-        valid = LazyValidation(files.train, spec, tokenizer, log=log, records=held)
+        valid = LazyValidation(files.train, spec, tokenizer, log=log, records=held,
+                               widths=widths)
     if valid is None:
         log("no validation data: evaluation is skipped")
 
     mode = "streaming" if spec.streaming else "in memory"
     split = f", {len(held)} held out by val_split" if held else ""
     log(f"train: {count} {kind} records from {files.train} ({mode}{split})")
-    train = TrainStream(source, spec.prefetch, log, seed=spec.seed)
-    return DataBundle(train, valid, count)
+    if widths.chooser is None:
+        log(widths.describe())
+    train = TrainStream(source, spec.prefetch, log, seed=spec.seed, widths=widths)
+    return DataBundle(train, valid, count, widths)

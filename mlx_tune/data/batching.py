@@ -1,8 +1,8 @@
 """Length-bucketed batches and padding into ``Batch`` arrays.
 
-Padding to a multiple of 32 (capped at max_length) bounds the number of distinct batch
-shapes: compiled training steps recompile per shape, so a handful of shapes is cheap and
-a new shape every step is not.
+Compiled steps keep one trace per input shape, so every batch is padded to one of the
+run's few fixed widths (``widths.Widths``), and evaluation batches to a fixed number of
+rows: a handful of shapes is cheap, a new shape every few steps is not.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from mlx_tune.data.batch import Batch
+from mlx_tune.data.widths import Widths
 
 ALIGN = 32
 
@@ -33,11 +34,15 @@ def pad_id_of(tokenizer) -> int:
 
 
 def pad_batch(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
-              max_length: int) -> Batch:
-    """Right-pad (ids, mask) rows into a Batch of T = padded_length(longest)."""
-    width = padded_length(max(len(ids) for ids, _ in rows), max_length)
-    tokens = np.full((len(rows), width), pad_id, dtype=np.int32)
-    mask = np.zeros((len(rows), width), dtype=np.float32)
+              max_length: int, widths: Widths | None = None, size: int | None = None) -> Batch:
+    """Right-pad (ids, mask) rows into a Batch of T = the width that holds the longest row
+    (``widths.fit``; without widths, padded_length). ``size`` pads the batch dimension with
+    all-padding rows, whose mask is 0 everywhere, so they add nothing to any sum."""
+    longest = max(len(ids) for ids, _ in rows)
+    width = widths.fit(longest) if widths is not None else padded_length(longest, max_length)
+    n_rows = max(len(rows), size or 0)
+    tokens = np.full((n_rows, width), pad_id, dtype=np.int32)
+    mask = np.zeros((n_rows, width), dtype=np.float32)
     for i, (ids, m) in enumerate(rows):
         n = min(len(ids), width)
         tokens[i, :n] = ids[:n]

@@ -20,6 +20,7 @@ from mlx_tune.data.batching import bucket, pad_batch
 from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import DataError, iter_lines, parse_line
 from mlx_tune.data.tokenize import Example, Truncation, make_example
+from mlx_tune.data.widths import Widths
 
 Item = tuple  # (Batch, state dict after this batch, list of log lines)
 
@@ -42,6 +43,7 @@ class Settings:
     stages: Sequence[CurriculumStage]
     quality: QualitySpec
     augmenter: Optional[Augmenter]
+    widths: Widths  # shared with validation; a resume replaces its values in place
 
     def example(self, record, counts: Optional[Truncation] = None) -> Optional[Example]:
         return make_example(record, self.tokenizer, self.mask_prompt, self.max_length, counts)
@@ -60,7 +62,7 @@ class Settings:
                 if rewritten is not None:
                     ex = self.example(rewritten) or ex
             rows.append((ex.ids, ex.mask))
-        return pad_batch(rows, self.pad_id, self.max_length)
+        return pad_batch(rows, self.pad_id, self.max_length, self.widths)
 
     def too_few(self, where: str, kept: int, detail: str) -> DataError:
         return DataError(f"{where}: the filters keep {kept} records, fewer than "
@@ -114,6 +116,17 @@ class StreamingSource:
         self.buffer, self.holdout = buffer, holdout
         self.truncation_logged = not log_counts
         self.records: Optional[int] = None
+
+    def sample_lengths(self, limit: int) -> list[int]:
+        """Token lengths of the first ``limit`` train records (choosing bucket widths)."""
+        out: list[int] = []
+        for line, text in self._lines():
+            ex = self.s.example(parse_line(text, self.path, line, self.kind))
+            if ex is not None:
+                out.append(ex.length)
+            if len(out) >= limit:
+                break
+        return out
 
     def count(self) -> int:
         """Train records (non-blank lines not held out for validation): one cheap pass."""

@@ -28,11 +28,12 @@ class TrainStream:
     """``next_batch()`` forever; ``state_dict()``/``load_state_dict()`` resume exactly."""
 
     def __init__(self, source, prefetch: int = 0, log: Callable[[str], None] = print,
-                 seed: int = 0):
+                 seed: int = 0, widths=None):
         self._source = source
         self._prefetch = max(0, int(prefetch))
         self._log = log
         self._seed = seed
+        self._widths = widths  # data.widths.Widths: saved with the position, restored first
         self._state: dict = {"epoch": 0, "position": 0}
         self._gen: Optional[Iterator] = None
         self._thread: Optional[threading.Thread] = None
@@ -57,14 +58,22 @@ class TrainStream:
 
     def state_dict(self) -> dict:
         """JSON-able position of the stream after the last batch handed out."""
-        return {"version": STATE_VERSION, "mode": self.mode, "seed": self._seed,
-                "records": getattr(self._source, "records", None), **self._state}
+        state = {"version": STATE_VERSION, "mode": self.mode, "seed": self._seed,
+                 "records": getattr(self._source, "records", None), **self._state}
+        if self._widths is not None:
+            state["widths"] = self._widths.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where the stream that saved ``state`` stopped."""
         self._shutdown()
         self._failure = None
         epoch = int(state.get("epoch", 0))
+        if self._widths is not None and state.get("widths"):
+            # The same shapes as the run that saved this: no new compiled traces on resume.
+            line = self._widths.load_state_dict(state["widths"])
+            if line:
+                self._log(line)
         if state.get("mode", self.mode) != self.mode:
             # Positions of the two modes mean different things: restart the epoch.
             self._log(f"data position was saved with {state.get('mode')} data loading, now "
@@ -79,12 +88,14 @@ class TrainStream:
             self._log(f"data position was saved with seed {state.get('seed')}, now "
                       f"{self._seed}: the batch order from here differs from that run")
         self._state = {k: v for k, v in state.items()
-                       if k not in ("version", "mode", "seed", "records")}
+                       if k not in ("version", "mode", "seed", "records", "widths")}
 
     # -- batches -------------------------------------------------------------
     def next_batch(self) -> Batch:
         if self._failure is not None:
             raise self._failure
+        if self._widths is not None and self._widths.chooser is not None:
+            self._widths.values  # streaming: choose (and log) here, never on the worker
         if self._prefetch == 0:
             if self._gen is None:
                 self._gen = self._source.iterate(dict(self._state))

@@ -16,19 +16,22 @@ from mlx_tune.data import seeding
 from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
 from mlx_tune.data.records import Record, first_format, iter_lines, iter_records, parse_line
 from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
+from mlx_tune.data.widths import Widths
 
 
 def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,
-             order_seed: Optional[int] = None) -> list[Batch]:
-    """Length-sorted batches (the incomplete last one kept); optionally in a seeded order."""
+             widths: Widths, order_seed: Optional[int] = None) -> list[Batch]:
+    """Length-sorted batches in the run's widths, optionally in a seeded order. The
+    incomplete last batch is kept, padded with empty rows to ``batch_size``: one shape
+    fewer to compile, and empty rows weigh nothing in the sums."""
     groups = bucket([ex.length for ex in examples], batch_size, None, drop_last=False)
     if order_seed is not None:
         # A seeded order makes "the first N batches" a spread of lengths, not the N
         # shortest; fixed by the seed, so it is the same subset every evaluation.
         perm = seeding.rng(order_seed, seeding.VALID_ORDER).permutation(len(groups))
         groups = [groups[i] for i in perm]
-    return [pad_batch([(examples[i].ids, examples[i].mask) for i in g], pad_id, max_length)
-            for g in groups]
+    return [pad_batch([(examples[i].ids, examples[i].mask) for i in g], pad_id, max_length,
+                      widths, size=batch_size) for g in groups]
 
 
 class LazyValidation:
@@ -40,13 +43,15 @@ class LazyValidation:
 
     def __init__(self, path: str | Path, spec: Spec, tokenizer, *,
                  log: Callable[[str], None] = print, holdout: Optional[float] = None,
-                 records: Optional[list[Record]] = None):
+                 records: Optional[list[Record]] = None, widths: Optional[Widths] = None):
         self.path = Path(path)
         self._spec = spec
         self._tokenizer = unwrap(tokenizer)
         self._log = log
         self._holdout = holdout
         self._records = records
+        # The training data's widths (shared, so a resume's widths apply here too).
+        self._widths = widths or Widths.choose((), spec.max_length, mode=spec.bucket_widths)
         self._batches: Optional[list[Batch]] = None
         self.name = "val_split" if holdout or records is not None else "valid"
 
@@ -68,7 +73,7 @@ class LazyValidation:
             examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
                                     spec.max_length, self.name, self._log)
             batches = _batches(examples, spec.batch_size, pad_id_of(self._tokenizer),
-                               spec.max_length, order_seed=spec.seed)
+                               spec.max_length, self._widths, order_seed=spec.seed)
             if spec.val_batches >= 0:
                 batches = batches[:spec.val_batches]
             if not batches and spec.val_batches != 0:
@@ -95,9 +100,14 @@ class LazyValidation:
 
 
 def load_eval_file(path: str | Path, spec: Spec, tokenizer, *,
-                   log: Callable[[str], None] = print) -> list[Batch]:
-    """Every record of a test file as length-sorted batches (the last may be smaller)."""
+                   log: Callable[[str], None] = print,
+                   widths: Optional[Widths] = None) -> list[Batch]:
+    """Every record of a test file as length-sorted batches (the last padded with empty
+    rows); widths chosen from the file's own lengths unless given."""
     tokenizer = unwrap(tokenizer)
     examples = tokenize_all(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
                             Path(path).stem, log)
-    return _batches(examples, spec.batch_size, pad_id_of(tokenizer), spec.max_length)
+    if widths is None:
+        widths = Widths.choose([ex.length for ex in examples], spec.max_length,
+                               mode=spec.bucket_widths)
+    return _batches(examples, spec.batch_size, pad_id_of(tokenizer), spec.max_length, widths)

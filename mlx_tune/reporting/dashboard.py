@@ -214,6 +214,11 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
         counters = " · ".join(f"{k} {v}" for k, v in t.early_stopping.items()) or "-"
         skipped = Text(str(t.skipped_steps), style="yellow" if t.skipped_steps else "")
         row("early stop", counters, "skipped steps", skipped)
+        if t.compiled_shapes:
+            over = t.shape_bound and t.compiled_shapes > t.shape_bound
+            shapes = Text(f"{t.compiled_shapes}" + (f" of {t.shape_bound}" if t.shape_bound else ""),
+                          style="bold red" if over else "")
+            row("compiled shapes", shapes)
 
     if e is not None:
         best_ppl = math.exp(min(e.best_val_loss, 700.0)) if math.isfinite(e.best_val_loss) else e.best_val_loss

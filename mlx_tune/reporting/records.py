@@ -48,6 +48,8 @@ class TrainReport:
     last_checkpoint: str | None
     skipped_steps: int
     early_stopping: dict[str, int]  # counter name -> value, e.g. {"plateau": 1, "spike": 0}
+    compiled_shapes: int = 0  # distinct input shapes the backend's compiled step has seen
+    shape_bound: int = 0  # how many it should see at most (the run's widths); 0 = unknown
     wall_time: float = field(default_factory=time.time)
 
 

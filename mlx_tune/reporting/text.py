@@ -11,6 +11,8 @@ Plain line format (``format_train_line``), fields always in this order:
 - ckpt: steps since the last checkpoint as a negative number (``ckpt=0`` right after one)
 - mem_delta: signed integer MB (growth since the start of the run)
 - non-finite numbers print as nan / inf / -inf
+- `` | shapes=N/B``: distinct input shapes the compiled step has seen / the run's bound
+  (``shapes=N/B OVER`` past it: each shape is a compiled trace a long run keeps)
 - suffixes appear only when they carry news: `` | skipped=N`` once steps were skipped,
   `` | LEAK?`` while the memory monitor suspects a leak.
 """
@@ -95,6 +97,10 @@ def format_train_line(r: TrainReport) -> str:
         f" | eta_h={eta} | ckpt={ckpt}"
         f" | mem_mb={fmt_int(r.memory_mb)} | mem_delta={fmt_int(r.memory_delta_mb, signed=True)}"
     )
+    if r.compiled_shapes:
+        line += f" | shapes={r.compiled_shapes}"
+        if r.shape_bound:
+            line += f"/{r.shape_bound}" + (" OVER" if r.compiled_shapes > r.shape_bound else "")
     if r.skipped_steps:
         line += f" | skipped={r.skipped_steps}"
     if r.leak_warning:

@@ -126,6 +126,7 @@ class Trainer:
         self.heartbeat: Callable[[], None] = lambda: None
         self._signals: SignalGuard | None = None
         self._agreed_interrupt: str | None = None  # a signal every rank has agreed on
+        self._shapes_warned = False
 
     # -- checkpoint state -----------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -187,6 +188,11 @@ class Trainer:
         if self.world_size > 1:  # each rank evaluates its rows; the backend adds up the sums
             batches = [b for b in (shard_rows(b, self.rank, self.world_size) for b in batches)
                        if b is not None]
+        # In training's micro-batches: the same (rows, width) shapes as the compiled step
+        # already has, so evaluating adds no compiled traces (and no more memory).
+        batches = [m for b in batches
+                   for m in (b.split(self.accumulation) if b.size % self.accumulation == 0
+                             else [b])]
         with (self.backend.ema_weights() if use_ema else nullcontext()):
             result = self.backend.evaluate(self._beating(batches))
         tokens = max(result.tokens, 1.0)
@@ -246,8 +252,23 @@ class Trainer:
             return self._agreed_interrupt
         return self._signals.requested if self._signals else None
 
+    def shapes(self) -> tuple[int, int]:
+        """(distinct input shapes the backend compiled for, the bound the widths set);
+        warns once when the count passes the bound."""
+        count = self.backend.compiled_shapes()
+        widths = getattr(self.data, "widths", None)
+        bound = widths.bound if widths is not None else 0
+        if bound and count > bound and not self._shapes_warned:
+            self._shapes_warned = True
+            self.reporters.on_message(
+                f"the compiled step has seen {count} input shapes, more than the {bound} "
+                "the run's bucket widths allow: each is a compiled trace kept for the whole "
+                "run (on a Mac, Metal buffers that are never freed)", "warning")
+        return count, bound
+
     def report(self) -> None:
         s, iv = self.state, self.state.interval
+        shapes, bound = self.shapes()
         active, peak = self.backend.memory()
         self.memory.update(active)
         self.reporters.on_train(TrainReport(
@@ -265,7 +286,8 @@ class Trainer:
             leak_warning=self.memory.leak_warning,
             steps_since_checkpoint=s.step - s.last_checkpoint_step,
             last_checkpoint=s.last_checkpoint, skipped_steps=self.stopper.skipped_steps,
-            early_stopping=self.stopper.counters()))
+            early_stopping=self.stopper.counters(),
+            compiled_shapes=shapes, shape_bound=bound))
         s.interval = Interval()
 
     # -- the loop -------------------------------------------------------------------

@@ -153,6 +153,10 @@ class MLXBackend:
     def memory(self) -> tuple[int, int]:
         return mx.get_active_memory(), mx.get_peak_memory()
 
+    def compiled_shapes(self) -> int:
+        """Distinct input shapes the compiled step and evaluation have been called with."""
+        return len(self.step_fn.shapes)
+
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:
         arrays: dict[str, Any] = {}

@@ -88,6 +88,9 @@ class CompiledStep:
 
         self._first, self._more, self._update_fn = first, more, update
         self._inflight: mx.array | None = None
+        # Every (rows, width) the compiled functions were called with: mx.compile keeps a
+        # trace per input shape and never evicts it, so this is what a long run holds.
+        self.shapes: set[tuple[int, ...]] = set()
         self._eval = mx.compile(partial(eval_sums, model), inputs=[model.state])
 
     def _update(self, grads, loss_sum, ntok, noise_std):
@@ -133,6 +136,7 @@ class CompiledStep:
         # Set outside the compiled graph: the value is an input array, so a new
         # learning rate each step never triggers a recompile.
         self.optimizer.learning_rate = lr
+        self.shapes.update(tuple(tokens.shape) for tokens, _ in micro_batches)
         grads, loss_sum, ntok = self._first(*micro_batches[0])
         for tokens, mask in micro_batches[1:]:
             grads, loss_sum, ntok = self._more(tokens, mask, grads, loss_sum, ntok)
@@ -146,6 +150,7 @@ class CompiledStep:
         return out
 
     def eval_batch(self, tokens: mx.array, mask: mx.array) -> mx.array:
+        self.shapes.add(tuple(tokens.shape))
         return self._eval(tokens, mask)
 
 

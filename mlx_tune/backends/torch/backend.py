@@ -318,6 +318,11 @@ class TorchBackend:
                     torch.cuda.max_memory_allocated(self.device))
         return process_memory()
 
+    def compiled_shapes(self) -> int:
+        """Distinct input shapes the model's forward has been called with in steps and
+        evaluation (torch.compile, like mx.compile, specialises on them)."""
+        return len(self.step_fn.shapes)
+
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:
         """Flat tensors (live references: save them before the next step) + JSON meta."""

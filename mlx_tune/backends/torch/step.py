@@ -87,6 +87,9 @@ class TorchStep:
         self.ema: dict[str, torch.Tensor] = {}
         if config.ema_decay is not None:
             self.ema = {k: p.detach().clone() for k, p in params.items()}
+        # Every (rows, width) fed to ``forward``: torch.compile specialises on shapes as
+        # mx.compile does, so both backends report the same count.
+        self.shapes: set[tuple[int, ...]] = set()
 
     def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward + backward of each micro-batch; gradients of the loss *sums* add up in
@@ -96,6 +99,7 @@ class TorchStep:
         ddp = self.ddp()
         for i, batch in enumerate(micro_batches):
             tokens, mask = to_device(batch, self.device)
+            self.shapes.add(tuple(tokens.shape))
             # Under DDP, gradients are reduced with the step's last micro-batch only.
             last = i == len(micro_batches) - 1
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
@@ -159,6 +163,7 @@ class TorchStep:
 
     def eval_batch(self, batch: Batch) -> torch.Tensor:
         tokens, mask = to_device(batch, self.device)
+        self.shapes.add(tuple(tokens.shape))
         with torch.no_grad(), self.autocast():
             return eval_sums(self.forward, tokens, mask)
 
