@@ -16,18 +16,17 @@ TINY = REPO / "mlx_tune" / "assets" / "tiny-mistral"
 RECIPES = REPO / "data" / "recipes"
 sys.path.insert(0, str(REPO))
 
-from mlx_tune.system.blas import find_openblas  # noqa: E402
+from mlx_tune.system.blas import find_openblas, preload_env  # noqa: E402
 
 
 def bench_env() -> dict:
-    """Every process measured gets the same BLAS: the system OpenBLAS when there is one."""
+    """Every process measured gets the same BLAS: the OpenBLAS mlx-tune would preload
+    (MLX_TUNE_OPENBLAS, else the system's, else the pip-installed one)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1")
-    lib = find_openblas()
-    if lib and sys.platform.startswith("linux"):
-        env["LD_PRELOAD"] = lib
-        env["MLX_TUNE_BLAS"] = "openblas"  # already preloaded: mlx-tune need not re-exec
-    return env
+    lib = find_openblas() if sys.platform.startswith("linux") else None
+    # already preloaded and marked: mlx-tune need not re-exec
+    return preload_env(lib, env) if lib else env
 
 
 def train_command(*flags: str) -> list[str]:

@@ -1,6 +1,7 @@
 """Shared fixtures. The suite runs with the same BLAS fix as the product: on Linux,
-pytest re-executes itself once with the system OpenBLAS preloaded (MLX's bundled
-reference BLAS makes every training test ~30x slower)."""
+pytest re-executes itself once with OpenBLAS preloaded (the system's, else the one pip
+installed with mlx-tune); MLX's bundled reference BLAS makes every training test ~10-30x
+slower."""
 
 import os
 from pathlib import Path
@@ -17,7 +18,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if capman is None or os.environ.get("MLX_TUNE_BLAS"):
         return
     capman.stop_global_capturing()
-    maybe_reexec_with_openblas(list(config.invocation_params.args), module="pytest")
+    maybe_reexec_with_openblas(list(config.invocation_params.args), module="pytest",
+                               isolate=False)  # `python -m pytest`, as the user ran it
     capman.start_global_capturing()  # no exec happened (no OpenBLAS, or fix disabled)
 
 REPO = Path(__file__).resolve().parents[1]

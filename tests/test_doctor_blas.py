@@ -24,18 +24,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
 OPENBLAS = blas.find_openblas() if LINUX else None
 needs_openblas = pytest.mark.skipif(not (LINUX and OPENBLAS and blas._mlx_cpu_wheel()),
-                                    reason="needs Linux, a system OpenBLAS and the mlx CPU wheel")
+                                    reason="needs Linux, an OpenBLAS and the mlx CPU wheel")
+PIP_BLAS = blas.pip_openblas.wheel_openblas() if LINUX else None
+needs_pip_openblas = pytest.mark.skipif(
+    not (PIP_BLAS and blas._mlx_cpu_wheel()),
+    reason="needs Linux, the pip-installed cmeel-openblas and the mlx CPU wheel")
 
 PROBE = '''
 import json, os, sys
 from mlx_tune.system.blas import maybe_reexec_with_openblas, blas_status
-maybe_reexec_with_openblas(sys.argv[1:], module="blas_probe")
+maybe_reexec_with_openblas(sys.argv[1:], module="blas_probe", isolate=False)
 import mlx.core as mx
 mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))
 maps = open("/proc/self/maps").read()
 print(json.dumps({"ld_preload": os.environ.get("LD_PRELOAD"), "mapped": "libopenblas" in maps,
                   "marker": os.environ.get("MLX_TUNE_BLAS"), "argv": sys.argv[1:],
-                  "kind": blas_status()["kind"]}))
+                  "kind": blas_status()["kind"], "source": blas_status()["source"],
+                  "ld_library_path": os.environ.get("LD_LIBRARY_PATH")}))
 '''
 
 
@@ -55,16 +60,16 @@ def run_probe(tmp_path: Path, *args: str, **env: str) -> tuple[dict, str]:
 
 @needs_openblas
 def test_find_openblas_returns_a_loadable_library():
-    assert OPENBLAS and "openblas" in OPENBLAS
-    if os.path.isabs(OPENBLAS):
-        assert blas._elf_matches(OPENBLAS)
+    assert OPENBLAS and "openblas" in OPENBLAS.path
+    if os.path.isabs(OPENBLAS.path):
+        assert blas._elf_matches(OPENBLAS.path)
 
 
 def test_find_openblas_override(monkeypatch, tmp_path):
     # Any ELF of this architecture passes the header check: the running interpreter is one.
     elf = os.path.realpath("/proc/self/exe") if LINUX else "/nonexistent"
     monkeypatch.setenv(blas.OVERRIDE, elf)
-    assert blas.find_openblas() == (elf if LINUX else None)
+    assert blas.find_openblas() == (blas.OpenBlas(elf, blas.OVERRIDE) if LINUX else None)
     not_elf = tmp_path / "libopenblas.so.0"
     not_elf.write_text("not a library")
     monkeypatch.setenv(blas.OVERRIDE, str(not_elf))
@@ -82,12 +87,12 @@ def test_ilp64_builds_are_skipped(monkeypatch):
 @needs_openblas
 def test_reexec_preloads_openblas_once(tmp_path):
     result, stderr = run_probe(tmp_path, "train", "--model", "x y")
-    assert result["ld_preload"].split(":")[0] == OPENBLAS
+    assert result["ld_preload"].split(":")[0] == OPENBLAS.path
     assert result["mapped"] and result["kind"] == "openblas"
-    assert result["marker"] == "openblas"
+    assert result["marker"] == "openblas" and result["source"] == OPENBLAS.source
     assert result["argv"] == ["train", "--model", "x y"]  # arguments survive the re-exec
-    assert stderr.count("mlx-tune: using system OpenBLAS") == 1
-    assert f"({OPENBLAS})" in stderr and "MLX_TUNE_NO_BLAS_FIX=1" in stderr
+    assert stderr.count("mlx-tune: using ") == 1
+    assert OPENBLAS.describe() in stderr and "MLX_TUNE_NO_BLAS_FIX=1" in stderr
 
 
 @needs_openblas
@@ -97,7 +102,7 @@ def test_reexec_keeps_an_existing_preload(tmp_path):
     if not other:
         pytest.skip("no libm path to preload")
     result, _ = run_probe(tmp_path, LD_PRELOAD=other)
-    assert result["ld_preload"] == f"{OPENBLAS}:{other}"
+    assert result["ld_preload"] == f"{OPENBLAS.path}:{other}"
 
 
 @needs_openblas
@@ -133,7 +138,8 @@ def fake_exec(monkeypatch):
     monkeypatch.setattr(blas.os, "execve", execve)
     monkeypatch.setattr(blas.sys, "platform", "linux")
     monkeypatch.setattr(blas, "_mlx_cpu_wheel", lambda: True)
-    monkeypatch.setattr(blas, "find_openblas", lambda: "/opt/libopenblas.so.0")
+    monkeypatch.setattr(blas, "find_openblas", lambda: blas.OpenBlas("/opt/libopenblas.so.0",
+                                                                      "system"))
     for var in ("LD_PRELOAD", blas.MARKER, blas.DISABLE):
         # set-then-delete so teardown also removes what the code under test writes
         monkeypatch.setenv(var, "")
@@ -146,7 +152,9 @@ def test_exec_command_line(fake_exec, capsys):
         blas.maybe_reexec_with_openblas(["train", "--auto-resume"])
     path, args, env = fake_exec[0]
     assert path == sys.executable and args[0] == sys.executable
-    assert args[-4:] == ["-m", "mlx_tune", "train", "--auto-resume"]
+    # `-c` with a bootstrap that drops the current directory from the import path (not -m)
+    assert args[-4] == "-c" and "runpy.run_module('mlx_tune'" in args[-3]
+    assert args[-2:] == ["train", "--auto-resume"]
     assert env["LD_PRELOAD"] == "/opt/libopenblas.so.0" and env[blas.MARKER] == "openblas"
     err = capsys.readouterr().err
     assert err.strip() == ("mlx-tune: using system OpenBLAS (/opt/libopenblas.so.0) for MLX's "
@@ -174,7 +182,7 @@ def test_no_openblas_prints_the_hint_once(fake_exec, monkeypatch, capsys):
     blas.maybe_reexec_with_openblas([])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.strip() == blas.HINT
-    assert "sudo apt-get install libopenblas0-pthread" in err
+    assert "pip install cmeel-openblas" in err
     assert os.environ[blas.MARKER] == "reference" and fake_exec == []
 
 
@@ -191,17 +199,20 @@ def test_failed_exec_carries_on(fake_exec, monkeypatch, capsys):
 def test_blas_status_in_this_process():
     s = blas.blas_status()
     assert s["kind"] in ("openblas", "accelerate", "mkl", "blis", "reference", "unknown")
-    assert set(s) >= {"kind", "library", "mapped", "ld_preload", "marker", "fix_disabled",
-                      "system_openblas", "mlx_cpu_wheel"}
+    assert set(s) >= {"kind", "library", "source", "mapped", "ld_preload", "marker",
+                      "fix_disabled", "available", "mlx_cpu_wheel"}
 
 
 def test_blas_advice():
-    base = {"kind": "reference", "system_openblas": None, "fix_disabled": False}
-    assert "apt-get install libopenblas0-pthread" in blas.blas_advice(base)
+    base = {"kind": "reference", "available": None, "fix_disabled": False}
+    assert "pip install cmeel-openblas" in blas.blas_advice(base)
+    system = blas.OpenBlas("/l/libopenblas.so.0", "system")
     assert "MLX_TUNE_NO_BLAS_FIX" in blas.blas_advice(
-        {**base, "system_openblas": "/l/libopenblas.so.0", "fix_disabled": True})
-    assert "LD_PRELOAD=/l/libopenblas.so.0" in blas.blas_advice(
-        {**base, "system_openblas": "/l/libopenblas.so.0"})
+        {**base, "available": system, "fix_disabled": True})
+    assert "LD_PRELOAD=/l/libopenblas.so.0" in blas.blas_advice({**base, "available": system})
+    pip = blas.OpenBlas("/site/libopenblas.so.0", "pip (cmeel-openblas 1)", "/cache/blas-x")
+    assert "LD_PRELOAD=/site/libopenblas.so.0 LD_LIBRARY_PATH=/cache/blas-x" in \
+        blas.blas_advice({**base, "available": pip})
     assert blas.blas_advice({**base, "kind": "openblas"}) is None
 
 
@@ -232,10 +243,21 @@ def test_doctor_reports_mlx_blas_and_every_dependency():
 def test_doctor_reference_blas_warns_with_the_apt_line(monkeypatch):
     monkeypatch.setattr(doctor, "blas_status", lambda: {
         "kind": "reference", "library": "/x/mlx_cpu.libs/libblas.so.3", "mapped": [],
-        "ld_preload": None, "marker": None, "fix_disabled": False, "system_openblas": None,
-        "mlx_cpu_wheel": True})
+        "ld_preload": None, "marker": None, "fix_disabled": False, "available": None,
+        "mlx_cpu_wheel": True, "source": None})
     (check,) = doctor.check_blas()
-    assert check.status == "WARN" and "apt-get install libopenblas0-pthread" in check.hint
+    assert check.status == "WARN" and "pip install cmeel-openblas" in check.hint
+
+
+def test_doctor_names_where_the_openblas_came_from(monkeypatch):
+    monkeypatch.setattr(doctor, "blas_status", lambda: {
+        "kind": "openblas", "library": "/site/cmeel.prefix/lib/libopenblas.so.0",
+        "source": "pip (cmeel-openblas 0.3.31)", "mapped": [], "ld_preload": None,
+        "marker": "openblas", "fix_disabled": False, "available": None, "mlx_cpu_wheel": True})
+    (check,) = doctor.check_blas()
+    assert check.status == "OK"
+    assert check.value == ("openblas from pip (cmeel-openblas 0.3.31) "
+                           "(/site/cmeel.prefix/lib/libopenblas.so.0)")
 
 
 def test_doctor_missing_required_dependency_fails(monkeypatch):

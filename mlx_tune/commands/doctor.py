@@ -166,7 +166,8 @@ def check_memory(info: dict[str, Any]) -> list[Check]:
 def check_blas() -> list[Check]:
     s = blas_status()
     kind, lib = s["kind"], s["library"]
-    value = kind + (f" ({lib})" if lib and lib != "Accelerate.framework" else "")
+    value = kind + (f" from {s['source']}" if s.get("source") else "") \
+        + (f" ({lib})" if lib and lib != "Accelerate.framework" else "")
     if kind == "accelerate":
         return [Check("OK", "cpu blas", "Accelerate (macOS)")]
     if kind == "reference":

@@ -5,9 +5,13 @@ slower than OpenBLAS for the matrix products that dominate training (measured: 2
 matmuls take 2.47 s against 0.04 s). MLX calls ``cblas_sgemm`` and friends through the
 dynamic linker, so a library preloaded with ``LD_PRELOAD`` wins over the bundled one. The
 preload has to be in place before the process starts, hence a re-exec: the CLI calls
-``maybe_reexec_with_openblas()`` first thing, and the process replaces itself with
-``python -m mlx_tune ...`` with OpenBLAS preloaded. Nothing changes on macOS (MLX uses
+``maybe_reexec_with_openblas()`` first thing, and the process replaces itself with a fresh
+interpreter running ``mlx_tune`` with OpenBLAS preloaded. Nothing changes on macOS (MLX uses
 Accelerate) or when ``MLX_TUNE_NO_BLAS_FIX=1``.
+
+Which OpenBLAS, in order: ``MLX_TUNE_OPENBLAS`` (a path; ``pip`` picks the pip one even
+when the system has one), then the system library (Debian/Ubuntu, Fedora, Arch locations,
+then the linker cache), then the one pip installed with mlx-tune (``pip_openblas``).
 
 The marker variable ``MLX_TUNE_BLAS`` records what was decided ("openblas" after the re-exec,
 "reference" after the install hint) so that neither happens twice in a process tree.
@@ -23,20 +27,36 @@ import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_tune.system import pip_openblas
+
 MARKER = "MLX_TUNE_BLAS"
 DISABLE = "MLX_TUNE_NO_BLAS_FIX"
-OVERRIDE = "MLX_TUNE_OPENBLAS"  # an explicit library path (conda, spack, a custom build)
+OVERRIDE = "MLX_TUNE_OPENBLAS"  # an explicit library path (conda, spack, a custom build), or "pip"
 
 APT_HINT = "sudo apt-get install libopenblas0-pthread"
-HINT = ("mlx-tune: MLX is using its bundled reference BLAS (about 30x slower); install OpenBLAS: "
-        + APT_HINT)
+PIP_HINT = f"pip install {pip_openblas.DIST}"
+HINT = ("mlx-tune: MLX is using its bundled reference BLAS (about 30x slower); install "
+        f"OpenBLAS: {PIP_HINT} (or {APT_HINT})")
 
 # ELF e_machine of this interpreter's architecture: a foreign-architecture library (multiarch
 # cross packages) would only make the loader print an error and be ignored.
 _ELF_MACHINE = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
+
+
+@dataclass(frozen=True)
+class OpenBlas:
+    """An OpenBLAS to preload: ``path`` goes on LD_PRELOAD, ``lib_dir`` (the pip one's
+    private libgfortran links) first on LD_LIBRARY_PATH; ``source`` says where it came from."""
+    path: str
+    source: str  # "MLX_TUNE_OPENBLAS" | "system" | "pip (cmeel-openblas X.Y.Z)"
+    lib_dir: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.source} OpenBLAS ({self.path})"
 
 
 def _truthy(value: str | None) -> bool:
@@ -74,15 +94,44 @@ def _candidates() -> list[str]:
     return [p for p in paths if "64_" not in os.path.basename(p)]
 
 
-def find_openblas() -> str | None:
+def system_openblas() -> str | None:
     """A system OpenBLAS for this machine: a path, a soname from the linker cache, or None."""
-    override = os.environ.get(OVERRIDE)
-    if override:
-        return override if _elf_matches(override) else None
     for path in _candidates():
         if os.path.isfile(path) and _elf_matches(path):
             return path
     return ctypes.util.find_library("openblas")  # e.g. "libopenblas.so.0"; the loader finds it
+
+
+def pip_installed_openblas() -> OpenBlas | None:
+    """The pip-installed OpenBLAS with its private libgfortran directory, or None."""
+    found = pip_openblas.wheel_openblas()
+    if found is None or not _elf_matches(found[0]):
+        return None
+    gfortran = pip_openblas.wheel_gfortran()
+    lib_dir = pip_openblas.private_lib_dir(gfortran) if gfortran else None
+    if lib_dir is None:
+        return None
+    return OpenBlas(found[0], f"pip ({pip_openblas.DIST} {found[1]})", str(lib_dir))
+
+
+def find_openblas() -> OpenBlas | None:
+    """The OpenBLAS to preload: MLX_TUNE_OPENBLAS, else the system's, else pip's; or None."""
+    override = os.environ.get(OVERRIDE)
+    if override and override.strip().lower() != "pip":
+        return OpenBlas(override, OVERRIDE) if _elf_matches(override) else None
+    lib = None if override else system_openblas()
+    return OpenBlas(lib, "system") if lib else pip_installed_openblas()
+
+
+def preload_env(lib: OpenBlas, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: this process's) with ``lib`` preloaded and marked."""
+    env = dict(os.environ if env is None else env)
+    env["LD_PRELOAD"] = lib.path + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+    if lib.lib_dir:
+        env["LD_LIBRARY_PATH"] = lib.lib_dir + (
+            ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    env[MARKER] = "openblas"
+    return env
 
 
 def _mlx_cpu_wheel() -> bool:
@@ -102,12 +151,35 @@ def _interpreter_flags() -> list[str]:
         return []
 
 
-def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "mlx_tune") -> None:
-    """Replace this process with ``python -m <module> <argv>`` with OpenBLAS preloaded.
+# Run `module` as __main__ without the current directory on the import path: `python -m`
+# would put it first, and a yaml.py (or any module we import) lying in the folder a user
+# runs from would execute as code. The package's own parent goes last, so a source checkout
+# run with `python -m mlx_tune` still finds itself, and never shadows an installed module.
+_BOOT = ("import sys\n"
+         "if sys.path and sys.path[0] in ('', '.'): del sys.path[0]\n"
+         "sys.path.append({parent!r})\n"
+         "import runpy\n"
+         "runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+
+
+def exec_args(module: str, args: list[str], *, isolate: bool = True) -> list[str]:
+    """The argv of the re-exec'd interpreter."""
+    head = [sys.executable, *_interpreter_flags()]
+    if not isolate:
+        return [*head, "-m", module, *args]
+    parent = str(Path(__file__).resolve().parents[2])  # the folder holding mlx_tune/
+    return [*head, "-c", _BOOT.format(parent=parent, module=module), *args]
+
+
+def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "mlx_tune",
+                               isolate: bool = True) -> None:
+    """Replace this process with a fresh interpreter running ``module`` with OpenBLAS
+    preloaded; ``isolate`` keeps the current directory off its import path (``False``
+    means plain ``python -m module``, for pytest and tests' probes that live there).
 
     Returns (doing nothing, or printing a one-time install hint) where the fix does not
     apply: not Linux, ``MLX_TUNE_NO_BLAS_FIX=1``, already preloaded or decided (marker),
-    mlx not from the CPU wheel, or no OpenBLAS on the system. ``module`` is for tests.
+    mlx not from the CPU wheel, or no OpenBLAS anywhere.
     """
     if not sys.platform.startswith("linux") or not sys.executable:
         return
@@ -121,16 +193,12 @@ def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "
         env[MARKER] = "reference"  # children inherit it: the hint is printed once per run
         print(HINT, file=sys.stderr, flush=True)
         return
-    new_env = dict(env)
-    new_env["LD_PRELOAD"] = lib + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
-    new_env[MARKER] = "openblas"
     args = sys.argv[1:] if argv is None else list(argv)
-    print(f"mlx-tune: using system OpenBLAS ({lib}) for MLX's CPU matrix products; "
+    print(f"mlx-tune: using {lib.describe()} for MLX's CPU matrix products; "
           f"set {DISABLE}=1 to disable", file=sys.stderr, flush=True)
     sys.stdout.flush()
     try:
-        os.execve(sys.executable, [sys.executable, *_interpreter_flags(), "-m", module, *args],
-                  new_env)
+        os.execve(sys.executable, exec_args(module, args, isolate=isolate), preload_env(lib))
     except OSError as e:  # exec refused (noexec mount, seccomp): carry on, slower
         env[MARKER] = "reexec-failed"
         print(f"mlx-tune: could not restart with OpenBLAS ({e}); continuing with MLX's bundled "
@@ -176,18 +244,31 @@ def _bundled_blas() -> str | None:
     return None
 
 
+def _source_of(path: str) -> str:
+    """Where the OpenBLAS at ``path`` came from, as the notice and doctor say it."""
+    real = os.path.realpath(path)
+    override = os.environ.get(OVERRIDE)
+    if override and override.strip().lower() != "pip" and os.path.realpath(override) == real:
+        return OVERRIDE
+    wheel = pip_openblas.wheel_openblas()
+    if wheel and os.path.realpath(wheel[0]) == real:
+        return f"pip ({pip_openblas.DIST} {wheel[1]})"
+    return "system" if real.startswith(("/usr/", "/lib")) else "a preloaded library"
+
+
 def blas_status() -> dict[str, Any]:
     """Which BLAS MLX's CPU backend calls in this process, and why.
 
     Keys: kind ("openblas" | "accelerate" | "mkl" | "blis" | "reference" | "unknown"),
-    library (path or None), mapped (BLAS-like libraries mapped into the process),
-    ld_preload, marker, fix_disabled, system_openblas, mlx_cpu_wheel.
+    library (path or None), source (where an OpenBLAS in use came from), mapped (BLAS-like
+    libraries mapped into the process), ld_preload, marker, fix_disabled, available (the
+    OpenBlas mlx-tune would preload, or None), mlx_cpu_wheel.
     """
     status: dict[str, Any] = {
-        "kind": "unknown", "library": None, "mapped": [],
+        "kind": "unknown", "library": None, "source": None, "mapped": [],
         "ld_preload": os.environ.get("LD_PRELOAD"), "marker": os.environ.get(MARKER),
         "fix_disabled": _truthy(os.environ.get(DISABLE)),
-        "system_openblas": None, "mlx_cpu_wheel": False,
+        "available": None, "mlx_cpu_wheel": False,
     }
     if sys.platform == "darwin":
         status.update(kind="accelerate", library="Accelerate.framework")
@@ -196,7 +277,7 @@ def blas_status() -> dict[str, Any]:
     status["mapped"] = sorted({p for _, _, p in maps
                                if any(n in os.path.basename(p).lower() for n in _BLAS_NAMES)})
     status["mlx_cpu_wheel"] = _mlx_cpu_wheel()
-    status["system_openblas"] = find_openblas() if sys.platform.startswith("linux") else None
+    status["available"] = find_openblas() if sys.platform.startswith("linux") else None
     # A cblas_sgemm in the global symbol scope (the preload, or a library loaded with
     # RTLD_GLOBAL) is the one MLX binds to; otherwise MLX uses the library it links itself.
     try:
@@ -206,6 +287,8 @@ def blas_status() -> dict[str, Any]:
     provider = next((p for lo, hi, p in maps if addr is not None and lo <= addr < hi), None)
     if provider:
         status.update(kind=_classify(provider), library=provider)
+        if status["kind"] == "openblas":
+            status["source"] = _source_of(provider)
     elif status["mlx_cpu_wheel"]:
         mapped = [p for p in status["mapped"] if "mlx_cpu.libs" in p and "libblas" in p]
         status.update(kind="reference", library=mapped[0] if mapped else _bundled_blas())
@@ -216,9 +299,10 @@ def blas_advice(status: dict[str, Any]) -> str | None:
     """One line of advice for a slow BLAS, or None when nothing is to be done."""
     if status["kind"] != "reference":
         return None
-    if not status["system_openblas"]:
-        return f"install OpenBLAS ({APT_HINT}); mlx-tune then preloads it by itself"
+    lib: OpenBlas | None = status["available"]
+    if lib is None:
+        return f"install OpenBLAS ({PIP_HINT}, or {APT_HINT}); mlx-tune then preloads it by itself"
     if status["fix_disabled"]:
-        return f"{status['system_openblas']} is installed but {DISABLE}=1 keeps it unused"
-    return (f"run through the mlx-tune command (it preloads OpenBLAS), or set "
-            f"LD_PRELOAD={status['system_openblas']}")
+        return f"{lib.describe()} is installed but {DISABLE}=1 keeps it unused"
+    return "run through the mlx-tune command (it preloads OpenBLAS), or set " + " ".join(
+        f"{k}={v}" for k, v in preload_env(lib, {}).items() if k != MARKER)
