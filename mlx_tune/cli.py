@@ -154,7 +154,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mlx_tune.models.hub import ModelError
     from mlx_tune.checkpoint.resume import ResumeError
     from mlx_tune.export import ExportError
-    return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError)
+    from mlx_tune.reporting.summary import ReportError
+    return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
+            ReportError)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -13,17 +13,13 @@ gradient of the smoothed loss is taken w.r.t. log10(lr) (a central difference ov
 of the sweep, see ``suggest_lr``), and the most negative one before the divergence wins. That lr is where training makes the fastest progress per
 step; lower is safer, higher is near the cliff.
 
-The PNG is written without matplotlib (a ~40 MB dependency for one diagnostic image):
-the plot is rasterised into a numpy RGB array and encoded by a minimal PNG writer
-(signature, IHDR, one zlib-compressed IDAT, IEND; chunks CRC'd with zlib.crc32).
-Tick labels use a built-in 3x5 pixel font of the few glyphs they need.
+The PNG is drawn by matplotlib (the optional ``[report]`` extra); without it the sweep
+still prints its text plot and writes the CSV, and says how to install the extra.
 """
 
 from __future__ import annotations
 
 import math
-import struct
-import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +29,7 @@ import numpy as np
 from mlx_tune.config.spec import Spec, SpecError, require
 from mlx_tune.files import atomic_write
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
+from mlx_tune.reporting.plots import MissingExtra, write_lr_find_png
 
 BETA = 0.98
 DIVERGENCE_FACTOR = 4.0
@@ -137,75 +134,6 @@ def text_plot(lrs: Sequence[float], losses: Sequence[float], mark: int | None = 
     return "\n".join(rows)
 
 
-# 3x5 glyphs, rows top to bottom, 3 bits each (MSB = left pixel).
-_FONT = {"0": "75557", "1": "26227", "2": "71747", "3": "71717", "4": "55711", "5": "74717",
-         "6": "74757", "7": "71111", "8": "75757", "9": "75717", ".": "00002", "-": "00700",
-         "e": "25743", "+": "02720", " ": "00000"}
-
-
-def _text(img: np.ndarray, x: int, y: int, text: str, color: tuple, scale: int = 2) -> None:
-    for k, ch in enumerate(text):
-        for r, bits in enumerate(_FONT.get(ch, "00000")):
-            for c in range(3):
-                if int(bits, 16) >> (2 - c) & 1:
-                    yy, xx = y + r * scale, x + (4 * k + c) * scale
-                    img[max(yy, 0):yy + scale, max(xx, 0):xx + scale] = color
-
-
-def _line(img: np.ndarray, p: tuple[float, float], q: tuple[float, float], color: tuple) -> None:
-    n = int(max(abs(q[0] - p[0]), abs(q[1] - p[1]))) + 1
-    xs = np.rint(np.linspace(p[0], q[0], n + 1)).astype(int)
-    ys = np.rint(np.linspace(p[1], q[1], n + 1)).astype(int)
-    ok = (xs >= 0) & (xs < img.shape[1]) & (ys >= 0) & (ys < img.shape[0])
-    img[ys[ok], xs[ok]] = color
-    img[np.minimum(ys[ok] + 1, img.shape[0] - 1), xs[ok]] = color  # 2 px thick
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """A minimal PNG (8-bit RGB, no interlace): every row prefixed with filter type 0."""
-    h, w, _ = rgb.shape
-    raw = b"".join(b"\x00" + rgb[r].astype(np.uint8).tobytes() for r in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(
-            ">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def write_png(path: str | Path, lrs: Sequence[float], losses: Sequence[float],
-              smoothed: Sequence[float], mark: int | None = None,
-              width: int = 640, height: int = 400) -> Path:
-    """Raw losses (grey), smoothed (blue), suggestion (red), lr decades and loss range."""
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    left, right, top, bottom = 70, width - 20, 20, height - 40
-    low, high = _y_range(list(smoothed) + [v for v in losses if math.isfinite(v)])
-    x0, x1 = math.log10(lrs[0]), math.log10(lrs[-1]) if len(lrs) > 1 else math.log10(lrs[0]) + 1
-    px = lambda lr: left + (math.log10(lr) - x0) / ((x1 - x0) or 1) * (right - left)
-    py = lambda v: bottom - (min(max(v, low), high) - low) / (high - low) * (bottom - top)
-    for d in range(math.ceil(x0), math.floor(x1) + 1):  # a tick and a label per decade
-        img[bottom:bottom + 6, int(px(10.0 ** d))] = (0, 0, 0)
-        _text(img, int(px(10.0 ** d)) - 12, bottom + 12, f"1e{d}", (0, 0, 0))
-    img[top:bottom + 1, left] = img[bottom, left:right + 1] = (0, 0, 0)
-    _text(img, 4, top, f"{high:.2f}", (0, 0, 0))
-    _text(img, 4, bottom - 10, f"{low:.2f}", (0, 0, 0))
-    for lr, v in zip(lrs, losses):
-        if math.isfinite(v):
-            y, x = int(py(v)), int(px(lr))
-            img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = (180, 180, 180)
-    pts = [(px(lr), py(v)) for lr, v in zip(lrs, smoothed) if math.isfinite(v)]
-    for p, q in zip(pts, pts[1:]):
-        _line(img, p, q, (31, 90, 200))
-    if mark is not None:
-        x = int(px(lrs[mark]))
-        img[top:bottom, max(x - 1, 0):x + 1] = (220, 40, 40)
-        _text(img, min(x + 6, width - 70), top, f"{lrs[mark]:.1e}", (220, 40, 40))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, encode_png(img))
-
-
 # -- the driver ---------------------------------------------------------------------
 
 def _copy(value: Any) -> Any:
@@ -280,14 +208,19 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     finally:
         data.close()
     print(text_plot(result.lrs, result.smoothed, result.suggestion_index))
-    png = write_png(args.plot or Path(spec.output_dir) / "lr_find.png", result.lrs,
-                    result.losses, result.smoothed, result.suggestion_index)
+    png = Path(args.plot or Path(spec.output_dir) / "lr_find.png")
     table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools
+    table.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(table, "lr,loss,smoothed_loss\n" + "".join(
         f"{lr:.6e},{loss:.6f},{sm:.6f}\n"
         for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed)))
-    print(f"lr-find: {len(result.losses)} steps ({result.stop_reason}); plot written to {png} "
-          f"(values in {table.name})")
+    try:
+        write_lr_find_png(png, result.lrs, result.losses, result.smoothed,
+                          result.suggestion_index)
+        where = f"plot written to {png} (values in {table.name})"
+    except MissingExtra as e:
+        where = f"values written to {table} (no plot: {e})"
+    print(f"lr-find: {len(result.losses)} steps ({result.stop_reason}); {where}")
     if result.suggestion is None:
         print("lr-find: no suggestion: the loss did not decrease; widen the range "
               "(--start-lr/--end-lr) or use more --steps")

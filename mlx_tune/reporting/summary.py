@@ -1,0 +1,186 @@
+"""The morning report: what ``metrics.jsonl`` says about a run, as plain data.
+
+``load_history`` reads the records the reporters wrote (``text.JsonlReporter``; a torn
+last line from a kill is skipped); ``summarize`` answers the questions one asks the
+morning after: did it finish, why did it stop, how far, how fast, how good, where is the
+best checkpoint, and did anything go wrong on the way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlx_tune.reporting.plots import Panel, Series
+
+
+class ReportError(ValueError):
+    """A run directory without a readable metrics.jsonl."""
+
+
+@dataclass
+class History:
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+    stops: list[dict] = field(default_factory=list)
+    starts: list[dict] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+    fuses: list[dict] = field(default_factory=list)
+    torn_lines: int = 0
+
+
+@dataclass
+class Summary:
+    run_dir: str
+    status: str  # finished | stopped early | interrupted | failed | killed or still running
+    stop_reason: str
+    exit_code: int | None
+    step: int
+    total_steps: int | None
+    wall_seconds: float
+    sessions: int  # the start plus each resume
+    trained_tokens: int
+    tokens_per_second: float | None
+    first_val_loss: float | None
+    best_val_loss: float | None
+    best_step: int | None
+    best_checkpoint: str | None
+    checkpoints: list[str]
+    warnings: list[str]
+    fuses: list[str]
+
+
+def load_history(run_dir: Path) -> History:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ReportError(f"{run_dir}: no metrics.jsonl (is this a run's output_dir?)")
+    h = History()
+    kinds = {"train": h.train, "eval": h.evals, "checkpoint": h.checkpoints, "stop": h.stops,
+             "start": h.starts, "message": h.messages, "fuse": h.fuses}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            h.torn_lines += 1
+            continue
+        if isinstance(record, dict) and record.get("type") in kinds:
+            kinds[record["type"]].append(record)
+    if not (h.train or h.evals or h.starts):
+        raise ReportError(f"{path}: holds no training records yet")
+    return h
+
+
+def _wall_seconds(h: History) -> float:
+    """Per session (start record to its last record), so the nights between a kill and
+    its resume do not count."""
+    events = sorted([(r["wall_time"], r.get("type")) for kind in (
+        h.starts, h.train, h.evals, h.checkpoints, h.stops, h.messages) for r in kind
+        if isinstance(r.get("wall_time"), (int, float))])
+    total, begin, last = 0.0, None, None
+    for t, kind in events:
+        if kind == "start":
+            if begin is not None:
+                total += last - begin
+            begin = t
+        elif begin is None:
+            begin = t
+        last = t
+    return total + (last - begin if begin is not None else 0.0)
+
+
+def _status(stop: dict | None) -> str:
+    if stop is None:
+        return "killed or still running"
+    reason, code = stop.get("reason", ""), stop.get("exit_code")
+    if code == 0 and reason.startswith("finished"):
+        return "finished"
+    if reason.startswith("early stop"):
+        return "stopped early"
+    if reason.startswith("interrupted"):
+        return "interrupted"
+    return "failed"
+
+
+def _warnings(h: History) -> list[str]:
+    out = []
+    leaks = [r for r in h.train if r.get("leak_warning")]
+    if leaks:
+        worst = max(h.train, key=lambda r: r.get("memory_delta_mb") or 0)
+        out.append(f"memory growth: suspected leak from step {leaks[0]['step']} "
+                   f"(+{worst['memory_delta_mb']:.0f} MB by step {worst['step']})")
+    skipped = max((r.get("skipped_steps") or 0 for r in h.train), default=0)
+    if skipped:
+        first = next(r["step"] for r in h.train if r.get("skipped_steps"))
+        out.append(f"skipped steps: {skipped} non-finite step(s) skipped, the first by step {first}")
+    spikes = [r for r in h.train if (r.get("early_stopping") or {}).get("spike_counter")]
+    if spikes:
+        top = max(spikes, key=lambda r: r["early_stopping"]["spike_counter"])
+        out.append(f"gradient spikes: reported at {len(spikes)} report(s), up to "
+                   f"{top['early_stopping']['spike_counter']} in a row (step {top['step']})")
+    failed = [m for m in h.messages if "checkpoint" in m.get("text", "") and "failed" in m.get("text", "")]
+    if failed:
+        out.append(f"failed saves: {len(failed)}, the first at step {failed[0].get('step')}")
+    for m in h.messages:
+        if m not in failed:
+            out.append(f"{m.get('level', 'warning')} at step {m.get('step')}: {m.get('text')}")
+    if h.torn_lines:
+        out.append(f"{h.torn_lines} unreadable line(s) in metrics.jsonl (a kill mid-write)")
+    return out
+
+
+def summarize(run_dir: Path, h: History) -> Summary:
+    run_dir = Path(run_dir)
+    stop = h.stops[-1] if h.stops else None
+    if stop is not None and h.starts and h.starts[-1]["wall_time"] > stop.get("wall_time", 0):
+        stop = None  # resumed after that stop, and this session has not ended
+    last = h.train[-1] if h.train else {}
+    step = max([r.get("step", 0) for r in h.train + h.evals + h.checkpoints] or [0])
+    best = min(h.evals, key=lambda r: r["val_loss"] if r.get("val_loss") is not None
+               else float("inf"), default=None)
+    root = run_dir / "checkpoints"
+    on_disk = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if root.is_dir() else []
+    best_dir = None
+    if (root / "best" / "manifest.json").is_file():
+        best_step = json.loads((root / "best" / "manifest.json").read_text()).get("step")
+        best_dir = f"{root / 'best'} (step {best_step})"
+    if stop is None:
+        reason = f"no stop record: the last record is from step {step}"
+    else:
+        reason = stop.get("reason", "?")
+    return Summary(
+        run_dir=str(run_dir), status=_status(stop), stop_reason=reason,
+        exit_code=stop.get("exit_code") if stop else None, step=step,
+        total_steps=last.get("total_steps") or (h.starts[-1]["info"].get("total_steps")
+                                                if h.starts else None),
+        wall_seconds=_wall_seconds(h), sessions=max(len(h.starts), 1),
+        trained_tokens=int(last.get("trained_tokens") or 0),
+        tokens_per_second=last.get("tokens_per_second"),
+        first_val_loss=h.evals[0]["val_loss"] if h.evals else None,
+        best_val_loss=best["val_loss"] if best else None,
+        best_step=best["step"] if best else None, best_checkpoint=best_dir,
+        checkpoints=on_disk, warnings=_warnings(h),
+        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses])
+
+
+def panels(h: History) -> list[Panel]:
+    """The report's plots; a panel without data is left out."""
+    steps = [r["step"] for r in h.train]
+
+    def col(key: str) -> list:
+        return [r.get(key) for r in h.train]
+
+    out = [Panel("loss", "Loss", "loss", [
+        Series("train loss", steps, col("loss")),
+        Series("validation loss", [r["step"] for r in h.evals],
+               [r.get("val_loss") for r in h.evals], "o-")]),
+        Panel("lr", "Learning rate", "lr", [Series("learning rate", steps, col("learning_rate"))]),
+        Panel("grad_norm", "Gradient norm", "norm", [Series("gradient norm", steps, col("grad_norm"))],
+              log_y=True),
+        Panel("tokens_per_second", "Throughput", "tokens/s",
+              [Series("tokens/s", steps, col("tokens_per_second"))]),
+        Panel("memory", "Memory", "MB", [Series("memory", steps, col("memory_mb")),
+                                         Series("peak memory", steps, col("peak_memory_mb"))])]
+    return [p for p in out if any(s.steps for s in p.series)]
