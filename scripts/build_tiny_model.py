@@ -107,10 +107,45 @@ UNK, BOS, EOS_DOC, PAD, IM_START, IM_END = range(len(SPECIAL_TOKENS))
 
 # ChatML.  Prefix-consistent (rendering messages[:-1] with
 # add_generation_prompt=True is a prefix of rendering messages), which is what
-# prompt masking relies on.
+# prompt masking relies on; with tools the way Hermes-2-Pro writes them: the definitions in a system turn of
+# their own (before any user system prompt), each call as a JSON object in a <tool_call>
+# block of the assistant turn, and consecutive tool results in one `tool` turn of
+# <tool_response> blocks. Without tools the rendering is plain ChatML, byte for byte.
+TOOLS_PREAMBLE = (
+    "You are a function calling AI model. Here are the available tools: <tools>"
+)
+TOOLS_FORMAT = (
+    "\\n</tools>\\nFor each function call return a JSON object within <tool_call></tool_call> "
+    "XML tags:\\n<tool_call>\\n"
+    '{\\"name\\": <function-name>, \\"arguments\\": <args-dict>}\\n</tool_call>'
+)
 CHAT_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n" + TOOLS_PREAMBLE + "' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '" + TOOLS_FORMAT + "<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and message['tool_calls'] is defined "
+    "and message['tool_calls'] %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if message['content'] %}{{- message['content'] + '\\n' }}{%- endif %}"
+    "{%- for call in message['tool_calls'] %}"
+    "{%- set fn = call['function'] if call['function'] is defined else call %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + fn['name'] + '\", \"arguments\": ' }}"
+    "{%- if fn['arguments'] is string %}{{- fn['arguments'] }}"
+    "{%- else %}{{- fn['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}{%- if not loop.last %}{{- '\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' %}"
+    "{{- '<|im_start|>tool\\n' }}{%- else %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_response>\\n' + message['content'] + '\\n</tool_response>' }}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant\\n' }}"

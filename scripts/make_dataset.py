@@ -1183,6 +1183,124 @@ def build_corpus(dishes: list[Dish], rng: random.Random, n_chars: int) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Tool-calling conversations (data/tools)
+# ---------------------------------------------------------------------------
+# mlx-lm's record format: a `tools` list per record, assistant `tool_calls`, `tool`
+# results. The tool results come from the knowledge base, so the answers are right and
+# the model has a real pattern to learn: which tool, which arguments, how to read back.
+
+N_TOOLS_TRAIN, N_TOOLS_VALID, N_TOOLS_TEST = 600, 60, 60
+
+
+def _tool(name: str, description: str, **params: str) -> dict:
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": {k: {"type": v} for k, v in params.items()}}}}
+
+
+TOOLS = {
+    "get_cooking_time": _tool("get_cooking_time", "Cooking time of a dish", dish="string"),
+    "scale_recipe": _tool("scale_recipe", "Scale a recipe to a number of servings",
+                          dish="string", servings="integer"),
+    "find_substitute": _tool("find_substitute", "A substitute for an ingredient",
+                             ingredient="string"),
+    "to_fahrenheit": _tool("to_fahrenheit", "Convert an oven temperature", celsius="integer"),
+}
+
+
+class _Calls:
+    """Numbers call ids within a conversation; some arguments as JSON strings (both allowed)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.n = rng, 0
+
+    def call(self, name: str, **args) -> dict:
+        self.n += 1
+        as_string = self.rng.random() < 0.2
+        return {"id": f"call_{self.n}", "type": "function",
+                "function": {"name": name, "arguments": json.dumps(args) if as_string else args}}
+
+
+def _result(call: dict, payload: dict) -> dict:
+    return {"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+            "content": json.dumps(payload, ensure_ascii=False)}
+
+
+def _asks(call: dict) -> dict:
+    return {"role": "assistant", "content": "", "tool_calls": [call]}
+
+
+def _time_payload(d: Dish) -> dict:
+    return {"dish": d.name, "minutes": d.time, "method": d.method, "oven_c": d.temp}
+
+
+def _time_reply(d: Dish) -> str:
+    where = f" at {d.temp}{DEG}" if d.temp else ""
+    return f"{_cap(d.name)} takes {d.time} minutes{where}: {d.method} it until {d.doneness}."
+
+
+def make_tool_record(dishes: list[Dish], rng: random.Random) -> dict:
+    calls = _Calls(rng)
+    kind = rng.choices(["time", "two_times", "substitute", "scale", "chat"], [4, 2, 2, 1, 1])[0]
+    d, e = rng.sample([x for x in dishes if x.time > 0], 2)
+    used: list[str]
+    if kind == "time":
+        c = calls.call("get_cooking_time", dish=d.name)
+        msgs = [{"role": "user", "content": rng.choice(USER_TIME).format(d=d.name, m=d.method)},
+                _asks(c), _result(c, _time_payload(d)),
+                {"role": "assistant", "content": _time_reply(d)}]
+        used = ["get_cooking_time"]
+    elif kind == "two_times":
+        c1 = calls.call("get_cooking_time", dish=d.name)
+        c2 = calls.call("get_cooking_time", dish=e.name)
+        first = d if d.time <= e.time else e
+        msgs = [{"role": "user", "content": f"Which is quicker, {d.name} or {e.name}?"},
+                {"role": "assistant", "content": "", "tool_calls": [c1, c2]},
+                _result(c1, _time_payload(d)), _result(c2, _time_payload(e)),
+                {"role": "assistant", "content": f"{_cap(first.name)} is quicker: {d.name} takes "
+                                                 f"{d.time} minutes and {e.name} {e.time}."}]
+        used = ["get_cooking_time"]
+    elif kind == "substitute":
+        miss, repl, how, _ = rng.choice(SUBSTITUTIONS)
+        c = calls.call("find_substitute", ingredient=miss)
+        msgs = [{"role": "user", "content": f"I have no {miss}. What can I use?"}, _asks(c),
+                _result(c, {"ingredient": miss, "substitute": repl, "note": how}),
+                {"role": "assistant", "content": f"Use {repl} instead of {miss}. {how}"}]
+        used = ["find_substitute"]
+        if d.temp and rng.random() < 0.6:  # a second round: the follow-up needs another tool
+            c2 = calls.call("to_fahrenheit", celsius=d.temp)
+            f = round(d.temp * 9 / 5 + 32)
+            msgs += [{"role": "user", "content": f"The {d.name} says {d.temp}{DEG}. What is "
+                                                 "that in Fahrenheit?"},
+                     _asks(c2), _result(c2, {"celsius": d.temp, "fahrenheit": f}),
+                     {"role": "assistant", "content": f"{d.temp}{DEG} is {f} degrees Fahrenheit."}]
+            used.append("to_fahrenheit")
+    elif kind == "scale":
+        n = rng.choice([2, 6, 8, 10, 12])
+        c = calls.call("scale_recipe", dish=d.name, servings=n)
+        factor = round(n / d.serves, 2)
+        msgs = [{"role": "user", "content": f"I need {d.name} for {n} people."}, _asks(c),
+                _result(c, {"dish": d.name, "serves": d.serves, "servings": n, "factor": factor}),
+                {"role": "assistant", "content": f"The recipe serves {d.serves}. Multiply every "
+                                                 f"ingredient by {factor} to serve {n}."}]
+        used = ["scale_recipe"]
+    else:
+        msgs = [{"role": "user", "content": rng.choice(["Hello!", "What can you do?",
+                                                        "Can you help me cook?"])},
+                {"role": "assistant", "content": "I can look up cooking times, scale recipes, "
+                                                 "suggest substitutes and convert oven "
+                                                 "temperatures. What are you cooking?"}]
+        used = []
+    others = [t for t in TOOLS if t not in used]
+    # Sometimes a tool the conversation does not need (always one when it needs none).
+    names = used + (rng.sample(others, 1) if not used or rng.random() < 0.3 else [])
+    rng.shuffle(names)
+    if rng.random() < 0.3:
+        msgs.insert(0, {"role": "system", "content": "You are a helpful kitchen assistant."})
+    return {"tools": [TOOLS[t] for t in names], "messages": msgs}
+
+
+# ---------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------
 
@@ -1200,7 +1318,7 @@ def _unique_records(make: Callable[[], dict], n: int, seen: set[str]) -> list[di
     out = []
     while len(out) < n:
         rec = make()
-        key = json.dumps(rec["messages"], ensure_ascii=False)
+        key = json.dumps([rec.get("tools"), rec["messages"]], ensure_ascii=False)
         if key in seen:
             continue
         seen.add(key)
@@ -1255,6 +1373,14 @@ def generate(out_dir: Path) -> dict[str, Path]:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(corpus, encoding="utf-8", newline="\n")
     written["corpus"] = p
+
+    trng = random.Random(SEED + 3)
+    tseen: set[str] = set()
+    for split, n in (("train", N_TOOLS_TRAIN), ("valid", N_TOOLS_VALID), ("test", N_TOOLS_TEST)):
+        recs = _unique_records(lambda: make_tool_record(dishes, trng), n, tseen)
+        p = out_dir / "tools" / f"{split}.jsonl"
+        _write_jsonl(p, recs)
+        written[f"tools/{split}"] = p
 
     srng = random.Random(SEED + 2)
     for split, n in (("train", N_SAMPLES_TRAIN), ("valid", N_SAMPLES_VALID)):

@@ -35,8 +35,9 @@ def test_each_format_parses(tmp_path):
     ('{"messages": [{"role": "user", "content": "a"} {"role": "assistant"}]}',
      "invalid JSON (Expecting ',' delimiter)"),
     ('{"messages": "hello"}', "'messages' must be a list of {role, content} objects"),
-    ('{"messages": [{"role": "user"}]}', "'messages' must be a list of {role, content} objects"),
-    ('{"foo": 1}', "record has none of 'messages', 'prompt'/'completion', 'text'"),
+    ('{"messages": [{"role": "user"}]}', "message 0 (user): 'content' must be a string"),
+    ('{"foo": 1}', "record has none of 'messages', 'conversations' (ShareGPT), "
+                   "'prompt'/'completion', 'text'"),
     ('[1, 2]', "expected a JSON object, got list"),
     ('{"messages": [{"role": "user", "content": "a"}]}',
      "'messages' has no assistant turn to train on"),

@@ -1,4 +1,5 @@
-"""JSONL readers and record validation: chat, completions and text formats.
+"""JSONL readers and record validation: chat (incl. tool calls and ShareGPT), completions
+and text formats.
 
 Every problem is a one-line ``DataError`` naming ``file:line`` and what was expected, so a
 bad record costs a second at startup rather than a crash hours into a run. Lines are read
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
+                                    parse_tools)
+
 FORMATS = ("chat", "completions", "text")
-ROLES = ("system", "user", "assistant")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
 
 
@@ -28,12 +31,14 @@ class Record:
 
     line: int  # 1-based line number in its file: the record's stable identity
     kind: str  # "chat" | "completions" | "text"
-    messages: Optional[tuple] = None  # tuple of {"role", "content"} dicts (chat, completions)
+    messages: Optional[tuple] = None  # tuple of {"role", "content", ...} dicts (chat, completions)
     text: Optional[str] = None  # text records only
     quality: Optional[float] = None
     difficulty: Optional[int] = None
     extra: dict = field(default_factory=dict, compare=False)  # other fields, kept verbatim
     source: str = field(default="", compare=False)  # the file, for error messages
+    tools: Optional[tuple] = None  # function specs passed to the chat template (chat only)
+    dialect: str = field(default="", compare=False)  # "sharegpt" when read from conversations
 
     @property
     def where(self) -> str:
@@ -88,7 +93,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
 def detect_format(obj: Any) -> Optional[str]:
     if not isinstance(obj, dict):
         return None
-    if "messages" in obj:
+    if "messages" in obj or "conversations" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
         return "completions"
@@ -108,24 +113,6 @@ def _number(obj: dict, key: str, where: str, kind: type) -> Any:
     return kind(value)
 
 
-def _messages(value: Any, where: str) -> tuple:
-    shape = f"{where}: 'messages' must be a list of {{role, content}} objects"
-    if not isinstance(value, list) or not value:
-        raise DataError(shape)
-    out = []
-    for i, m in enumerate(value):
-        if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-                or not isinstance(m.get("content"), str)):
-            raise DataError(shape)
-        if m["role"] not in ROLES:
-            raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of "
-                            + ", ".join(ROLES))
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" for m in out):
-        raise DataError(f"{where}: 'messages' has no assistant turn to train on")
-    return tuple(out)
-
-
 def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = None) -> Record:
     """Parse and validate one JSONL line. ``expect`` is the file's format (from line 1)."""
     where = f"{path}:{line}"
@@ -137,17 +124,29 @@ def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = N
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     kind = detect_format(obj)
     if kind is None:
-        raise DataError(f"{where}: record has none of 'messages', 'prompt'/'completion', 'text'")
+        raise DataError(f"{where}: record has none of 'messages', 'conversations' (ShareGPT), "
+                        "'prompt'/'completion', 'text'")
     if expect is not None and kind != expect:
         raise DataError(f"{where}: record is in {kind} format but the file is in {expect} "
                         "format (detected from its first record); one format per file")
     quality = _number(obj, "quality", where, float)
     difficulty = _number(obj, "difficulty", where, int)
-    known = {"messages", "prompt", "completion", "text", "quality", "difficulty"}
+    known = {"messages", "conversations", "tools", "prompt", "completion", "text", "quality",
+             "difficulty"}
     extra = {k: v for k, v in obj.items() if k not in known}
     if kind == "chat":
-        return Record(line, kind, messages=_messages(obj["messages"], where), quality=quality,
-                      difficulty=difficulty, extra=extra, source=str(path))
+        sharegpt = "messages" not in obj
+        try:
+            raw = from_sharegpt(obj["conversations"]) if sharegpt else obj["messages"]
+            messages = parse_messages(raw, sharegpt=sharegpt)
+            tools = parse_tools(obj.get("tools"))
+        except MessageError as e:
+            raise DataError(f"{where}: {e}") from None
+        return Record(line, kind, messages=messages, quality=quality, difficulty=difficulty,
+                      extra=extra, source=str(path), tools=tools,
+                      dialect="sharegpt" if sharegpt else "")
+    if "tools" in obj:
+        raise DataError(f"{where}: 'tools' needs chat records ('messages'), not {kind} records")
     if kind == "completions":
         prompt, completion = obj.get("prompt"), obj.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str):

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from mlx_tune.data.messages import uses_tools
 from mlx_tune.data.records import DataError, Record
 
 # Fast tokenizers are not safe to drive from two threads at once (the Rust side is
@@ -54,8 +55,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _render(tokenizer, messages: list, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False,
+def _render(tokenizer, messages: list, generation_prompt: bool,
+            tools: Optional[list] = None) -> str:
+    # tools=None renders exactly as before for templates that know no tools.
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
 
@@ -84,22 +87,25 @@ def _is_blank(tokenizer, token: int, cache: dict) -> bool:
     return cache[token]
 
 
-def encode_chat(tokenizer, messages: list, mask_prompt: bool) -> tuple[list[int], list[int]]:
+def encode_chat(tokenizer, messages: list, mask_prompt: bool,
+                tools: Optional[list] = None) -> tuple[list[int], list[int]]:
     """Ids of the rendered conversation; with mask_prompt, targets = assistant turns.
 
-    An assistant turn spans from the end of the rendering of the messages before it plus
+    ``tools`` go to the template with every rendering, so the tool definitions (usually in
+    the system turn) are part of each prefix and never targets. An assistant turn, tool
+    calls included, spans from the end of the rendering of the messages before it plus
     the generation prompt (its header), to the end of the rendering that includes it,
     less trailing whitespace tokens: the answer and its end-of-turn token are targets,
     the separator the template writes after the end-of-turn token is not.
     """
-    full = _render(tokenizer, messages, False)
+    full = _render(tokenizer, messages, False, tools)
     if not mask_prompt:
         ids = _encode(tokenizer, full)
         return ids, _all_targets(len(ids))
     # For each assistant turn k: the rendering before it (with its header), and up to it.
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    before = {k: _render(tokenizer, messages[:k], True) for k in turns if k}
-    upto = {k: _render(tokenizer, messages[:k + 1], False) for k in turns}
+    before = {k: _render(tokenizer, messages[:k], True, tools) for k in turns if k}
+    upto = {k: _render(tokenizer, messages[:k + 1], False, tools) for k in turns}
     encoded = _encode_many(tokenizer, [full, *before.values(), *upto.values()])
     ids = encoded[full]
     mask = [0] * len(ids)
@@ -140,12 +146,63 @@ def encode_record(record: Record, tokenizer, mask_prompt: bool) -> tuple[list[in
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{record.where}: the tokenizer has no chat template, which chat "
                             "data needs (use the text format for a base model)")
+        if uses_tools(record.messages, record.tools):
+            check_tool_template(tokenizer, record.where)
         try:
-            return encode_chat(tokenizer, list(record.messages), mask_prompt)
+            return encode_chat(tokenizer, list(record.messages), mask_prompt,
+                               list(record.tools) if record.tools else None)
         except Exception as e:  # jinja raises e.g. "roles must alternate user/assistant"
             raise DataError(f"{record.where}: the chat template cannot render this record "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                             ) from None
+
+
+# A conversation that exercises every tool feature, with names that no template invents.
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "probe_tool_spec", "description": "probe",
+    "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}}}}]
+_PROBE = [{"role": "user", "content": "probe"},
+          {"role": "assistant", "content": "", "tool_calls": [
+              {"id": "call_probe", "type": "function",
+               "function": {"name": "probe_call_name", "arguments": {"probe_arg": "x"}}}]},
+          {"role": "tool", "tool_call_id": "call_probe", "name": "probe_call_name",
+           "content": "probe_result_text"},
+          {"role": "assistant", "content": "done"}]
+_PROBED: dict = {}  # (tokenizer id, template) -> problem or ""
+
+
+def tool_template_problem(tokenizer) -> str:
+    """What the chat template drops or fails on when given tools; "" when it renders all."""
+    template = getattr(tokenizer, "chat_template", None)
+    key = (id(tokenizer), str(template))
+    if key not in _PROBED:
+        try:
+            text = _render(tokenizer, _PROBE, False, _PROBE_TOOLS)
+            missing = [what for what, mark in (("tool definitions", "probe_tool_spec"),
+                                               ("tool calls", "probe_call_name"),
+                                               ("call arguments", "probe_arg"),
+                                               ("tool results", "probe_result_text"))
+                       if mark not in text]
+            _PROBED[key] = f"it drops {', '.join(missing)}" if missing else ""
+        except Exception as e:  # noqa: BLE001 - any template failure is the answer
+            _PROBED[key] = f"it fails: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return _PROBED[key]
+
+
+def check_tool_template(tokenizer, where: str) -> None:
+    """Refuse tool data for a template that cannot render it, naming model and remedy."""
+    if not getattr(tokenizer, "chat_template", None):
+        problem = "it has no chat template"
+    else:
+        problem = tool_template_problem(tokenizer)
+    if problem:
+        model = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise DataError(
+            f"{where}: the record uses tools, but the chat template of {model} cannot "
+            f"render them ({problem}); use a tool-calling model (e.g. "
+            "NousResearch/Hermes-2-Pro-Mistral-7B) or put a tool-aware 'chat_template' in "
+            "its tokenizer_config.json, such as Hermes-2-Pro's ChatML one "
+            "(mlx_tune/assets/tiny-mistral/chat_template.jinja)")
 
 
 @dataclass

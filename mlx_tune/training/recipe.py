@@ -16,6 +16,8 @@ from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.manager import CheckpointManager
 from mlx_tune.data import load_data
 from mlx_tune.files import atomic_write
+from mlx_tune.data.preflight import check_data
+from mlx_tune.models.tokenizer import load_tokenizer
 from mlx_tune.distributed.coordination import barrier, check_world, guard_run
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.system.keepawake import keep_awake, release
@@ -89,6 +91,8 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     loaded = _share_resume(backend, loaded, output_dir, spec, log)
     faults.install(manager)
 
+    # The data is checked with the model's tokenizer before the model itself loads.
+    check_data(spec, load_tokenizer(resolved.path, spec.trust_remote_code), log)
     info = backend.load(spec, resolved.path)
     accumulation = resolve_accumulation(spec, resolved.path, log)
     pct = 100.0 * info.trainable_params / max(info.total_params, 1)

@@ -1,0 +1,77 @@
+"""Check the data before any model loads: a bad record costs a second, not a model load.
+
+Reads every record of the train, validation and test files (only the first of each when
+streaming, where records are validated as they are read), reports what it recognised
+(ShareGPT conversations, tool-calling records) and, when the data uses tools, asks the
+model's chat template to render a tool conversation, so a template that would silently
+drop the tools is refused by name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from mlx_tune.config.spec import Spec
+from mlx_tune.data.messages import uses_tools
+from mlx_tune.data.records import Record, find_files, iter_records
+from mlx_tune.data.tokenize import check_tool_template, unwrap
+
+
+@dataclass
+class FileReport:
+    path: str
+    records: int = 0
+    sharegpt: int = 0
+    tools: int = 0
+    first_tool: Optional[str] = None  # file:line of the first record using tools
+    kinds: set = field(default_factory=set)
+
+    def add(self, record: Record) -> None:
+        self.records += 1
+        self.kinds.add(record.kind)
+        if record.dialect == "sharegpt":
+            self.sharegpt += 1
+        if record.messages and uses_tools(record.messages, record.tools):
+            self.tools += 1
+            self.first_tool = self.first_tool or record.where
+
+    def notes(self, complete: bool) -> list[str]:
+        some = "" if complete else " (from its first record; streaming reads the rest later)"
+        out = []
+        if self.sharegpt:
+            out.append(f"{self.path}: {self.sharegpt} ShareGPT records ('conversations' with "
+                       "from/value) read as chat messages: human -> user, gpt -> assistant, "
+                       f"system -> system, tool -> tool{some}")
+        if self.tools:
+            out.append(f"{self.path}: {self.tools} tool-calling records, rendered by the chat "
+                       f"template with their 'tools'{some}")
+        return out
+
+
+def _records(path, first_only: bool) -> Iterator[Record]:
+    for record in iter_records(path):
+        yield record
+        if first_only:
+            return
+
+
+def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> list[FileReport]:
+    """Validate every data file of ``spec``; raise DataError on the first problem."""
+    files = find_files(spec.data)
+    tokenizer = unwrap(tokenizer)
+    reports = []
+    for path in (files.train, files.valid, files.test):
+        if path is None:
+            continue
+        first_only = spec.streaming and path == files.train
+        report = FileReport(str(Path(path)))
+        for record in _records(path, first_only):
+            report.add(record)
+        if report.first_tool:
+            check_tool_template(tokenizer, report.first_tool)
+        for note in report.notes(not first_only):
+            log(note)
+        reports.append(report)
+    return reports
