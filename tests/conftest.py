@@ -4,6 +4,7 @@ installed with mlx-tune); MLX's bundled reference BLAS makes every training test
 slower."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,22 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"})
     return env
+
+
+@pytest.fixture(scope="session")
+def narrow_model(tiny_model, tmp_path_factory):
+    """tiny-mistral's tokenizer on a 1-layer, 32-wide Mistral: a whole epoch of long rows
+    costs seconds, and both backends load it from the same files."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    out = tmp_path_factory.mktemp("narrow")
+    config = MistralConfig.from_pretrained(tiny_model)
+    config.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    for f in tiny_model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, out / f.name)
+    return out

@@ -3,8 +3,6 @@ gradient accumulation and a partial validation batch, compiles at most 8 input s
 either backend; the count the run reports equals the shapes its batches really have."""
 
 import json
-import shutil
-
 import numpy as np
 import pytest
 
@@ -40,25 +38,6 @@ def test_widths_checkpoint_round_trip():
     b = Widths.choose([250] * 5, 256)
     assert b.load_state_dict(json.loads(json.dumps(a.state_dict())))
     assert b.values == a.values and b.fit(90) == a.fit(90)
-
-
-@pytest.fixture(scope="module")
-def narrow_model(tiny_model, tmp_path_factory):
-    """tiny-mistral's tokenizer on a 1-layer, 32-wide Mistral: a whole epoch of long rows
-    costs seconds, and both backends load it from the same files."""
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
-    out = tmp_path_factory.mktemp("narrow")
-    config = MistralConfig.from_pretrained(tiny_model)
-    config.update({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                   "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
-    torch.manual_seed(0)
-    MistralForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    for f in tiny_model.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy(f, out / f.name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ dash-joined flags on the command line (``lora.rank`` <-> ``--lora-rank``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass, field, fields
@@ -159,7 +160,11 @@ class Spec:
         1, "micro-batches per optimizer step, or 'auto' (from the memory budget)", low=1)
     memory_budget_gb: Optional[float] = _f(None, "memory to plan for with gradient_accumulation_steps"
                                            ": auto (default: 75% of detected memory)", low=0)
-    max_steps: int = _f(2000, "optimizer steps to train", low=1)
+    max_steps: Optional[int] = _f(None, "optimizer steps to train (default 2000; or give "
+                                  "num_epochs)", low=1)
+    num_epochs: Optional[float] = _f(None, "passes over the training data, instead of "
+                                     "max_steps (steps = epochs x records // batch_size)",
+                                     low=0)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd", "adafactor"))
     learning_rate: float = _f(2e-4, "peak learning rate", low=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (adamw) or L2 (sgd)", low=0)
@@ -208,6 +213,8 @@ class Spec:
     torch_threads: Optional[int] = _f(None, "torch: CPU threads (default: half the physical cores; a busy machine runs 1 thread faster than 2)", low=1)
 
 
+DEFAULT_MAX_STEPS = 2000  # when neither max_steps nor num_epochs is given
+
 # Which top-level fields go under which heading in `mlx-tune train --help`.
 SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
@@ -215,7 +222,7 @@ SECTIONS = {
     "data": ("data", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
              "bucket_widths", "prefetch", "curriculum", "quality", "augmentation"),
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
-                     "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
+                     "num_epochs",                     "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
                      "ema"),
     "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
@@ -234,7 +241,7 @@ FINGERPRINT_FIELDS = ("model", "backend", "fine_tune_type", "quantize", "quantiz
                       "lora.rank", "lora.layers", "lora.targets", "optimizer")
 # Fields that steer the rest of a run without changing what the saved tensors mean: a
 # resume across a change of these is allowed and the change is reported.
-RESUME_REPORTED_FIELDS = ("max_steps", "eval_steps", "eval_schedule", "val_batches",
+RESUME_REPORTED_FIELDS = ("max_steps", "num_epochs", "eval_steps", "eval_schedule", "val_batches",
                           "checkpoint_interval", "keep_checkpoints", "report_every",
                           "learning_rate", "lr_schedule", "gradient_accumulation_steps",
                           "early_stopping.patience")
@@ -465,6 +472,13 @@ def finalize(spec: Spec) -> Spec:
     where = "spec"
     if spec.warmup_ratio is not None and spec.warmup_steps not in (0, Spec.warmup_steps):
         raise SpecError(f"{where}: set either 'warmup_steps' or 'warmup_ratio', not both")
+    if spec.max_steps is not None and spec.num_epochs is not None:
+        raise SpecError(f"{where}: set either 'max_steps' or 'num_epochs', not both "
+                        f"(max_steps={spec.max_steps}, num_epochs={spec.num_epochs})")
+    if spec.num_epochs is not None and spec.num_epochs <= 0:
+        raise SpecError(f"{where}: 'num_epochs' is {spec.num_epochs}; expected a number > 0")
+    max_steps = DEFAULT_MAX_STEPS if spec.max_steps is None and spec.num_epochs is None \
+        else spec.max_steps
     min_lr = spec.learning_rate / 10 if spec.min_lr is None else spec.min_lr
     if min_lr > spec.learning_rate:
         raise SpecError(f"{where}: 'min_lr' ({min_lr}) must not exceed 'learning_rate' "
@@ -491,7 +505,16 @@ def finalize(spec: Spec) -> Spec:
         if bad:
             raise SpecError(f"{where}: 'eval_metrics' entry {bad[0]!r} must look like "
                             "'package.module:function'")
-    return dataclasses.replace(spec, min_lr=min_lr, curriculum=stages)
+    return dataclasses.replace(spec, min_lr=min_lr, curriculum=stages, max_steps=max_steps)
+
+
+def with_epochs(spec: Spec, steps_per_epoch: int) -> Spec:
+    """num_epochs -> max_steps, once, from the data's steps per epoch. Everything that
+    counts steps (schedules, warmup_ratio, cosine horizon, eval cadence, dashboard, ETA,
+    resume) reads max_steps, so both ways of giving the length mean the same run."""
+    if spec.num_epochs is None:
+        return spec
+    return dataclasses.replace(spec, max_steps=max(1, math.ceil(spec.num_epochs * steps_per_epoch)))
 
 
 def require(spec: Spec, *keys: str) -> None:
@@ -504,8 +527,12 @@ def require(spec: Spec, *keys: str) -> None:
 
 def fingerprint(spec: Spec) -> dict[str, Any]:
     """What a checkpoint records of its spec: the fields it is bound to
-    (FINGERPRINT_FIELDS) and those whose change on resume is only reported."""
-    return {key: get(spec, key) for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS}
+    (FINGERPRINT_FIELDS) and those whose change on resume is only reported. With
+    num_epochs, max_steps is derived from the data, so the epochs are what is compared."""
+    out = {key: get(spec, key) for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS}
+    if spec.num_epochs is not None:
+        out["max_steps"] = None
+    return out
 
 
 def effective_lr_args(spec: Spec) -> dict[str, Any]:

@@ -89,6 +89,10 @@ class MemorySource:
         groups = bucket([self.examples[i].length for i in kept], self.s.batch_size, rng)
         return [[kept[j] for j in g] for g in groups], [f.message()] if f.active else []
 
+    def steps_per_epoch(self) -> int:
+        """Batches in epoch 0 (later epochs differ only if a curriculum filters them)."""
+        return len(self.plan(0)[0])
+
     def iterate(self, state: dict) -> Iterator[Item]:
         epoch, position = int(state.get("epoch", 0)), int(state.get("position", 0))
         while True:
@@ -132,6 +136,12 @@ class StreamingSource:
         """Train records (non-blank lines not held out for validation): one cheap pass."""
         self.records = sum(1 for _ in self._lines())
         return self.records
+
+    def steps_per_epoch(self) -> int:
+        """Records // batch_size: an estimate (each window drops its own remainder, and
+        filters are only known once the records are read), so an epoch-based streaming
+        run ends within a few batches of the epoch boundary."""
+        return (self.records if self.records is not None else self.count()) // self.s.batch_size
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         for line, text in iter_lines(self.path):

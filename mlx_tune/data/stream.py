@@ -56,6 +56,10 @@ class TrainStream:
     def mode(self) -> str:
         return self._source.mode
 
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one pass over the training data (num_epochs -> max_steps)."""
+        return self._source.steps_per_epoch()
+
     def state_dict(self) -> dict:
         """JSON-able position of the stream after the last batch handed out."""
         state = {"version": STATE_VERSION, "mode": self.mode, "seed": self._seed,

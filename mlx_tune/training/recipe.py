@@ -25,7 +25,7 @@ from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.checkpoint.resume import decide_resume, move_run_aside
 from mlx_tune.training.schedules import build_schedule
-from mlx_tune.config.spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict
+from mlx_tune.config.spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict, with_epochs
 
 def select_backend(name: str) -> str:
     """'auto' -> mlx wherever MLX imports (Apple Silicon, MLX's Linux/CUDA builds), else
@@ -103,6 +103,11 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                      log=log)
     if is_main:
         write_spec(spec, output_dir)
+    if spec.num_epochs is not None:
+        per_epoch = data.train.steps_per_epoch()
+        spec = with_epochs(spec, per_epoch)
+        log(f"num_epochs={spec.num_epochs:g}: {spec.max_steps} steps ({per_epoch} per epoch: "
+            f"{data.train_records} records / batch_size {spec.batch_size})")
     # Logs continue from the resume step; a start from scratch supersedes whatever an
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
     reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
