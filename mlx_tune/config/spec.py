@@ -149,6 +149,9 @@ class Spec:
     bucket_widths: str = _f("auto", "padded widths: auto (at most 8, chosen from the train "
                             "lengths: bounded compiled shapes) or align32 (every multiple of "
                             "32, unbounded)", choices=("auto", "align32"))
+    packing: bool = _f(False, "pack several examples into each fixed-length row (attention "
+                        "stays within each example): one compiled shape, no padding")
+    pack_length: Optional[int] = _f(None, "tokens per packed row (default: max_length)", low=2)
     prefetch: int = _f(2, "batches prepared ahead in a background thread (0 = off)", low=0)
     curriculum: list = _f([], "stages by epoch: [{until_epoch, max_tokens, max_turns, "
                               "max_difficulty}, ...]")
@@ -220,7 +223,7 @@ SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
               "trust_remote_code", "lora"),
     "data": ("data", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
-             "bucket_widths", "prefetch", "curriculum", "quality", "augmentation"),
+             "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "num_epochs",                     "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
@@ -479,6 +482,8 @@ def finalize(spec: Spec) -> Spec:
         raise SpecError(f"{where}: 'num_epochs' is {spec.num_epochs}; expected a number > 0")
     max_steps = DEFAULT_MAX_STEPS if spec.max_steps is None and spec.num_epochs is None \
         else spec.max_steps
+    if spec.packing and spec.streaming:
+        raise SpecError(f"{where}: 'packing' does not support 'streaming' yet; turn one off")
     min_lr = spec.learning_rate / 10 if spec.min_lr is None else spec.min_lr
     if min_lr > spec.learning_rate:
         raise SpecError(f"{where}: 'min_lr' ({min_lr}) must not exceed 'learning_rate' "

@@ -71,13 +71,14 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
     if files.valid is not None and spec.val_split:
         log(f"val_split={spec.val_split} ignored: validating on {files.valid}")
     widths = Widths.choose((), spec.max_length, mode=spec.bucket_widths)
+    pack_length = (spec.pack_length or spec.max_length) if spec.packing else None
     settings = Settings(
         tokenizer=tokenizer, seed=spec.seed, batch_size=spec.batch_size,
         max_length=spec.max_length, mask_prompt=spec.mask_prompt, pad_id=pad_id_of(tokenizer),
         stages=[CurriculumStage(**s) if isinstance(s, dict) else s for s in spec.curriculum],
         quality=spec.quality,
         augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory),
-        widths=widths)
+        widths=widths, pack_length=pack_length)
 
     held: Optional[list[Record]] = None
     if spec.streaming:
@@ -104,6 +105,8 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
                                mode=spec.bucket_widths,
                                origin=f"chosen from {len(examples)} training lengths")
         widths.set(chosen.values, chosen.origin)
+        if pack_length is not None:  # every row, train and validation, is pack_length wide
+            widths.set((pack_length,), f"packing: rows of {pack_length} tokens")
         source = MemorySource(examples, settings)
         count = len(examples)
     if count < spec.batch_size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -21,6 +22,9 @@ class Batch:
 
     tokens: np.ndarray  # int32 [B, T]
     mask: np.ndarray  # float32 [B, T], 0/1
+    # Packed rows only: int32 [B, T], the example each token belongs to (1, 2, ...; 0 =
+    # padding). Attention never crosses segments (see data/packing.py).
+    segments: Optional[np.ndarray] = None
 
     @property
     def n_targets(self) -> int:
@@ -35,5 +39,7 @@ class Batch:
         if self.size % parts:
             raise ValueError(f"batch of {self.size} cannot be split into {parts} equal parts")
         n = self.size // parts
-        return [Batch(self.tokens[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n])
+        seg = self.segments
+        return [Batch(self.tokens[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n],
+                      None if seg is None else seg[i * n:(i + 1) * n])
                 for i in range(parts)]

@@ -21,6 +21,7 @@ from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import DataError, iter_lines, parse_line
 from mlx_tune.data.tokenize import Example, Truncation, make_example
 from mlx_tune.data.widths import Widths
+from mlx_tune.data.packing import batches_of, best_fit, pack_rows
 
 Item = tuple  # (Batch, state dict after this batch, list of log lines)
 
@@ -44,6 +45,7 @@ class Settings:
     quality: QualitySpec
     augmenter: Optional[Augmenter]
     widths: Widths  # shared with validation; a resume replaces its values in place
+    pack_length: Optional[int] = None  # packing: rows of this many tokens
 
     def example(self, record, counts: Optional[Truncation] = None) -> Optional[Example]:
         return make_example(record, self.tokenizer, self.mask_prompt, self.max_length, counts)
@@ -56,6 +58,9 @@ class Settings:
         truncation (so a batch never shrinks).
         """
         rows = []
+        if self.pack_length is not None:  # examples: a list of rows of examples
+            return pack_rows([[self._augmented(ex, epoch) for ex in row] for row in examples],
+                             self.pad_id, self.pack_length)
         for ex in examples:
             if self.augmenter is not None:
                 rewritten = self.augmenter.apply(ex.record, epoch)
@@ -63,6 +68,13 @@ class Settings:
                     ex = self.example(rewritten) or ex
             rows.append((ex.ids, ex.mask))
         return pad_batch(rows, self.pad_id, self.max_length, self.widths)
+
+    def _augmented(self, ex: Example, epoch: int) -> tuple:
+        if self.augmenter is not None:
+            rewritten = self.augmenter.apply(ex.record, epoch)
+            if rewritten is not None:
+                ex = self.example(rewritten) or ex
+        return ex.ids, ex.mask
 
     def too_few(self, where: str, kept: int, detail: str) -> DataError:
         return DataError(f"{where}: the filters keep {kept} records, fewer than "
@@ -86,6 +98,16 @@ class MemorySource:
         if len(kept) < self.s.batch_size:
             raise self.s.too_few(f"epoch {epoch}", len(kept), f.message())
         rng = seeding.rng(self.s.seed, seeding.EPOCH_ORDER, epoch)
+        if self.s.pack_length is not None:
+            # Packing: a seeded shuffle, best-fit rows, rows shuffled into batches. Each
+            # batch entry is a row (a list of example indices).
+            lengths = [self.examples[i].length for i in kept]
+            rows = best_fit(lengths, rng.permutation(len(kept)).tolist(), self.s.pack_length)
+            rows = [[kept[j] for j in row] for row in rows]
+            if len(rows) < self.s.batch_size:
+                raise self.s.too_few(f"epoch {epoch} (packed into {len(rows)} rows)",
+                                     len(kept), f.message())
+            return batches_of(rows, self.s.batch_size, rng), [f.message()] if f.active else []
         groups = bucket([self.examples[i].length for i in kept], self.s.batch_size, rng)
         return [[kept[j] for j in g] for g in groups], [f.message()] if f.active else []
 
@@ -98,7 +120,11 @@ class MemorySource:
         while True:
             plan, messages = self.plan(epoch)
             for p in range(position, len(plan)):
-                batch = self.s.assemble([self.examples[i] for i in plan[p]], epoch)
+                if self.s.pack_length is not None:
+                    batch = self.s.assemble([[self.examples[i] for i in row]
+                                             for row in plan[p]], epoch)
+                else:
+                    batch = self.s.assemble([self.examples[i] for i in plan[p]], epoch)
                 yield batch, {"epoch": epoch, "position": p + 1}, messages
                 messages = []
             epoch, position = epoch + 1, 0

@@ -17,6 +17,7 @@ from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
 from mlx_tune.data.records import Record, first_format, iter_lines, iter_records, parse_line
 from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
 from mlx_tune.data.widths import Widths
+from mlx_tune.data.packing import batches_of, best_fit, pack_rows
 
 
 def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,
@@ -32,6 +33,16 @@ def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: 
         groups = [groups[i] for i in perm]
     return [pad_batch([(examples[i].ids, examples[i].mask) for i in g], pad_id, max_length,
                       widths, size=batch_size) for g in groups]
+
+
+def _packed(examples: list[Example], batch_size: int, pad_id: int, pack_length: int
+            ) -> list[Batch]:
+    """Examples best-fit into rows in file order (no randomness), batches of rows, the
+    last padded with empty rows."""
+    rows = best_fit([ex.length for ex in examples], range(len(examples)), pack_length)
+    return [pack_rows([[(examples[i].ids, examples[i].mask) for i in row] for row in group],
+                      pad_id, pack_length, size=batch_size)
+            for group in batches_of(rows, batch_size, None)]
 
 
 class LazyValidation:
@@ -72,8 +83,12 @@ class LazyValidation:
             spec = self._spec
             examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
                                     spec.max_length, self.name, self._log)
-            batches = _batches(examples, spec.batch_size, pad_id_of(self._tokenizer),
-                               spec.max_length, self._widths, order_seed=spec.seed)
+            if spec.packing:  # packed like training: the same single shape
+                batches = _packed(examples, spec.batch_size, pad_id_of(self._tokenizer),
+                                  spec.pack_length or spec.max_length)
+            else:
+                batches = _batches(examples, spec.batch_size, pad_id_of(self._tokenizer),
+                                   spec.max_length, self._widths, order_seed=spec.seed)
             if spec.val_batches >= 0:
                 batches = batches[:spec.val_batches]
             if not batches and spec.val_batches != 0:

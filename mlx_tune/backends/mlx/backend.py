@@ -46,6 +46,12 @@ def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path
     }
 
 
+def arrays_of(batch: Batch) -> tuple[mx.array, ...]:
+    """(tokens, mask), plus segments for a packed batch."""
+    out = (mx.array(batch.tokens), mx.array(batch.mask))
+    return out if batch.segments is None else (*out, mx.array(batch.segments))
+
+
 def set_leaf(tree: Any, dotted: str, value: Any) -> None:
     """tree["a"]["0"]... = value for a key from tree_flatten ("a.0.b")."""
     *parents, last = dotted.split(".")
@@ -127,7 +133,7 @@ class MLXBackend:
 
     # -- training ----------------------------------------------------------------
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
-        arrays = [(mx.array(b.tokens), mx.array(b.mask)) for b in micro_batches]
+        arrays = [arrays_of(b) for b in micro_batches]
         loss, ntok, norm, finite = self.step_fn(arrays, lr, noise_std)
         return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
 
@@ -136,7 +142,7 @@ class MLXBackend:
         try:
             total = mx.zeros((5,))
             for b in batches:
-                total = total + self.step_fn.eval_batch(mx.array(b.tokens), mx.array(b.mask))
+                total = total + self.step_fn.eval_batch(*arrays_of(b))
                 mx.eval(total)  # bound the graph: one batch of activations at a time
             if self.world_size > 1:
                 total = mx.distributed.all_sum(total, stream=mx.cpu)

@@ -24,19 +24,55 @@ from mlx.utils import tree_map, tree_reduce
 from mlx_tune.backends.base import StepConfig
 
 
+class SegmentMask:
+    """Stands in for mlx-lm's KV cache during a packed forward: mlx-lm's models build
+    their mask with ``create_attention_mask(h, cache)``, which asks ``cache.make_mask``
+    when the cache has one; offset 0 and a pass-through ``update_and_fetch`` leave RoPE
+    and attention otherwise as in a cache-free forward. RoPE positions run across the
+    row, which changes nothing: rotary scores depend only on relative positions, and the
+    mask keeps every query within its own example (tests compare with examples run alone)."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None) -> mx.array:
+        if window_size is None:
+            return self.mask
+        i = mx.arange(n)
+        return self.mask & (i[:, None] < i[None] + window_size)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        return keys, values
+
+
+def forward(model: nn.Module, inputs: mx.array, segments: mx.array | None) -> mx.array:
+    """Logits; with segments, under a block-diagonal causal mask [B, 1, T, T]."""
+    if segments is None:
+        return model(inputs)
+    i = mx.arange(inputs.shape[1])
+    mask = (segments[:, None, :, None] == segments[:, None, None, :]) & (i[:, None] >= i[None])
+    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+
+
 def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
+                    segments: mx.array | None = None,
                     label_smoothing: float = 0.0) -> tuple[mx.array, mx.array]:
     """(sum of per-token cross-entropy over target tokens, number of target tokens)."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
-    logits = model(inputs).astype(mx.float32)
+    seg = None if segments is None else segments[:, :-1]
+    logits = forward(model, inputs, seg).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     return (ce * weights).sum(), weights.sum()
 
 
-def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array) -> mx.array:
+def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
+              segments: mx.array | None = None) -> mx.array:
     """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
-    logits = model(inputs).astype(mx.float32)
+    seg = None if segments is None else segments[:, :-1]
+    logits = forward(model, inputs, seg).astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     probs = mx.exp(logprobs)
     ce = -mx.take_along_axis(logprobs, targets[..., None], axis=-1).squeeze(-1)
@@ -73,13 +109,13 @@ class CompiledStep:
             model, partial(token_loss_sums, label_smoothing=config.label_smoothing))
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def first(tokens, mask):
-            (loss_sum, ntok), grads = loss_and_grad(model, tokens, mask)
+        def first(*batch):  # (tokens, mask) or, packed, (tokens, mask, segments)
+            (loss_sum, ntok), grads = loss_and_grad(model, *batch)
             return grads, loss_sum, ntok
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def more(tokens, mask, grads, loss_sum, ntok):
-            (l, n), g = loss_and_grad(model, tokens, mask)
+        def more(grads, loss_sum, ntok, *batch):
+            (l, n), g = loss_and_grad(model, *batch)
             return tree_map(mx.add, grads, g), loss_sum + l, ntok + n
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
@@ -131,15 +167,15 @@ class CompiledStep:
                 self.ema["weights"], new_params)
         return loss_sum / denom, ntok, norm, finite
 
-    def __call__(self, micro_batches: list[tuple[mx.array, mx.array]], lr: float,
+    def __call__(self, micro_batches: list[tuple[mx.array, ...]], lr: float,
                  noise_std: float) -> tuple[mx.array, mx.array, mx.array, mx.array]:
         # Set outside the compiled graph: the value is an input array, so a new
         # learning rate each step never triggers a recompile.
         self.optimizer.learning_rate = lr
-        self.shapes.update(tuple(tokens.shape) for tokens, _ in micro_batches)
+        self.shapes.update(tuple(b[0].shape) for b in micro_batches)
         grads, loss_sum, ntok = self._first(*micro_batches[0])
-        for tokens, mask in micro_batches[1:]:
-            grads, loss_sum, ntok = self._more(tokens, mask, grads, loss_sum, ntok)
+        for batch in micro_batches[1:]:
+            grads, loss_sum, ntok = self._more(grads, loss_sum, ntok, *batch)
         out = self._update_fn(grads, loss_sum, ntok, mx.array(noise_std, dtype=mx.float32))
         # Queue this step and wait only for the previous one: the next batch is prepared
         # while this step computes, and the host never runs more than one step ahead.
@@ -149,9 +185,9 @@ class CompiledStep:
         self._inflight = out[0]
         return out
 
-    def eval_batch(self, tokens: mx.array, mask: mx.array) -> mx.array:
+    def eval_batch(self, tokens: mx.array, mask: mx.array, *segments: mx.array) -> mx.array:
         self.shapes.add(tuple(tokens.shape))
-        return self._eval(tokens, mask)
+        return self._eval(tokens, mask, *segments)
 
 
 def make_optimizer(name: str, *, learning_rate: float, weight_decay: float,

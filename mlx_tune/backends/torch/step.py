@@ -26,34 +26,44 @@ from mlx_tune.data.batch import Batch
 from mlx_tune.backends.base import StepConfig
 
 
-def causal_logits(forward: Callable, tokens: torch.Tensor) -> torch.Tensor:
+def causal_logits(forward: Callable, tokens: torch.Tensor,
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits predicting ``tokens[:, 1:]``, in float32.
 
     MLX feeds ``tokens[:, :-1]``; the model is causal, so feeding all of ``tokens`` and
     dropping the last position gives the same logits, and keeps the sequence length the
     data layer chose: T-1 is odd for every even T, and CPU flash attention ran ~1.4x
     slower at 511 than at 512 positions (GPU kernels favour aligned lengths too). This is
-    also what transformers' own loss does."""
-    return forward(input_ids=tokens, use_cache=False).logits[:, :-1].float()
+    also what transformers' own loss does.
+
+    Packed rows pass ``positions`` that restart at each example: with no attention mask,
+    transformers' masking utilities read restarting position ids as packed sequences and
+    attend within each one only (masking_utils.find_packed_sequence_indices)."""
+    if positions is None:
+        return forward(input_ids=tokens, use_cache=False).logits[:, :-1].float()
+    return forward(input_ids=tokens, position_ids=positions,
+                   use_cache=False).logits[:, :-1].float()
 
 
 def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0,
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of per-token cross-entropy over target tokens, number of target tokens).
 
     torch's label smoothing, (1-eps)*CE + eps*mean_k(-log p_k), is MLX's
     ``logsumexp - (1-eps)*z_y - eps*mean(z)``, term for term."""
     targets, weights = tokens[:, 1:], mask[:, 1:]
-    logits = causal_logits(forward, tokens)
+    logits = causal_logits(forward, tokens, positions)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                          label_smoothing=label_smoothing, reduction="none")
     return (ce.view_as(weights) * weights).sum(), weights.sum()
 
 
-def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
     """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
     targets, weights = tokens[:, 1:], mask[:, 1:]
-    logits = causal_logits(forward, tokens)
+    logits = causal_logits(forward, tokens, positions)
     logprobs = torch.log_softmax(logits, dim=-1)
     probs = logprobs.exp()
     ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
@@ -64,10 +74,15 @@ def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor) -> to
                         (confidence * weights).sum(), (entropy * weights).sum()])
 
 
-def to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_device(batch: Batch, device: torch.device
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(tokens, mask, positions restarting per example or None when not packed)."""
+    from mlx_tune.data.packing import segment_positions
     tokens = torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64))
     mask = torch.from_numpy(np.asarray(batch.mask, dtype=np.float32))
-    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+    positions = None if batch.segments is None else \
+        torch.from_numpy(segment_positions(batch.segments)).to(device, non_blocking=True)
+    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), positions
 
 
 
@@ -98,14 +113,14 @@ class TorchStep:
         ntok = torch.zeros((), device=self.device)
         ddp = self.ddp()
         for i, batch in enumerate(micro_batches):
-            tokens, mask = to_device(batch, self.device)
+            tokens, mask, positions = to_device(batch, self.device)
             self.shapes.add(tuple(tokens.shape))
             # Under DDP, gradients are reduced with the step's last micro-batch only.
             last = i == len(micro_batches) - 1
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
                 with self.autocast():
                     loss, n = token_loss_sums(self.forward, tokens, mask,
-                                              self.config.label_smoothing)
+                                              self.config.label_smoothing, positions)
                 loss.backward()
             loss_sum += loss.detach()
             ntok += n
@@ -162,10 +177,10 @@ class TorchStep:
         return self.update(loss_sum, ntok, lr, noise_std)
 
     def eval_batch(self, batch: Batch) -> torch.Tensor:
-        tokens, mask = to_device(batch, self.device)
+        tokens, mask, positions = to_device(batch, self.device)
         self.shapes.add(tuple(tokens.shape))
         with torch.no_grad(), self.autocast():
-            return eval_sums(self.forward, tokens, mask)
+            return eval_sums(self.forward, tokens, mask, positions)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], *, learning_rate: float,
