@@ -4,7 +4,12 @@ training loop nothing (rendering happens only in the refresh thread)."""
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -162,3 +167,59 @@ def test_close_is_idempotent_and_stops_live():
                                       (90000, "1d 1h"), (float("inf"), "?")])
 def test_fmt_duration(sec, text):
     assert fmt_duration(sec) == text
+
+
+def test_counters_have_readable_labels_and_skipped_steps_appear_once():
+    r = train(early_stopping={"plateau_counter": 2, "val_counter": 1, "spike_counter": 0,
+                              "consecutive_nonfinite": 0, "skipped_steps": 3})
+    d = RichDashboard(2000, console=quiet_console())
+    d.on_train(r)
+    d.close()
+    text = text_of(d)
+    assert "plateau 2" in text and "no val improvement 1" in text and "grad spikes 0" in text
+    assert "_counter" not in text and "consecutive_nonfinite" not in text
+    assert text.lower().count("skipped") == 1
+
+
+def test_sparkline_puts_val_points_on_the_train_scale():
+    line, points, scale = dash.sparkline([(1, 4.0), (2, 3.0), (3, 2.0)], [(2, 4.0)])
+    # levels: (v - 2) / (4 - 2) * 7 -> 7, 3.5 (rounds to 4), 0
+    assert line.plain == "█▅▁" and points.plain == " █ " and scale == "2.0–4.0"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+def test_dashboard_in_a_real_terminal_shows_the_trend(tmp_path):
+    """The live view in a real pseudo-terminal (tmux), captured from the screen."""
+    script = tmp_path / "live.py"
+    script.write_text(f"""
+import sys, time
+sys.path[:0] = [{str(Path(__file__).resolve().parents[1])!r}, {str(Path(__file__).parent)!r}]
+from mlx_tune.reporting.dashboard import RichDashboard
+from test_dashboard import train, evalr
+d = RichDashboard(2000, refresh_per_second=10)
+d.on_start({{"model": "tiny", "backend": "mlx"}})
+for i in range(30):
+    d.on_train(train(step=10 * (i + 1), loss=3.0 - 0.05 * i, leak_warning=False,
+                     early_stopping={{"plateau_counter": 1, "spike_counter": 0}}))
+    if i % 10 == 9:
+        d.on_eval(evalr(step=10 * (i + 1), val_loss=3.1 - 0.05 * i, samples=[]))
+time.sleep(1.0)
+open({str(tmp_path / "ready")!r}, "w").close()
+time.sleep(30)
+""")
+    session = f"mlxtune-dash-{os.getpid()}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "40",
+                    f"{sys.executable} {script}"], check=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists():
+            assert time.time() < deadline, "the dashboard never came up"
+            time.sleep(0.1)
+        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert "loss trend" in screen and "val points" in screen, screen
+    trend = next(line for line in screen.splitlines() if "loss trend" in line)
+    assert "█" in trend and "▁" in trend  # falling loss: from the top block to the bottom
+    assert "plateau 1" in screen and "plateau_counter" not in screen

@@ -27,6 +27,11 @@ from mlx_tune.reporting.text import fmt_dec, fmt_fixed, fmt_int, fmt_lr, one_lin
 from mlx_tune.reporting.records import EvalReport, NullReporter, TrainReport
 
 LEAK_MARK = "⚠ LEAK?"
+SPARK = "▁▂▃▄▅▆▇█"
+TREND_WIDTH = 48  # reports shown in the loss trend
+# Early stopping's counters (monitors.EarlyStopping.counters) as a reader names them.
+COUNTER_LABELS = {"plateau_counter": "plateau", "val_counter": "no val improvement",
+                  "spike_counter": "grad spikes", "consecutive_nonfinite": "non-finite in a row"}
 _LEVEL_STYLE = {"debug": "dim", "info": "", "warning": "yellow", "error": "bold red"}
 
 
@@ -65,6 +70,35 @@ def _trend(t: float) -> Text:
     return Text("→ 0", style="dim")
 
 
+def sparkline(train: list[tuple[int, float]], val: list[tuple[int, float]],
+              width: int = TREND_WIDTH) -> tuple[Text, Text, str]:
+    """The last ``width`` train losses as block characters, and the validation points
+    that fall in the same steps on the same vertical scale (blank where none)."""
+    train = [(st, v) for st, v in train[-width:] if math.isfinite(v)]
+    if not train:
+        return Text(""), Text(""), ""
+    first = train[0][0]
+    val = [(st, v) for st, v in val if st >= first and math.isfinite(v)]
+    values = [v for _, v in train] + [v for _, v in val]
+    low, high = min(values), max(values)
+
+    def level(v: float) -> str:
+        return SPARK[0 if high == low else round((v - low) / (high - low) * (len(SPARK) - 1))]
+
+    line = Text("".join(level(v) for _, v in train), style="blue")
+    cols = [" "] * len(train)
+    steps = [st for st, _ in train]
+    for st, v in val:  # the column of the first train report at or after the eval step
+        col = next((i for i, s in enumerate(steps) if s >= st), len(steps) - 1)
+        cols[col] = level(v)
+    return line, Text("".join(cols), style="magenta"), f"{fmt_dec(low, 3)}–{fmt_dec(high, 3)}"
+
+
+def counters_text(counters: dict[str, int]) -> str:
+    return " · ".join(f"{COUNTER_LABELS.get(k, k.replace('_', ' '))} {v}"
+                      for k, v in counters.items() if k != "skipped_steps") or "-"
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     info: dict
@@ -74,6 +108,8 @@ class _Snapshot:
     ckpt: tuple[int, str] | None
     stop: tuple[str, int] | None
     started: float | None
+    losses: tuple = ()  # (step, train loss) per report, oldest first
+    val_losses: tuple = ()  # (step, val loss) per evaluation
 
 
 class RichDashboard(NullReporter):
@@ -92,6 +128,8 @@ class RichDashboard(NullReporter):
         self._ckpt: tuple[int, str] | None = None
         self._stop: tuple[str, int] | None = None
         self._started: float | None = None
+        self._losses: list[tuple[int, float]] = []  # appended by the loop, read by refresh
+        self._val_losses: list[tuple[int, float]] = []
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -119,12 +157,16 @@ class RichDashboard(NullReporter):
 
     def on_train(self, r: TrainReport) -> None:
         self._train = r  # O(1): no formatting here, see module docstring
+        self._losses.append((r.step, r.loss))
+        if len(self._losses) > 4 * TREND_WIDTH:
+            self._losses = self._losses[-TREND_WIDTH:]  # rebinding: readers keep their list
         if self._live is None and not self._closed:  # tolerate a loop that skipped on_start
             self.start()
 
     def on_eval(self, r: EvalReport) -> None:
         if r.samples:
             self._sample = r.samples[0]
+        self._val_losses.append((r.step, r.val_loss))
         self._eval = r
 
     def on_checkpoint(self, step: int, path: str) -> None:
@@ -143,7 +185,8 @@ class RichDashboard(NullReporter):
     # ---------------------------------------------------------------- rendering
     def snapshot(self) -> _Snapshot:
         return _Snapshot(self._info, self._train, self._eval, self._sample, self._ckpt,
-                         self._stop, self._started)
+                         self._stop, self._started, tuple(self._losses[-TREND_WIDTH:]),
+                         tuple(self._val_losses))
 
     def render(self) -> RenderableType:
         try:
@@ -211,14 +254,23 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
         ck_text = "none yet" if not ck_path else f"-{since} steps" if since else "just saved"
         row("checkpoint", ck_text,
             "path", Text(one_line(ck_path or "-", 80), overflow="fold"))
-        counters = " · ".join(f"{k} {v}" for k, v in t.early_stopping.items()) or "-"
         skipped = Text(str(t.skipped_steps), style="yellow" if t.skipped_steps else "")
-        row("early stop", counters, "skipped steps", skipped)
+        row("early stop", counters_text(t.early_stopping), "skipped steps", skipped)
         if t.compiled_shapes:
             over = t.shape_bound and t.compiled_shapes > t.shape_bound
             shapes = Text(f"{t.compiled_shapes}" + (f" of {t.shape_bound}" if t.shape_bound else ""),
                           style="bold red" if over else "")
             row("compiled shapes", shapes)
+
+    trend = None
+    if len(s.losses) > 1:  # its own full-width grid: the 4-column one would truncate it
+        line, points, scale = sparkline(list(s.losses), list(s.val_losses))
+        trend = Table.grid(padding=(0, 2))
+        trend.add_column(style="cyan", no_wrap=True)
+        trend.add_column(no_wrap=True)
+        trend.add_row("loss trend", line + Text(f"  {scale}", style="dim"))
+        if points.plain.strip():
+            trend.add_row("val points", points)
 
     if e is not None:
         best_ppl = math.exp(min(e.best_val_loss, 700.0)) if math.isfinite(e.best_val_loss) else e.best_val_loss
@@ -230,7 +282,7 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
         row("val acc", f"{fmt_dec(e.accuracy, 3)}  conf {fmt_dec(e.confidence, 3)}"
             f"  entropy {fmt_dec(e.entropy, 3)}", "eval time", fmt_duration(e.seconds))
 
-    parts: list[RenderableType] = [_header(s.info), bar, grid]
+    parts: list[RenderableType] = [_header(s.info), bar, grid] + ([trend] if trend else [])
     if s.sample is not None:
         sample = Text("sample ", style="cyan")
         sample.append(one_line(s.sample.get("prompt", ""), 80), style="dim")
