@@ -21,6 +21,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from mlx_tune.config import mlx_lm
+
 
 class SpecError(ValueError):
     """A spec that cannot run; the message is one line meant for the user."""
@@ -200,6 +202,9 @@ class Spec:
     sample_max_tokens: int = _f(64, "tokens generated per sample", low=1)
     eval_metrics: list = _f([], "'module:function' scoring generated text -> float")
     early_stopping: EarlyStoppingSpec = field(default_factory=EarlyStoppingSpec)
+    test_at_end: bool = _f(False, "after training, score test.jsonl with the best checkpoint's "
+                                  "weights (loss, perplexity, accuracy)", flag="test")
+    test_batches: int = _f(-1, "test batches scored by test_at_end (-1 = all)", low=-1)
     # -- checkpoints and output ----------------------------------------------
     output_dir: str = _f("runs/mlx-tune", "run directory (checkpoints, adapters, logs)")
     checkpoint_interval: int = _f(250, "steps between checkpoints", low=1)
@@ -232,7 +237,8 @@ SECTIONS = {
                  "onecycle"),
     "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",
                                       "eval_at_start", "sample_prompts", "num_samples",
-                                      "sample_max_tokens", "eval_metrics", "early_stopping"),
+                                      "sample_max_tokens", "eval_metrics", "early_stopping",
+                                      "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
     "reporting": ("report_every", "dashboard", "tensorboard", "allow_sleep"),
     "torch backend": ("torch_compile", "torch_threads"),
@@ -454,12 +460,22 @@ def nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def build_spec(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Spec:
-    """defaults < YAML < command line; validated, with derived defaults filled in."""
+def build_spec(yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+               log: Any = None) -> Spec:
+    """defaults < YAML < command line; validated, with derived defaults filled in.
+
+    An mlx-lm LoRA config is translated first (config/mlx_lm.py); ``log`` gets each
+    translation (default: stderr).
+    """
     raw, lines, source = {}, {}, "spec"
     if yaml_path is not None:
         raw, lines = load_yaml(yaml_path)
         source = str(yaml_path)
+        if mlx_lm.is_mlx_lm(raw):
+            try:
+                raw, lines = mlx_lm.translate(raw, source, lines, log or _stderr)
+            except mlx_lm.ConfigError as e:
+                raise SpecError(str(e)) from None
         # Validate the file on its own first so its errors point at its lines.
         _build(Spec, raw, "", source, lines)
     if overrides:
@@ -468,6 +484,11 @@ def build_spec(yaml_path: str | Path | None = None, overrides: dict[str, Any] | 
     spec = _build(Spec, raw, "", "command line" if overrides else source,
                   {} if overrides else lines)
     return finalize(spec)
+
+
+def _stderr(message: str) -> None:
+    import sys
+    print(message, file=sys.stderr)
 
 
 def finalize(spec: Spec) -> Spec:
