@@ -104,6 +104,9 @@ class NullReporter:
     def on_stop(self, reason: str, exit_code: int) -> None:
         pass
 
+    def on_test(self, score: Any) -> None:  # training/testset.py TestResult
+        pass
+
     def close(self) -> None:
         pass
 
@@ -161,6 +164,15 @@ class Reporters(list):
 
     def on_stop(self, reason: str, exit_code: int) -> None:
         self._call("on_stop", reason, exit_code)
+
+    def on_test(self, score: Any) -> None:
+        # Reporters written before test scores existed simply do not have the method.
+        for rep in list(self):
+            if hasattr(rep, "on_test"):
+                try:
+                    rep.on_test(score)
+                except Exception as exc:  # noqa: BLE001 -- see class docstring
+                    self._failure(rep, "on_test", exc)
 
     def close(self) -> None:
         self._call("close")

@@ -100,6 +100,11 @@ class TensorBoardReporter(NullReporter):
             self.writer.add_text(f"samples/{i}", _sample_markdown(sample), step)
         self.writer.flush()  # evals are rare and the moment people look at the board
 
+    def on_test(self, score) -> None:
+        for name in ("loss", "perplexity", "accuracy"):
+            self.writer.add_scalar(f"test/{name}", getattr(score, name), score.step)
+        self.writer.flush()
+
     def on_checkpoint(self, step: int, path: str) -> None:
         # After a crash TensorBoard should show at least everything the checkpoint holds.
         self.writer.flush()

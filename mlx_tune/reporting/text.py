@@ -257,6 +257,9 @@ class JsonlReporter(NullReporter):
         self._step = max(self._step, r.step)
         self._append({"type": "eval", **asdict(r), "wall_time": time.time()})
 
+    def on_test(self, score) -> None:
+        self._append({"type": "test", **asdict(score), "wall_time": time.time()})
+
     def on_checkpoint(self, step: int, path: str) -> None:
         self._append({"type": "checkpoint", "step": step, "path": str(path), "wall_time": time.time()})
 

@@ -22,6 +22,7 @@ from mlx_tune.distributed.coordination import barrier, check_world, guard_run
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.training.loop import RunResult, Trainer
+from mlx_tune.training.testset import score_test
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.checkpoint.resume import decide_resume, move_run_aside
 from mlx_tune.training.schedules import build_schedule
@@ -136,6 +137,12 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                     with backend.ema_weights():
                         backend.save_adapter(output_dir / "adapters_ema")
                 reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+            if spec.test_at_end and result.exit_code == 0:
+                score = score_test(spec, backend, accumulation, result.step, data,
+                                   log=lambda m: reporters.on_message(m))
+                if score is not None:
+                    reporters.on_message(score.line())
+                    reporters.on_test(score)
             if result.first_val_loss and result.last_val_loss is not None:
                 reporters.on_message(
                     f"validation loss {result.first_val_loss:.4f} at the first evaluation -> "

@@ -1,0 +1,73 @@
+"""Score a held-out test file at the end of training (``test_at_end`` / ``--test``).
+
+The run's final weights are scored (the adapter just written to ``output_dir/adapters``;
+the EMA weights when ``ema.use_for_eval`` is on, as every evaluation does), on every
+record of ``test.jsonl`` or the first ``test_batches`` batches. Loss and perplexity are
+means over target tokens, exactly like validation, so the numbers are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mlx_tune.config.spec import Spec
+from mlx_tune.data import load_eval_file
+from mlx_tune.data.records import find_files
+
+
+@dataclass(frozen=True)
+class TestResult:
+    __test__ = False  # not a pytest class, whatever imports it
+    step: int
+    path: str
+    weights: str  # "final" or "final (EMA)"
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+    batches: int
+    seconds: float
+
+    def line(self) -> str:
+        return (f"test ({self.path}, {self.weights} weights, step {self.step}): "
+                f"loss {self.loss:.4f} | ppl {self.perplexity:.2f} | acc {self.accuracy:.3f} "
+                f"| {self.tokens} target tokens in {self.batches} batches")
+
+
+def find_test_file(spec: Spec) -> Optional[Path]:
+    return find_files(spec.data).test
+
+
+def score_test(spec: Spec, backend, accumulation: int, step: int,
+               data=None, log=print) -> Optional[TestResult]:
+    """Evaluate the backend's current weights on the test file; None when there is none.
+
+    Every rank scores every test batch (the backend sums across ranks, and the mean of
+    identical sums is the same): simple, and the test set is small next to training.
+    """
+    path = find_test_file(spec)
+    if path is None:
+        log(f"test_at_end: no test.jsonl in {spec.data}; nothing to score")
+        return None
+    tic = time.perf_counter()
+    batches = load_eval_file(path, spec, backend.tokenizer, log=log,
+                             widths=getattr(data, "widths", None))
+    if spec.test_batches >= 0:
+        batches = batches[:spec.test_batches]
+    # The training micro-batch shapes, as the loop evaluates: no new compiled traces.
+    batches = [m for b in batches
+               for m in (b.split(accumulation) if b.size % accumulation == 0 else [b])]
+    use_ema = spec.ema.enabled and spec.ema.use_for_eval
+    with (backend.ema_weights() if use_ema else nullcontext()):
+        result = backend.evaluate(batches)
+    tokens = max(result.tokens, 1.0)
+    loss = result.loss_sum / tokens
+    return TestResult(step=step, path=str(path), weights="final (EMA)" if use_ema else "final",
+                     loss=loss, perplexity=math.exp(min(loss, 50.0)),
+                     accuracy=result.correct / tokens, tokens=int(result.tokens),
+                     batches=len(batches), seconds=time.perf_counter() - tic)
