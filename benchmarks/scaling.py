@@ -80,7 +80,7 @@ def measure(args, n: int, work: Path) -> float:
              "--num-samples", "0", "--no-tensorboard", "--dashboard", "plain", "--seed", "0"]
     # Each rank gets its share of the cores for MLX's BLAS, so N ranks use what 1 process
     # used. torch keeps its own default (half the physical cores per process, 1 here):
-    # 2 threads on a busy 2-core machine run ~7x slower than 1 (see backends/torch.py).
+    # 2 threads on a busy 2-core machine run ~7x slower than 1 (see backends/torch/threads.py).
     threads = str(max(1, (os.cpu_count() or 1) // n))
     cmd = train_command(*flags)
     if n > 1:

@@ -88,7 +88,7 @@ class HFTrainer:
     def __init__(self, args):
         from peft import LoraConfig, get_peft_model
 
-        from mlx_tune.backends.torch.backend import decoder_layers, default_device, load_base, lora_keys
+        from mlx_tune.backends.torch.loading import decoder_layers, default_device, load_base, lora_keys
 
         self.args, self.device = args, default_device()
         base = load_base(Path(args.model), quantize=None, dtype="auto", device=self.device)
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
-    from mlx_tune.backends.torch.backend import default_device
+    from mlx_tune.backends.torch.loading import default_device
     from mlx_tune.models.tokenizer import load_tokenizer
 
     vocab = len(load_tokenizer(Path(args.model)))

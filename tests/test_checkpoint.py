@@ -15,11 +15,11 @@ from mlx_tune.checkpoint.manager import (
     CheckpointCorrupt,
     CheckpointManager,
     CheckpointSaveError,
-    MlxCodec,
     NumpyCodec,
 )
 
 mx = pytest.importorskip("mlx.core")
+from mlx_tune.backends.mlx.codec import MlxCodec  # noqa: E402 - needs mlx
 
 
 class SpyCodec:

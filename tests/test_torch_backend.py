@@ -86,7 +86,7 @@ def rel_err(a: dict, b: dict) -> float:
 # -- codec -------------------------------------------------------------------------------
 
 def test_codec_roundtrip_without_pickles(tmp_path):
-    from mlx_tune.backends.torch.backend import TorchCodec
+    from mlx_tune.backends.torch.codec import TorchCodec
     from mlx_tune.checkpoint.manager import CheckpointManager
 
     base = torch.randn(4, 3)
@@ -172,7 +172,7 @@ def test_nonfinite_step_is_skipped_entirely(tiny_model):
 
 
 def test_resume_is_bit_identical(tiny_model, tmp_path):
-    from mlx_tune.backends.torch.backend import TorchCodec
+    from mlx_tune.backends.torch.codec import TorchCodec
     from mlx_tune.checkpoint.manager import CheckpointManager
 
     over = dict(optimizer="adamw", **{"lora.dropout": 0.2}, ema={"enabled": True, "decay": 0.5},
@@ -225,7 +225,8 @@ def test_optimizer_scalars_survive_a_checkpoint(tiny_model):
 def test_saved_adapter_loads_in_peft_and_generates(tiny_model, tmp_path):
     from peft import PeftModel
 
-    from mlx_tune.backends.torch.backend import generate_with_adapter, load_base
+    from mlx_tune.backends.torch.generation import generate_with_adapter
+    from mlx_tune.backends.torch.loading import load_base
 
     a, info = load(tiny_model, **{"lora.layers": 1, "lora.targets": ["q", "v", "down"]})
     assert a.keys == ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -253,7 +254,7 @@ def test_saved_adapter_loads_in_peft_and_generates(tiny_model, tmp_path):
 
 
 def test_ema_weights_swap_and_full_finetune_save(tiny_model, tmp_path):
-    from mlx_tune.backends.torch.backend import generate_with_adapter
+    from mlx_tune.backends.torch.generation import generate_with_adapter
 
     a, info = load(tiny_model, fine_tune_type="full", optimizer="adamw",
                    ema={"enabled": True, "decay": 0.5})
@@ -293,7 +294,8 @@ def dequantized_reference(backend, tiny_model):
     import bitsandbytes as bnb
     from peft import get_peft_model
 
-    from mlx_tune.backends.torch.backend import TorchBackend, load_base
+    from mlx_tune.backends.torch.backend import TorchBackend
+    from mlx_tune.backends.torch.loading import load_base
 
     ref = TorchBackend()
     ref.spec, ref.tokenizer = backend.spec, backend.tokenizer

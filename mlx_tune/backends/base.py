@@ -8,12 +8,12 @@ loop does, so every feature above this line works the same on both backends.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 from mlx_tune.data.batch import Batch
-from mlx_tune.checkpoint.manager import ArrayCodec
+from mlx_tune.checkpoint.format import ArrayCodec
 from mlx_tune.config.spec import Spec
 
 
@@ -62,7 +62,11 @@ class StepResult:
 
 @dataclass
 class EvalResult:
-    """Sums over target tokens; the loop derives means, so ranks and batches add up."""
+    """Sums over target tokens; the loop derives means, so ranks and batches add up.
+
+    A backend's evaluation computes the sums as one vector, in ``EVAL_FIELDS`` order
+    (built by name, ``[sums[f] for f in EVAL_FIELDS]``), so that a single collective adds
+    them up across ranks; ``from_sums`` reads the vector back by the same names."""
 
     loss_sum: float = 0.0
     tokens: float = 0.0
@@ -70,11 +74,23 @@ class EvalResult:
     confidence_sum: float = 0.0  # probability of the argmax token
     entropy_sum: float = 0.0  # entropy of the predictive distribution
 
+    @classmethod
+    def from_sums(cls, sums: Sequence[float]) -> "EvalResult":
+        """The sums of a vector laid out in ``EVAL_FIELDS`` order."""
+        if len(sums) != len(EVAL_FIELDS):
+            raise ValueError(f"expected {len(EVAL_FIELDS)} evaluation sums "
+                             f"({', '.join(EVAL_FIELDS)}), got {len(sums)}")
+        return cls(**{name: float(v) for name, v in zip(EVAL_FIELDS, sums)})
+
     def __add__(self, other: "EvalResult") -> "EvalResult":
-        return EvalResult(*(a + b for a, b in zip(self.astuple(), other.astuple())))
+        return EvalResult.from_sums([a + b for a, b in zip(self.astuple(), other.astuple())])
 
     def astuple(self) -> tuple[float, ...]:
-        return (self.loss_sum, self.tokens, self.correct, self.confidence_sum, self.entropy_sum)
+        return tuple(getattr(self, name) for name in EVAL_FIELDS)
+
+
+# The one place the order of the evaluation sums is written down.
+EVAL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvalResult))
 
 
 @dataclass
@@ -86,7 +102,30 @@ class ModelInfo:
     quantized_bits: int | None
 
 
-class Backend(Protocol):
+class Collectives(Protocol):
+    """The few collectives the framework-neutral code (``mlx_tune.distributed``) needs,
+    on the framework's own engine. Every rank calls each at the same point, in the same
+    order; with one process (``world_size == 1``) each returns its input and talks to
+    nobody."""
+
+    rank: int  # 0 .. world_size-1; rank 0 decides, and alone writes files
+    world_size: int  # data-parallel processes in the run (1 = no distribution)
+
+    def all_sum_ints(self, values: Sequence[int]) -> list[int]:
+        """Each value summed over all ranks."""
+        ...
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Rank 0's ``data`` on every rank (the other ranks pass anything, e.g. b"")."""
+        ...
+
+    def broadcast_arrays(self, arrays: dict[str, Any] | None) -> dict[str, Any]:
+        """Rank 0's named arrays on every rank, bit for bit, whatever their dtype (the
+        other ranks pass None); the result is in the backend's codec's array type."""
+        ...
+
+
+class Backend(Collectives, Protocol):
     name: str
     tokenizer: Any  # a Hugging Face tokenizer, shared with the data layer
     codec: ArrayCodec  # how the checkpoint manager materializes and writes arrays
@@ -95,7 +134,9 @@ class Backend(Protocol):
 
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult: ...
 
-    def evaluate(self, batches: Iterable[Batch]) -> EvalResult: ...
+    def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
+        """Sums over this rank's batches, added up across all ranks."""
+        ...
 
     def state_dict(self) -> tuple[dict[str, Any], dict]: ...
 

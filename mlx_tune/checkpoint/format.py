@@ -1,8 +1,9 @@
 """Low-level, backend-agnostic pieces of the checkpoint format.
 
-Holds the array codecs (numpy, MLX), the errors, durable file helpers
+Holds the codec protocol and the numpy codec (each backend brings its own
+codec: ``backends/<name>/codec.py``), the errors, durable file helpers
 (fsync, sha256) and the validator of a checkpoint directory. The manager in
-``checkpoint.py`` composes them. A checkpoint directory is only ever
+``manager.py`` composes them. A checkpoint directory is only ever
 safetensors + JSON, so nothing here unpickles anything.
 
 Layout of one checkpoint directory::
@@ -115,37 +116,6 @@ class NumpyCodec:
 
     def release(self) -> None:
         pass
-
-
-class MlxCodec:
-    """mlx.core arrays; mlx is imported lazily so this module imports without it."""
-
-    name = "mlx"
-
-    def __init__(self) -> None:
-        import mlx.core as mx
-
-        self._mx = mx
-
-    def is_array(self, value: object) -> bool:
-        return isinstance(value, self._mx.array)
-
-    def materialize(self, arrays: list) -> None:
-        # One eval for the whole group lets MLX share work across the graph.
-        if arrays:
-            self._mx.eval(*arrays)
-
-    def save_file(self, arrays: dict[str, object], path: str) -> None:
-        self._mx.save_safetensors(path, arrays)
-
-    def load_file(self, path: str) -> dict[str, object]:
-        loaded = self._mx.load(path)
-        # mx.load is lazy: evaluate now so no array stays bound to the file.
-        self._mx.eval(*loaded.values())
-        return loaded
-
-    def release(self) -> None:
-        self._mx.clear_cache()
 
 
 # ------------------------------------------------------------- file helpers

@@ -36,7 +36,6 @@ from mlx_tune.checkpoint.format import (
     CheckpointCorrupt,
     CheckpointError,
     CheckpointSaveError,
-    MlxCodec,
     NumpyCodec,
     describe_error,
     is_environment_error,
@@ -51,7 +50,7 @@ from mlx_tune.checkpoint.format import (
 )
 
 __all__ = [
-    "ArrayCodec", "NumpyCodec", "MlxCodec", "CheckpointManager", "Loaded",
+    "ArrayCodec", "NumpyCodec", "CheckpointManager", "Loaded",
     "CheckpointError", "CheckpointSaveError", "CheckpointCorrupt",
 ]
 

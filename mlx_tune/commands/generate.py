@@ -25,7 +25,7 @@ def generate_cli(args: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     if backend == "torch":
-        from mlx_tune.backends.torch.backend import generate_with_adapter
+        from mlx_tune.backends.torch.generation import generate_with_adapter
         text = generate_with_adapter(resolved.path, args.adapter, messages, args.max_tokens)
     else:
         text = generate_mlx(resolved.path, args.adapter, messages, args.max_tokens, quantize)

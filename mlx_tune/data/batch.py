@@ -43,3 +43,15 @@ class Batch:
         return [Batch(self.tokens[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n],
                       None if seg is None else seg[i * n:(i + 1) * n])
                 for i in range(parts)]
+
+
+def shard_rows(batch: Batch, rank: int, world: int) -> Batch | None:
+    """Rank ``rank``'s rows of ``batch`` out of ``world`` near-equal slices (None when it
+    gets no row): data-parallel validation, whose sums the backend adds up across ranks."""
+    if world <= 1:
+        return batch
+    tokens = np.array_split(batch.tokens, world)[rank]
+    if not len(tokens):
+        return None
+    seg = None if batch.segments is None else np.array_split(batch.segments, world)[rank]
+    return Batch(tokens, np.array_split(batch.mask, world)[rank], seg)

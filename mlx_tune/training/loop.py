@@ -21,7 +21,8 @@ import numpy as np
 from mlx_tune.backends.base import Backend, StepResult
 from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
 from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
-from mlx_tune.distributed.coordination import agree, broadcast_flag, broadcast_stop, shard_rows
+from mlx_tune.data.batch import shard_rows
+from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
 from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
@@ -118,11 +119,10 @@ class Trainer:
         self.throughput = ThroughputMeter(window=50)
         self.memory = MemoryHealth()
         self.state = LoopState()
-        self.rank = getattr(backend, "rank", 0)
-        self.world_size = getattr(backend, "world_size", 1)
+        self.rank, self.world_size = backend.rank, backend.world_size
         self.save_failures = 0
         self._failed_step: int | None = None
-        # Distributed runs: the watchdog's beat (distributed.Watchdog), called once a step.
+        # Distributed runs: the watchdog's beat (distributed.peers.Watchdog), called once a step.
         self.heartbeat: Callable[[], None] = lambda: None
         self._signals: SignalGuard | None = None
         self._agreed_interrupt: str | None = None  # a signal every rank has agreed on

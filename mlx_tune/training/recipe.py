@@ -18,7 +18,9 @@ from mlx_tune.data import load_data
 from mlx_tune.files import atomic_write
 from mlx_tune.data.preflight import check_data
 from mlx_tune.models.tokenizer import load_tokenizer
-from mlx_tune.distributed.coordination import barrier, check_world, guard_run
+from mlx_tune.distributed.decisions import barrier, share_resume_point
+from mlx_tune.distributed.launch import check_world
+from mlx_tune.distributed.peers import guard_run
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.training.loop import RunResult, Trainer
@@ -71,10 +73,10 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     spec = replace(spec, backend=select_backend(spec.backend))
     output_dir = Path(spec.output_dir)
     backend = make_backend(spec.backend)
-    is_main = getattr(backend, "rank", 0) == 0
+    is_main = backend.rank == 0
     if not is_main:  # distributed: rank 0 speaks for the run; the others print only errors
         log = _quiet
-    check_world(spec, getattr(backend, "world_size", 1), spec.backend)
+    check_world(spec, backend.world_size, spec.backend)
     resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
                              trust_remote_code=spec.trust_remote_code, log=log)
 
@@ -89,7 +91,9 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
         loaded = decide_resume(manager, current_fingerprint=fingerprint(spec), mode=resume,
                                interactive=sys.stdin.isatty(), log=log,
                                harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir)
-    loaded = _share_resume(backend, loaded, output_dir, spec, log)
+    # Distributed runs: every rank restores rank 0's checkpoint. Any run: says so when
+    # the checkpoint was written by another number of ranks.
+    loaded = share_resume_point(backend, loaded, output_dir, spec, log)
     faults.install(manager)
 
     # The data is checked with the model's tokenizer before the model itself loads.
@@ -158,10 +162,3 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _share_resume(backend, loaded, output_dir: Path, spec: Spec, log):
-    """Distributed runs: every rank restores rank 0's checkpoint (see distributed.py).
-    Any run: says so when the checkpoint was written by another number of ranks."""
-    from mlx_tune.distributed.coordination import share_resume_point
-    return share_resume_point(backend, loaded, output_dir, spec, log)

@@ -7,22 +7,26 @@ module wires them to the backend Protocol (see base.py) and keeps the arrays.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune.data.batch import Batch
-from mlx_tune.checkpoint.manager import MlxCodec
-from mlx_tune.config.spec import Spec
-from mlx_tune.models.tokenizer import load_tokenizer
-from mlx_tune.backends.base import EvalResult, ModelInfo, StepConfig, StepResult, match_targets
+from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult, match_targets
+from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
+                                      framework_dtypes, optimizer_args, refuse_full_quantized,
+                                      step_config, weights_swapped, with_prefix)
+from mlx_tune.backends.mlx.codec import MlxCodec
+from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
+from mlx_tune.config.spec import Spec
+from mlx_tune.data.batch import Batch
+from mlx_tune.models.tokenizer import load_tokenizer
 
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = framework_dtypes(mx)
 
 
 def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -63,13 +67,15 @@ def set_leaf(tree: Any, dotted: str, value: Any) -> None:
         tree[last] = value
 
 
-class MLXBackend:
+class MLXBackend(MlxCollectives):
+    """The backend Protocol on MLX; rank, world size and collectives come from
+    ``MlxCollectives``."""
+
     name = "mlx"
 
     def __init__(self) -> None:
+        super().__init__()
         self.codec = MlxCodec()
-        self.world = mx.distributed.init()
-        self.rank, self.world_size = self.world.rank(), self.world.size()
 
     # -- loading ---------------------------------------------------------------
     def load(self, spec: Spec, model_dir: Path) -> ModelInfo:
@@ -87,9 +93,7 @@ class MLXBackend:
         if spec.quantize and bits is None:
             model, config = quantize_model(model, config, spec.quantize_group_size, spec.quantize)
             bits = spec.quantize
-        if bits and spec.fine_tune_type == "full":
-            raise ValueError("fine_tune_type: full cannot train a quantized base; "
-                             "use lora or dora, or drop 'quantize'")
+        refuse_full_quantized(spec, bits)  # a pre-quantized model's bits count too
         if spec.dtype != "auto":
             # Only unquantized floating weights change; packed ints and scales stay put.
             dtype = DTYPES[spec.dtype]
@@ -98,10 +102,7 @@ class MLXBackend:
                                   model.parameters()))
         # The adapter's random init and LoRA dropout draw from here: seed first.
         mx.random.seed(spec.seed)
-        layers = len(model.layers) if spec.lora.layers == -1 else spec.lora.layers
-        if layers > len(model.layers):
-            raise ValueError(f"lora.layers is {layers} but the model has {len(model.layers)} "
-                             "blocks (-1 = all)")
+        layers = adapted_layers(spec, len(model.layers))
         self.keys: list[str] = []
         if spec.fine_tune_type == "full":
             model.unfreeze()
@@ -116,13 +117,8 @@ class MLXBackend:
             from mlx_lm.tuner.trainer import grad_checkpoint
             grad_checkpoint(model.layers[0])
         self.model, self.num_layers = model, layers
-        self.optimizer = make_optimizer(spec.optimizer, learning_rate=spec.learning_rate,
-                                        weight_decay=spec.weight_decay, betas=spec.betas,
-                                        eps=spec.eps, momentum=spec.momentum)
-        self.step_fn = CompiledStep(model, self.optimizer, StepConfig(
-            grad_clip=spec.grad_clip, label_smoothing=spec.label_smoothing,
-            ema_decay=spec.ema.decay if spec.ema.enabled else None,
-            world_size=self.world_size, gradient_noise=spec.gradient_noise.eta > 0))
+        self.optimizer = make_optimizer(spec.optimizer, **optimizer_args(spec))
+        self.step_fn = CompiledStep(model, self.optimizer, step_config(spec, self.world_size))
         model.train()
         total = sum(v.size for _, v in tree_flatten(model.parameters()))
         if bits:  # packed weights hold 32/bits values per uint32 element
@@ -140,13 +136,13 @@ class MLXBackend:
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         self.model.eval()
         try:
-            total = mx.zeros((5,))
+            total = mx.zeros((len(EVAL_FIELDS),))
             for b in batches:
                 total = total + self.step_fn.eval_batch(*arrays_of(b))
                 mx.eval(total)  # bound the graph: one batch of activations at a time
             if self.world_size > 1:
                 total = mx.distributed.all_sum(total, stream=mx.cpu)
-            return EvalResult(*total.tolist())
+            return EvalResult.from_sums(total.tolist())
         finally:
             self.model.train()
 
@@ -166,18 +162,15 @@ class MLXBackend:
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:
         arrays: dict[str, Any] = {}
-        arrays.update({f"trainable/{k}": v for k, v in tree_flatten(self.model.trainable_parameters())})
-        arrays.update({f"optimizer/{k}": v for k, v in tree_flatten(self.optimizer.state)})
-        arrays.update({f"ema/{k}": v for k, v in tree_flatten(self.step_fn.ema)})
-        arrays["rng/mlx"] = mx.random.state[0]
+        arrays.update({TRAINABLE + k: v for k, v in tree_flatten(self.model.trainable_parameters())})
+        arrays.update({OPTIMIZER + k: v for k, v in tree_flatten(self.optimizer.state)})
+        arrays.update({EMA + k: v for k, v in tree_flatten(self.step_fn.ema)})
+        arrays[RNG + "mlx"] = mx.random.state[0]
         return arrays, {"backend": "mlx", "optimizer": type(self.optimizer).__name__}
 
     def load_state_dict(self, arrays: dict[str, Any], meta: dict) -> None:
-        def part(prefix: str) -> list[tuple[str, Any]]:
-            return [(k[len(prefix):], v) for k, v in arrays.items() if k.startswith(prefix)]
-
-        self.model.load_weights(part("trainable/"), strict=False)
-        opt = dict(part("optimizer/"))
+        self.model.load_weights(list(with_prefix(arrays, TRAINABLE).items()), strict=False)
+        opt = with_prefix(arrays, OPTIMIZER)
         if {k for k, _ in tree_flatten(self.optimizer.state)} != set(opt):
             raise ValueError("checkpoint optimizer state does not match this optimizer "
                              f"({meta.get('optimizer')} in the checkpoint)")
@@ -186,26 +179,20 @@ class MLXBackend:
         for key, value in opt.items():
             set_leaf(self.optimizer.state, key, value)
         if self.step_fn.ema:
-            for key, value in part("ema/"):
+            for key, value in with_prefix(arrays, EMA).items():
                 set_leaf(self.step_fn.ema, key, value)
-        if "rng/mlx" in arrays:
+        if RNG + "mlx" in arrays:
             # The global key cannot be assigned, but seed(s) sets key = [s >> 32, s & 0xffffffff].
-            hi, lo = (int(x) for x in arrays["rng/mlx"].tolist())
+            hi, lo = (int(x) for x in arrays[RNG + "mlx"].tolist())
             mx.random.seed((hi << 32) | lo)
         mx.eval(self.step_fn.state)
 
-    @contextmanager
-    def ema_weights(self) -> Iterator[None]:
-        """Evaluate (or save) with the EMA weights, then put the live ones back."""
-        if not self.step_fn.ema:
-            yield
-            return
-        live = self.model.trainable_parameters()
-        self.model.update(self.step_fn.ema["weights"])
-        try:
-            yield
-        finally:
-            self.model.update(live)
+    def ema_weights(self) -> AbstractContextManager[None]:
+        """Evaluate (or save) with the EMA weights, then put the live ones back. The
+        snapshot is the live arrays themselves: ``update`` rebinds, it never writes into
+        them."""
+        return weights_swapped(self.step_fn.ema.get("weights"),
+                               self.model.trainable_parameters, self.model.update)
 
     # -- output ------------------------------------------------------------------
     def save_adapter(self, directory: Path) -> None:

@@ -1,9 +1,10 @@
 """The compiled MLX training step, readable in one sitting.
 
-One optimizer step = ``accumulate`` over each micro-batch, then ``update`` once.
-Both are ``mx.compile``d over the model, optimizer and RNG state, so a step is two
-fused graphs and no host sync: the loss, token count, gradient norm and the finite
-flag come back as lazy scalars the loop reads only at report time.
+One optimizer step = forward + backward of the first micro-batch (``first``), of each
+further one, adding up gradients and sums (``more``), then one ``update``. The three
+are ``mx.compile``d over the model, optimizer, RNG and EMA state, and the step is
+queued with no host sync: the loss, token count, gradient norm and the finite flag come
+back as lazy scalars the loop reads only at report time.
 
 Why the loss is a *sum*: gradients of per-token loss sums add up exactly across
 micro-batches (and ranks), and one division by the step's total target tokens at
@@ -21,7 +22,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
-from mlx_tune.backends.base import StepConfig
+from mlx_tune.backends.base import EVAL_FIELDS, StepConfig
+from mlx_tune.backends.mlx.collectives import all_sum_packed
 
 
 class SegmentMask:
@@ -69,7 +71,7 @@ def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
 
 def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
               segments: mx.array | None = None) -> mx.array:
-    """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
+    """The evaluation sums over target tokens, one vector in ``EVAL_FIELDS`` order."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     seg = None if segments is None else segments[:, :-1]
     logits = forward(model, inputs, seg).astype(mx.float32)
@@ -80,8 +82,10 @@ def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
     confidence = mx.max(probs, axis=-1)
     entropy = -(probs * logprobs).sum(axis=-1)
     correct = (predicted == targets).astype(mx.float32)
-    return mx.stack([(ce * weights).sum(), weights.sum(), (correct * weights).sum(),
-                     (confidence * weights).sum(), (entropy * weights).sum()])
+    sums = {"loss_sum": (ce * weights).sum(), "tokens": weights.sum(),
+            "correct": (correct * weights).sum(), "confidence_sum": (confidence * weights).sum(),
+            "entropy_sum": (entropy * weights).sum()}
+    return mx.stack([sums[name] for name in EVAL_FIELDS])
 
 
 def global_norm(grads: Any) -> mx.array:
@@ -92,8 +96,9 @@ def global_norm(grads: Any) -> mx.array:
 class CompiledStep:
     """Owns the compiled functions and the state they read and write.
 
-    ``ema`` is a dict of EMA copies of the trainable weights (empty when EMA is off);
-    it lives in the compiled state so its update costs no extra graph launch.
+    ``ema`` holds the EMA copies of the trainable weights under ``"weights"`` (it is
+    empty when EMA is off); it lives in the compiled state, so its update is part of
+    ``update``'s graph and costs no extra launch.
     """
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, config: StepConfig):
@@ -135,7 +140,6 @@ class CompiledStep:
             # Data parallel: every rank adds its sums; the division below makes the
             # result the mean over the *global* batch's target tokens.
             # One packed collective: a dead peer then raises instead of hanging the ring.
-            from mlx_tune.distributed.coordination import all_sum_packed
             grads, loss_sum, ntok = all_sum_packed(grads, loss_sum, ntok)
         denom = mx.maximum(ntok, 1.0)
         grads = tree_map(lambda g: g / denom.astype(g.dtype), grads)

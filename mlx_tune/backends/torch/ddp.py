@@ -5,8 +5,8 @@
 ``init_from_env`` joins the process group torchrun describes in the environment (gloo
 on the CPU, nccl on CUDA), before ``TorchBackend`` reads its rank. ``wrap`` puts the
 model in DDP with a communication hook that *sums* gradients across ranks instead of
-averaging them: the step (``torch_step.TorchStep.update``) divides by the global
-number of target tokens, exactly as ``mlx_step`` does after its all_sum, so 2 ranks x
+averaging them: the step (``step.TorchStep.update``) divides by the global
+number of target tokens, exactly as the MLX step does after its all_sum, so 2 ranks x
 batch 4 equal 1 rank x batch 8. ``TorchStep`` finds the wrapper (``TorchStep.ddp``): it
 skips DDP's all-reduce for every micro-batch but a step's last (``no_sync``), and its own
 all-reduce of the gradients.
@@ -44,7 +44,7 @@ def init_from_env() -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from mlx_tune.distributed.coordination import timeout_from_env
+    from mlx_tune.distributed.peers import timeout_from_env
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,4 +1,4 @@
-"""The PyTorch training step: the same arithmetic as ``mlx_step.py``, eagerly.
+"""The PyTorch training step: the same arithmetic as ``backends/mlx/step.py``, eagerly.
 
 One optimizer step = ``accumulate`` (forward + backward of each micro-batch; the loss is
 a per-token *sum*, so gradients of micro-batches add up exactly), then ``update``:
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from mlx_tune.data.batch import Batch
-from mlx_tune.backends.base import StepConfig
+from mlx_tune.backends.base import EVAL_FIELDS, StepConfig
+from mlx_tune.backends.common import OPTIMIZER
 
 
 def causal_logits(forward: Callable, tokens: torch.Tensor,
@@ -61,7 +62,7 @@ def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
 
 def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
               positions: torch.Tensor | None = None) -> torch.Tensor:
-    """[loss_sum, tokens, correct, confidence_sum, entropy_sum] over target tokens."""
+    """The evaluation sums over target tokens, one vector in ``EVAL_FIELDS`` order."""
     targets, weights = tokens[:, 1:], mask[:, 1:]
     logits = causal_logits(forward, tokens, positions)
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -70,8 +71,10 @@ def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
     correct = (logits.argmax(dim=-1) == targets).float()
     confidence = probs.max(dim=-1).values
     entropy = -(probs * logprobs).sum(dim=-1)
-    return torch.stack([(ce * weights).sum(), weights.sum(), (correct * weights).sum(),
-                        (confidence * weights).sum(), (entropy * weights).sum()])
+    sums = {"loss_sum": (ce * weights).sum(), "tokens": weights.sum(),
+            "correct": (correct * weights).sum(), "confidence_sum": (confidence * weights).sum(),
+            "entropy_sum": (entropy * weights).sum()}
+    return torch.stack([sums[name] for name in EVAL_FIELDS])
 
 
 def to_device(batch: Batch, device: torch.device
@@ -83,8 +86,6 @@ def to_device(batch: Batch, device: torch.device
     positions = None if batch.segments is None else \
         torch.from_numpy(segment_positions(batch.segments)).to(device, non_blocking=True)
     return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), positions
-
-
 
 
 class TorchStep:
@@ -128,7 +129,7 @@ class TorchStep:
 
     def ddp(self) -> Any:
         """The DistributedDataParallel wrapper in ``forward`` (maybe compiled), if any:
-        it sums gradients across ranks during backward (see torch_ddp.py)."""
+        it sums gradients across ranks during backward (see ddp.py)."""
         from torch.nn.parallel import DistributedDataParallel
         module = getattr(self.forward, "_orig_mod", self.forward)
         return module if isinstance(module, DistributedDataParallel) else None
@@ -186,7 +187,7 @@ class TorchStep:
 def make_optimizer(name: str, params: list[torch.nn.Parameter], *, learning_rate: float,
                    weight_decay: float, betas: Sequence[float], eps: float,
                    momentum: float) -> torch.optim.Optimizer:
-    """The spec's optimizer, with the hyper-parameters ``mlx_step.make_optimizer`` uses:
+    """The spec's optimizer, with the hyper-parameters the MLX ``make_optimizer`` uses:
     AdamW's decay is decoupled (``p -= lr*wd*p``) on both sides, Adam has none, SGD's
     is L2 (added to the gradient), Adafactor's is 0."""
     betas = (float(betas[0]), float(betas[1]))
@@ -217,7 +218,7 @@ def optimizer_arrays(optimizer: torch.optim.Optimizer,
     scalars: dict[str, str] = {}
     for p, state in optimizer.state.items():
         for key, value in state.items():
-            name = f"optimizer/{names[p]}/{key}"
+            name = f"{OPTIMIZER}{names[p]}/{key}"
             if isinstance(value, torch.Tensor):
                 arrays[name] = value.detach()
             elif isinstance(value, (bool, int, float)):
@@ -236,9 +237,9 @@ def load_optimizer_arrays(optimizer: torch.optim.Optimizer, arrays: dict[str, An
     step_on_device = bool(optimizer.defaults.get("fused") or optimizer.defaults.get("capturable"))
     state: dict[torch.nn.Parameter, dict] = {}
     for name, value in arrays.items():
-        if not name.startswith("optimizer/"):
+        if not name.startswith(OPTIMIZER):
             continue
-        pname, key = name[len("optimizer/"):].rsplit("/", 1)
+        pname, key = name[len(OPTIMIZER):].rsplit("/", 1)
         if pname not in params:
             raise ValueError(f"checkpoint optimizer state names '{pname}', which is not a "
                              "trainable tensor of this model")

@@ -1,0 +1,49 @@
+"""Does this launch fit the backend and the spec? Checked before anything loads."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mlx_tune.config.spec import Spec, SpecError
+
+
+def launched_world() -> tuple[int, str]:
+    """How many ranks a launcher started this process among (1 when none), and which."""
+    env = os.environ
+    if "MLX_RANK" in env:  # mlx.launch: MLX_WORLD_SIZE (nccl) or the ring's host file
+        if env.get("MLX_WORLD_SIZE", "").isdigit():
+            return int(env["MLX_WORLD_SIZE"]), "mlx.launch"
+        try:
+            ring = json.loads(Path(env.get("MLX_HOSTFILE", "")).read_text())
+        except (OSError, ValueError):
+            ring = []  # `mlx.launch -n 1` writes an empty host file
+        return max(len(ring) if isinstance(ring, list) else 1, 1), "mlx.launch"
+    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE"} <= set(env):
+        return int(env.get("WORLD_SIZE", "1") or 1), "torchrun"
+    return 1, ""
+
+
+def check_world(spec: Spec, world_size: int, backend_name: str = "") -> None:
+    """Fail in the first second, on every rank alike, when the launch and the spec do not
+    fit: a launcher's ranks that the backend cannot see (each would train alone and
+    overwrite the others' output), or a batch that the ranks cannot share."""
+    launched, launcher = launched_world()
+    if launched > 1 and world_size <= 1:
+        hint = ("add --backend torch: torchrun runs the PyTorch backend (MLX runs start with "
+                "mlx.launch)" if launcher == "torchrun" else
+                "use --backend mlx (or auto): mlx.launch runs the MLX backend (PyTorch runs "
+                "start with torchrun)")
+        raise SpecError(f"this process is one of {launched} ranks started by {launcher}, but "
+                        f"the {backend_name or 'chosen'} backend sees a single process: {hint}")
+    if world_size <= 1:
+        return
+    if spec.batch_size % world_size:
+        raise SpecError(f"batch_size={spec.batch_size} cannot be split evenly across "
+                        f"{world_size} data-parallel ranks: use a multiple of {world_size} "
+                        "(batch_size is the global batch, summed over all ranks)")
+    per_rank, ga = spec.batch_size // world_size, spec.gradient_accumulation_steps
+    if isinstance(ga, int) and per_rank % ga:
+        raise SpecError(f"batch_size={spec.batch_size} over {world_size} ranks is {per_rank} "
+                        f"per rank, which gradient_accumulation_steps={ga} does not divide")
