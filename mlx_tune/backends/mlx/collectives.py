@@ -36,8 +36,10 @@ class MlxCollectives:
         (size,) = self.all_sum_ints([len(data) if self.rank == 0 else 0])
         raw = (np.frombuffer(data, dtype=np.uint8) if self.rank == 0
                else np.zeros(size, dtype=np.uint8))
-        got = mx.distributed.all_sum(mx.array(raw), stream=mx.cpu)
-        return data if self.rank == 0 else np.array(got, dtype=np.uint8).tobytes()
+        # Every rank evaluates the sum, rank 0 included: a lazy collective that one rank
+        # never runs leaves the others waiting for it.
+        got = np.array(mx.distributed.all_sum(mx.array(raw), stream=mx.cpu), dtype=np.uint8)
+        return data if self.rank == 0 else got.tobytes()
 
     def broadcast_arrays(self, arrays: dict[str, Any] | None) -> dict[str, Any]:
         """Floats travel as unsigned integers of the same width, so the all_sum with the
