@@ -73,7 +73,8 @@ def test_fused_mlx_run_equals_base_plus_adapter(mlx_run, tiny_model, tmp_path):
 
 def test_fuse_step_n_is_the_trainer_at_step_n(mlx_run, tiny_model, tmp_path):
     from mlx_tune.backends.mlx.backend import MLXBackend
-    from mlx_tune.checkpoint.manager import CheckpointManager, MlxCodec
+    from mlx_tune.backends.mlx.codec import MlxCodec
+    from mlx_tune.checkpoint.manager import CheckpointManager
 
     spec, out = mlx_run
     assert main(["fuse", str(out), "--checkpoint", "step-3", "--output", str(tmp_path / "f3")]) == 0

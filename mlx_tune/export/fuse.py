@@ -80,10 +80,12 @@ def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:
 def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Path:
     """The checkpoint's trainable arrays as an adapter in the backend's own format."""
     import mlx.core as mx
-    from mlx_tune.checkpoint.manager import CheckpointManager, MlxCodec
+    from mlx_tune.backends.common import TRAINABLE, with_prefix
+    from mlx_tune.backends.mlx.codec import MlxCodec
+    from mlx_tune.checkpoint.manager import CheckpointManager
 
     arrays, _ = CheckpointManager(path.parent, MlxCodec(), log=lambda m: None).load(path)
-    trainable = {k[len("trainable/"):]: v for k, v in arrays.items() if k.startswith("trainable/")}
+    trainable = with_prefix(arrays, TRAINABLE)
     if not trainable:
         raise ExportError(f"{path}: the checkpoint holds no trainable/ arrays")
     if spec.fine_tune_type == "full":
