@@ -17,8 +17,30 @@ from typing import Any, Sequence
 import yaml
 
 from mlx_tune import __version__
-from mlx_tune.config.spec import SECTIONS, Spec, SpecError, build_spec, leaf_fields, to_yaml
+from mlx_tune.config.schema import Spec, SpecError, leaf_fields, to_yaml
+from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+
+# Which top-level fields go under which heading in `mlx-tune train --help`.
+SECTIONS = {
+    "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
+              "trust_remote_code", "lora"),
+    "data": ("data", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
+             "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
+    "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
+                     "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
+                     "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
+                     "ema"),
+    "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
+                 "onecycle"),
+    "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",
+                                      "eval_at_start", "sample_prompts", "num_samples",
+                                      "sample_max_tokens", "eval_metrics", "early_stopping",
+                                      "test_at_end", "test_batches"),
+    "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
+    "reporting": ("report_every", "dashboard", "tensorboard", "allow_sleep"),
+    "torch backend": ("torch_compile", "torch_threads"),
+}
 
 
 def _flag(key: str, meta: dict) -> str:

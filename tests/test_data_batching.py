@@ -8,7 +8,7 @@ import pytest
 from mlx_tune.data import DataError, load_data
 from mlx_tune.data.batching import bucket, pad_batch, padded_length
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from mlx_tune.data import DataError, load_data
 from mlx_tune.data.augment import Augmenter, load_templates
 from mlx_tune.data.filters import quality_threshold, stage_for_epoch
 from mlx_tune.data.testing import tiny_tokenizer, write_jsonl
-from mlx_tune.config.spec import AugmentationSpec, CurriculumStage, QualitySpec, build_spec
+from mlx_tune.config.schema import AugmentationSpec, CurriculumStage, QualitySpec
+from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from mlx_tune.data import DataError, load_data
 from mlx_tune.data.records import find_files, read_records
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from mlx_tune.data import load_data
 from mlx_tune.data.records import Record
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
 from mlx_tune.data.tokenize import encode_record, make_example
-from mlx_tune.config.spec import Spec, build_spec
+from mlx_tune.config.schema import Spec
+from mlx_tune.config.spec import build_spec
 
 EOT = "<|im_end|>"
 

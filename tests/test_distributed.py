@@ -35,7 +35,8 @@ from mlx_tune.distributed.decisions import agree, barrier, broadcast_flag, broad
 from mlx_tune.distributed.launch import check_world
 from mlx_tune.distributed.peers import EXIT_PEER_LOST, Watchdog, peer_guard
 from mlx_tune.training.monitors import StopDecision
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 
 K = 6  # steps of every run below
 KILL_TIMEOUT = 20  # MLX_TUNE_DIST_TIMEOUT of the run whose rank is killed

@@ -3,7 +3,8 @@
 import pytest
 
 from mlx_tune.training.samples import load_metric, run_samples
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 
 
 def word_count(text: str) -> float:  # a metric, referenced as 'tests.test_evaluation:word_count'

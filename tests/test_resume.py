@@ -13,18 +13,18 @@ from mlx_tune.checkpoint.resume import (
     ResumeError,
     compare_fingerprints,
     decide_resume,
-    fingerprint,
+    normalize_fingerprint,
     move_run_aside,
 )
 
 SPEC = {"model": "mlx-community/Qwen3-0.6B-4bit", "fine_tune_type": "lora",
         "lora": {"rank": 8, "layers": 16, "targets": ("q_proj", "v_proj")},
         "quantize": None}
-FP = fingerprint(SPEC)
+FP = normalize_fingerprint(SPEC)
 
 
 def spec_with(**lora) -> dict:
-    return fingerprint(dict(SPEC, lora=dict(SPEC["lora"], **lora)))
+    return normalize_fingerprint(dict(SPEC, lora=dict(SPEC["lora"], **lora)))
 
 
 def never_ask(prompt: str) -> str:
@@ -48,12 +48,12 @@ def run(tmp_path):
 
 def test_fingerprint_flattens_and_survives_json():
     assert FP["lora.rank"] == 8 and FP["lora.targets"] == ["q_proj", "v_proj"]
-    assert fingerprint({"path": Path("/x")}) == {"path": "/x"}
+    assert normalize_fingerprint({"path": Path("/x")}) == {"path": "/x"}
     assert compare_fingerprints(FP, FP) == ([], [])
 
 
 def test_compare_names_each_differing_field():
-    current = fingerprint(dict(SPEC, model="other", lora=dict(SPEC["lora"], rank=16),
+    current = normalize_fingerprint(dict(SPEC, model="other", lora=dict(SPEC["lora"], rank=16),
                                train={"iters": 2000}))
     saved = dict(FP, **{"train.iters": 1000})
     blocking, harmless = compare_fingerprints(saved, current, harmless={"train"})

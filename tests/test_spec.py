@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from mlx_tune.cli import build_parser, spec_from_args
-from mlx_tune.config.spec import Spec, SpecError, build_spec, fingerprint, leaf_fields
+from mlx_tune.config.schema import Spec, SpecError, leaf_fields
+from mlx_tune.config.spec import build_spec
+from mlx_tune.checkpoint.resume import spec_fingerprint
 
 
 def test_defaults_follow_the_users_proven_settings():
@@ -90,7 +92,7 @@ def test_every_spec_field_has_a_flag_and_flags_parse_to_the_spec():
 
 
 def test_fingerprint_holds_the_fields_a_checkpoint_is_bound_to():
-    fp = fingerprint(build_spec(overrides={"model": "m", "lora.rank": 4}))
+    fp = spec_fingerprint(build_spec(overrides={"model": "m", "lora.rank": 4}))
     assert fp["model"] == "m" and fp["lora.rank"] == 4
     assert fp["max_steps"] == 2000  # recorded so a change can be reported on resume
     assert "seed" not in fp and "output_dir" not in fp

@@ -1,6 +1,6 @@
 """Deciding whether a run resumes from its last valid checkpoint.
 
-The loop stores ``fingerprint(spec_fields)`` in every checkpoint's meta under
+The loop stores ``spec_fingerprint(spec)`` in every checkpoint's meta under
 ``FINGERPRINT_KEY``. On start, ``decide_resume`` finds the newest valid
 checkpoint and refuses to resume it into a run whose blocking fields (model,
 fine-tune type, LoRA shape, quantization...) differ, because the saved arrays
@@ -13,13 +13,35 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Collection, Literal
+from typing import Any, Callable, Collection, Literal
 
 from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
+from mlx_tune.config.schema import Spec, get
 
 FINGERPRINT_KEY = "fingerprint"
 ResumeMode = Literal["ask", "auto", "fresh"]
 _ABSENT = object()
+
+# Fields a checkpoint cannot survive a change of: resuming across them would load
+# tensors of another shape or meaning. Everything else is reported and allowed.
+FINGERPRINT_FIELDS = ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size",
+                      "lora.rank", "lora.layers", "lora.targets", "optimizer")
+# Fields that steer the rest of a run without changing what the saved tensors mean: a
+# resume across a change of these is allowed and the change is reported.
+RESUME_REPORTED_FIELDS = ("max_steps", "num_epochs", "eval_steps", "eval_schedule", "val_batches",
+                          "checkpoint_interval", "keep_checkpoints", "report_every",
+                          "learning_rate", "lr_schedule", "gradient_accumulation_steps",
+                          "early_stopping.patience")
+
+
+def spec_fingerprint(spec: Spec) -> dict[str, Any]:
+    """What a checkpoint records of its spec: the fields it is bound to
+    (FINGERPRINT_FIELDS) and those whose change on resume is only reported. With
+    num_epochs, max_steps is derived from the data, so the epochs are what is compared."""
+    out = {key: get(spec, key) for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS}
+    if spec.num_epochs is not None:
+        out["max_steps"] = None
+    return out
 
 
 class ResumeError(Exception):
@@ -36,7 +58,7 @@ def _flatten(obj: object, prefix: str = "") -> dict[str, object]:
     return {prefix: obj}
 
 
-def fingerprint(spec_fields: dict) -> dict:
+def normalize_fingerprint(spec_fields: dict) -> dict:
     """Flat, JSON-normalized copy of the fields a resumed run must share.
 
     Normalizing through JSON makes a fresh fingerprint compare equal to one read
@@ -63,7 +85,7 @@ def compare_fingerprints(saved: dict, current: dict,
     change is reported but does not prevent resuming, e.g. ``train.iters``.
     Messages read ``"lora.rank: checkpoint 8, spec 16"``.
     """
-    saved_f, current_f = fingerprint(saved), fingerprint(current)
+    saved_f, current_f = normalize_fingerprint(saved), normalize_fingerprint(current)
     blocking: list[str] = []
     notes: list[str] = []
     for name in sorted(set(saved_f) | set(current_f)):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from mlx_tune.models.hub import resolve_model
-from mlx_tune.training.recipe import select_backend
+from mlx_tune.backends.select import select_backend
 from mlx_tune.exit_codes import EXIT_OK
 
 

@@ -20,13 +20,13 @@ still prints its text plot and writes the CSV, and says how to install the extra
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mlx_tune.config.spec import Spec, SpecError, require
+from mlx_tune.config.schema import Spec, SpecError
 from mlx_tune.files import atomic_write
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 from mlx_tune.reporting.plots import MissingExtra, write_lr_find_png
@@ -186,25 +186,19 @@ def run_lr_find(spec: Spec, backend: Any, data: Any, start_lr: float, end_lr: fl
 
 def lr_find_cli(spec: Spec, args: Any) -> int:
     """`mlx-tune lr-find`: load the model and data as `train` would, sweep, report."""
-    from mlx_tune.data import load_data
-    from mlx_tune.models.hub import resolve_model
-    from mlx_tune.training.recipe import make_backend, resolve_accumulation, select_backend
+    from mlx_tune.training.setup import setup
 
     start, end, steps = args.start_lr, args.end_lr, args.steps
     if not (0 < start < end):
         raise SpecError(f"lr-find: need 0 < --start-lr < --end-lr, got {start:g} and {end:g}")
     if steps < 3:
         raise SpecError(f"lr-find: --steps must be at least 3, got {steps}")
-    require(spec, "model", "data")
-    spec = replace(spec, backend=select_backend(spec.backend))
-    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
-                             trust_remote_code=spec.trust_remote_code)
-    backend = make_backend(spec.backend)
-    backend.load(spec, resolved.path)
-    accumulation = resolve_accumulation(spec, resolved.path, print)
-    data = load_data(spec, backend.tokenizer)
+    run = setup(spec)
+    run.load()
+    spec, backend, data = run.spec, run.backend, run.data
     try:
-        result = run_lr_find(spec, backend, data, start, end, steps, accumulation=accumulation)
+        result = run_lr_find(spec, backend, data, start, end, steps,
+                             accumulation=run.accumulation)
     finally:
         data.close()
     print(text_plot(result.lrs, result.smoothed, result.suggestion_index))

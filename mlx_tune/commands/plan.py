@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from mlx_tune.config.spec import Spec, require
+from mlx_tune.config.schema import Spec
+from mlx_tune.config.spec import require
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 
 GB = 1e9
@@ -251,7 +252,7 @@ def budget_bytes(spec: Spec, memory_gb: float | None = None,
 
 
 def _backend(spec: Spec) -> str:
-    from mlx_tune.training.recipe import select_backend
+    from mlx_tune.backends.select import select_backend
     return select_backend(spec.backend)
 
 

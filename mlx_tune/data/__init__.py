@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mlx_tune.config.spec import CurriculumStage, Spec
+from mlx_tune.config.schema import CurriculumStage, Spec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import make_augmenter
 from mlx_tune.data.batching import pad_id_of

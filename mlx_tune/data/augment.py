@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_tune.config.spec import AugmentationSpec
+from mlx_tune.config.schema import AugmentationSpec
 from mlx_tune.data import seeding
 from mlx_tune.data.records import DataError, Record
 

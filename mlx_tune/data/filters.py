@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from mlx_tune.config.spec import CurriculumStage, QualitySpec
+from mlx_tune.config.schema import CurriculumStage, QualitySpec
 from mlx_tune.data.records import Record
 
 

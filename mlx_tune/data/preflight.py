@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 from mlx_tune.data.messages import uses_tools
 from mlx_tune.data.records import Record, find_files, iter_records
 from mlx_tune.data.tokenize import check_tool_template, unwrap

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from mlx_tune.data.batch import Batch
-from mlx_tune.config.spec import CurriculumStage, QualitySpec
+from mlx_tune.config.schema import CurriculumStage, QualitySpec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import Augmenter
 from mlx_tune.data.batching import bucket, pad_batch

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from mlx_tune.data.batch import Batch
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 from mlx_tune.data import seeding
 from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
 from mlx_tune.data.records import Record, first_format, iter_lines, iter_records, parse_line

@@ -26,7 +26,8 @@ from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
 from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
-from mlx_tune.config.spec import Spec, fingerprint, to_dict
+from mlx_tune.config.schema import Spec, to_dict
+from mlx_tune.checkpoint.resume import spec_fingerprint
 from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 
 MAX_SAVE_FAILURES = 3
@@ -136,7 +137,7 @@ class Trainer:
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
                 "early_stopping": self.stopper.state_dict(),
                 "memory": self.memory.state_dict(),
-                "rng": python_rng_state(), "fingerprint": fingerprint(self.spec),
+                "rng": python_rng_state(), "fingerprint": spec_fingerprint(self.spec),
                 "spec": to_dict(self.spec), "world_size": self.world_size}
 
     def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:

@@ -1,12 +1,11 @@
-"""The `train` recipe, top to bottom: spec -> model -> resume decision -> backend ->
-data -> loop -> adapter. Everything that can be checked without loading a model is
-checked first."""
+"""The `train` recipe, top to bottom: spec -> backend and model location (setup.py) ->
+resume decision -> model and data -> loop -> adapter. Everything that can be checked
+without loading a model is checked first."""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -14,52 +13,19 @@ import yaml
 
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.manager import CheckpointManager
-from mlx_tune.data import load_data
-from mlx_tune.files import atomic_write
-from mlx_tune.data.preflight import check_data
-from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.checkpoint.resume import (RESUME_REPORTED_FIELDS, decide_resume, move_run_aside,
+                                        spec_fingerprint)
+from mlx_tune.config.schema import Spec, to_dict
+from mlx_tune.config.spec import with_epochs
 from mlx_tune.distributed.decisions import barrier, share_resume_point
-from mlx_tune.distributed.launch import check_world
 from mlx_tune.distributed.peers import guard_run
-from mlx_tune.models.hub import resolve_model
+from mlx_tune.files import atomic_write
+from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.training.loop import RunResult, Trainer
+from mlx_tune.training.schedules import build_schedule, effective_lr_args
+from mlx_tune.training.setup import setup
 from mlx_tune.training.testset import score_test
-from mlx_tune.reporting.factory import make_reporters
-from mlx_tune.checkpoint.resume import decide_resume, move_run_aside
-from mlx_tune.training.schedules import build_schedule
-from mlx_tune.config.spec import RESUME_REPORTED_FIELDS, Spec, effective_lr_args, fingerprint, require, to_dict, with_epochs
-
-def select_backend(name: str) -> str:
-    """'auto' -> mlx wherever MLX imports (Apple Silicon, MLX's Linux/CUDA builds), else
-    torch."""
-    if name != "auto":
-        return name
-    try:
-        import mlx.core  # noqa: F401
-        return "mlx"
-    except ImportError:
-        return "torch"
-
-
-def make_backend(name: str):  # -> Backend
-    if name == "mlx":
-        from mlx_tune.backends.mlx.backend import MLXBackend
-        return MLXBackend()
-    from mlx_tune.backends.torch.ddp import init_from_env
-    init_from_env()  # under torchrun: join the process group before the backend looks
-    from mlx_tune.backends.torch.backend import TorchBackend
-    return TorchBackend()
-
-
-def resolve_accumulation(spec: Spec, model_dir: Path, log: Callable[[str], None]) -> int:
-    """Micro-batches per step: the spec's number, or 'auto' from the memory planner."""
-    if spec.gradient_accumulation_steps != "auto":
-        return int(spec.gradient_accumulation_steps)
-    from mlx_tune.commands.plan import plan_accumulation
-    steps = plan_accumulation(spec, model_dir)
-    log(f"gradient_accumulation_steps: auto -> {steps} (micro-batch {spec.batch_size // steps})")
-    return steps
 
 
 def write_spec(spec: Spec, output_dir: Path) -> None:
@@ -69,16 +35,9 @@ def write_spec(spec: Spec, output_dir: Path) -> None:
 
 def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
           log: Callable[[str], None] = print) -> RunResult:
-    require(spec, "model", "data")
-    spec = replace(spec, backend=select_backend(spec.backend))
+    run = setup(spec, log)
+    spec, backend, log, is_main = run.spec, run.backend, run.log, run.is_main
     output_dir = Path(spec.output_dir)
-    backend = make_backend(spec.backend)
-    is_main = backend.rank == 0
-    if not is_main:  # distributed: rank 0 speaks for the run; the others print only errors
-        log = _quiet
-    check_world(spec, backend.world_size, spec.backend)
-    resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
-                             trust_remote_code=spec.trust_remote_code, log=log)
 
     # Resume decision before the model loads: a refusal costs a second, not a minute.
     # --force-fresh moves the old run aside untouched, before the manager tidies anything.
@@ -88,7 +47,7 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                                 keep=spec.keep_checkpoints, log=log) if is_main else None
     loaded = None
     if resume != "fresh" and manager is not None:
-        loaded = decide_resume(manager, current_fingerprint=fingerprint(spec), mode=resume,
+        loaded = decide_resume(manager, current_fingerprint=spec_fingerprint(spec), mode=resume,
                                interactive=sys.stdin.isatty(), log=log,
                                harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir)
     # Distributed runs: every rank restores rank 0's checkpoint. Any run: says so when
@@ -96,16 +55,8 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     loaded = share_resume_point(backend, loaded, output_dir, spec, log)
     faults.install(manager)
 
-    # The data is checked with the model's tokenizer before the model itself loads.
-    check_data(spec, load_tokenizer(resolved.path, spec.trust_remote_code), log)
-    info = backend.load(spec, resolved.path)
-    accumulation = resolve_accumulation(spec, resolved.path, log)
-    pct = 100.0 * info.trainable_params / max(info.total_params, 1)
-    log(f"model {resolved.path} ({info.total_params / 1e6:.2f}M parameters"
-        + (f", {info.quantized_bits}-bit" if info.quantized_bits else "")
-        + f"); trainable {info.trainable_params / 1e6:.3f}M ({pct:.3f}%) with {spec.fine_tune_type}")
-    data = load_data(spec, backend.tokenizer, rank=backend.rank, world_size=backend.world_size,
-                     log=log)
+    run.load()
+    info, data = run.info, run.data
     if is_main:
         write_spec(spec, output_dir)
     if spec.num_epochs is not None:
@@ -123,11 +74,11 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
     try:
         trainer = Trainer(spec, backend, data, reporters, manager,
                           build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
-                          accumulation, log=lambda m: reporters.on_message(m))
+                          run.accumulation, log=lambda m: reporters.on_message(m))
         if loaded is not None:
             trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
             log(f"resumed from {loaded.path} at step {loaded.step}")
-        reporters.on_start({"model": str(resolved.path), "backend": spec.backend,
+        reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": loaded.step if loaded else None,
@@ -142,7 +93,7 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
                         backend.save_adapter(output_dir / "adapters_ema")
                 reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
             if spec.test_at_end and result.exit_code == 0:
-                score = score_test(spec, backend, accumulation, result.step, data,
+                score = score_test(spec, backend, run.accumulation, result.step, data,
                                    log=lambda m: reporters.on_message(m))
                 if score is not None:
                     reporters.on_message(score.line())
@@ -159,6 +110,3 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
         data.close()
         release(keepawake)
 
-
-def _quiet(_: str) -> None:
-    pass

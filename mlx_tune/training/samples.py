@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from mlx_tune.config.spec import SpecError, Spec
+from mlx_tune.config.schema import Spec, SpecError
 
 
 def load_metric(path: str) -> Callable[[str], float]:

@@ -47,6 +47,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from mlx_tune.config.schema import Spec
 
 SCHEDULES = ("cosine", "cosine_restarts", "onecycle", "linear", "constant")
 ANNEAL_STRATEGIES = ("cos", "linear")
@@ -218,3 +221,15 @@ def build_schedule(
         min_lr=float(min_lr),
         **params,
     )
+
+
+def effective_lr_args(spec: Spec) -> dict[str, Any]:
+    """Keyword arguments for build_schedule from a spec."""
+    # A short test run (--max-steps 10) with the default warmup of 50 warms up throughout.
+    warmup = 0 if spec.warmup_ratio is not None else min(spec.warmup_steps, spec.max_steps)
+    return dict(learning_rate=spec.learning_rate, total_steps=spec.max_steps,
+                warmup_steps=warmup,
+                warmup_ratio=spec.warmup_ratio, min_lr=spec.min_lr,
+                t_0=spec.cosine_restarts.t_0, t_mult=spec.cosine_restarts.t_mult,
+                max_lr=spec.onecycle.max_lr, pct_start=spec.onecycle.pct_start,
+                anneal_strategy=spec.onecycle.anneal_strategy)
