@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -149,10 +148,3 @@ def record(run_dir: Path, result: FuseResult) -> None:
     (result.output / RECORD).write_text(json.dumps(entry, indent=2))
     with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"type": "fuse", **entry, "wall_time": time.time()}) + "\n")
-
-
-def copy_chat_template(model_dir: Path, output: Path) -> None:
-    """Tokenizer saving keeps the template; a standalone .jinja file is copied as well."""
-    for name in ("chat_template.jinja", "chat_template.json"):
-        if (model_dir / name).is_file() and not (output / name).exists():
-            shutil.copy(model_dir / name, output / name)

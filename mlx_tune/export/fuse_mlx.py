@@ -17,7 +17,7 @@ def fuse_mlx(model_dir: Path, adapter: Path, output: Path, spec, *, dequantize: 
     from mlx_lm.tuner.utils import load_adapters
     from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, quantize_model, save
     from mlx_tune.backends.mlx.backend import DTYPES
-    from mlx_tune.export.fuse import copy_chat_template
+    from mlx_tune.export import copy_chat_template
 
     model, config = load_model(model_dir, trust_remote_code=spec.trust_remote_code)
     if spec.quantize and not config.get("quantization"):

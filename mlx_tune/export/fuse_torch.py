@@ -14,7 +14,7 @@ def fuse_torch(model_dir: Path, adapter: Path, output: Path, spec,
                log: Callable[[str], None]) -> None:
     from peft import PeftModel
     from mlx_tune.backends.torch.backend import load_base
-    from mlx_tune.export.fuse import copy_chat_template
+    from mlx_tune.export import copy_chat_template
     from mlx_tune.models.tokenizer import load_tokenizer
 
     if (adapter / "config.json").is_file():  # a full fine-tune saved the whole model
