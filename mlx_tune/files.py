@@ -8,7 +8,9 @@ so the rename itself survives a power cut.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
 def full_fsync(fd: int) -> None:
@@ -41,16 +43,17 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, data: bytes | str) -> Path:
-    """Replace ``path`` with ``data`` (str is written as UTF-8) in one atomic step."""
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file object whose content replaces ``path`` in one atomic step when the
+    block ends without an error (nothing changes when it raises): for writers that take
+    a file object, so a large file is never held in memory as a whole."""
     path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
     # pid in the name: two processes writing the same file never share a temp file.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             full_fsync(fh.fileno())
         os.replace(tmp, path)
@@ -61,4 +64,10 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
         fsync_dir(path.parent)
     except OSError:
         pass  # some platforms cannot open a directory; the rename is still atomic
-    return path
+
+
+def atomic_write(path: str | Path, data: bytes | str) -> Path:
+    """Replace ``path`` with ``data`` (str is written as UTF-8) in one atomic step."""
+    with atomic_file(path) as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)

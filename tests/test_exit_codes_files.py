@@ -47,3 +47,16 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
         files.atomic_write(target, "half")
     assert target.read_text() == "complete\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_atomic_file_replaces_only_when_the_block_succeeds(tmp_path):
+    target = tmp_path / "adapters.safetensors"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), files.atomic_file(target) as fh:
+        fh.write(b"half of the new")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [target]
+    with files.atomic_file(target) as fh:
+        fh.write(b"new")
+        assert target.read_bytes() == b"old"  # not visible before the block ends
+    assert target.read_bytes() == b"new" and sorted(tmp_path.iterdir()) == [target]

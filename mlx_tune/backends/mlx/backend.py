@@ -24,6 +24,7 @@ from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
 from mlx_tune.config.spec import Spec
 from mlx_tune.data.batch import Batch
+from mlx_tune.files import atomic_file, atomic_write
 from mlx_tune.models.tokenizer import load_tokenizer
 
 DTYPES = framework_dtypes(mx)
@@ -201,13 +202,10 @@ class MLXBackend(MlxCollectives):
         directory.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.model.trainable_parameters()))
         mx.eval(weights)
-        tmp = directory / ".tmp-adapters.safetensors"  # mlx appends .safetensors otherwise
-        mx.save_safetensors(str(tmp), weights, metadata={"format": "mlx"})
-        tmp.replace(directory / "adapters.safetensors")
+        with atomic_file(directory / "adapters.safetensors") as fh:
+            mx.save_safetensors(fh, weights, metadata={"format": "mlx"})
         config = adapter_config(self.spec, self.keys, self.num_layers, self.model_dir)
-        tmp = directory / ".adapter_config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=2))
-        tmp.replace(directory / "adapter_config.json")
+        atomic_write(directory / "adapter_config.json", json.dumps(config, indent=2))
 
     def generate(self, messages: list[dict], max_tokens: int) -> str:
         from mlx_lm.generate import generate

@@ -37,6 +37,7 @@ from mlx_tune.backends.torch.step import (TorchStep, load_optimizer_arrays, make
 from mlx_tune.backends.torch.threads import default_threads
 from mlx_tune.config.spec import Spec
 from mlx_tune.data.batch import Batch
+from mlx_tune.files import atomic_write, fsync_dir, fsync_file
 from mlx_tune.models.tokenizer import load_tokenizer
 
 
@@ -195,7 +196,9 @@ class TorchBackend(TorchCollectives):
     def save_adapter(self, directory: Path) -> None:
         """peft's format (adapter_config.json + adapter_model.safetensors; a full
         fine-tune: the whole model, ``save_pretrained``), plus our small sidecar that
-        says how to rebuild the base (quantization). Files are swapped in atomically."""
+        says how to rebuild the base (quantization). Each file is swapped in atomically:
+        transformers and peft write into a temporary directory next to ``directory``,
+        whose files are made durable, then renamed into place; the sidecar comes last."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -204,16 +207,18 @@ class TorchBackend(TorchCollectives):
             self.model.save_pretrained(str(tmp))
             if self.spec.fine_tune_type == "full":
                 self.tokenizer.save_pretrained(str(tmp))
-            (tmp / SIDECAR).write_text(json.dumps({
-                "trainer": "mlx-tune", "backend": "torch",
-                "fine_tune_type": self.spec.fine_tune_type,
-                "quantize": self.spec.quantize, "dtype": self.spec.dtype,
-                "base_model": self.spec.model, "model": str(self.model_dir),
-                "num_layers": self.num_layers, "keys": self.keys}, indent=2))
             for f in sorted(tmp.iterdir()):
+                fsync_file(f)
                 os.replace(f, directory / f.name)
+            fsync_dir(directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write(directory / SIDECAR, json.dumps({
+            "trainer": "mlx-tune", "backend": "torch",
+            "fine_tune_type": self.spec.fine_tune_type,
+            "quantize": self.spec.quantize, "dtype": self.spec.dtype,
+            "base_model": self.spec.model, "model": str(self.model_dir),
+            "num_layers": self.num_layers, "keys": self.keys}, indent=2))
 
     def generate(self, messages: list[dict], max_tokens: int) -> str:
         with self.guard.inference(self.model):
