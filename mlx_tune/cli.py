@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume from the newest valid checkpoint without asking")
     resume.add_argument("--force-fresh", action="store_true",
                         help="start over; the old run directory is moved aside, nothing deleted")
+    train.add_argument("--accept-changes", action="store_true",
+                       help="resume even though settings that change what the checkpoint "
+                            "means (lora.alpha, batch_size, data content...) differ")
     add_spec_flags(train)
 
     gen = sub.add_parser("generate", help="generate with a base model and an adapter")
@@ -129,7 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate of the sweep")
     lr.add_argument("--end-lr", type=float, default=1.0, help="last learning rate of the sweep")
     lr.add_argument("--steps", type=int, default=100, help="sweep length in steps")
-    lr.add_argument("--plot", help="PNG path (default: OUTPUT_DIR/lr_find.png)")
+    lr.add_argument("--plot", help="PNG path (default: OUTPUT_DIR/lr_find.png); an existing "
+                    "file is replaced only if lr-find wrote it")
+    lr.add_argument("--force", action="store_true",
+                    help="replace the --plot file (and its .csv) even if lr-find did not write it")
     add_spec_flags(lr)
 
     plan = sub.add_parser("plan", help="estimate peak memory; propose batch and accumulation")
@@ -177,8 +183,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mlx_tune.checkpoint.resume import ResumeError
     from mlx_tune.export import ExportError
     from mlx_tune.reporting.summary import ReportError
+    from mlx_tune.checkpoint.rundir import RunDirError
     return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
-            ReportError)
+            ReportError, RunDirError)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -199,7 +206,7 @@ def run_command(args: argparse.Namespace) -> int:
             return EXIT_OK
         from mlx_tune.training.recipe import train
         mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
-        return train(spec, resume=mode).exit_code
+        return train(spec, resume=mode, accept_changes=args.accept_changes).exit_code
     if args.command == "lr-find":
         from mlx_tune.commands.lr_find import lr_find_cli
         return lr_find_cli(spec, args)
@@ -220,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         if isinstance(e, _known_errors()):
             print(f"mlx-tune: error: {e}", file=sys.stderr)
-            return EXIT_USAGE if isinstance(e, SpecError) else EXIT_ERROR
+            if isinstance(e, SpecError):
+                return EXIT_USAGE
+            return getattr(e, "exit_code", EXIT_ERROR)
         log = Path.cwd() / "mlx-tune-crash.log"
         log.write_text(traceback.format_exc())
         print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)

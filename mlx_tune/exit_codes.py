@@ -16,6 +16,8 @@ EXIT_GRAD_SPIKE = 5  # early stop: gradient norms spiked
 EXIT_NONFINITE = 6  # early stop: NaN/inf loss or gradients
 EXIT_CHECKPOINT_FAILURES = 7  # checkpoint saves failed several times in a row
 EXIT_PEER_LOST = 8  # a rank of a distributed run died or stopped answering
+EXIT_DIR_IN_USE = 9  # another live run holds output_dir (checkpoint/rundir.py)
+EXIT_BAD_DATA = 10  # a record met mid-run could not be used; the step was checkpointed first
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM (128 + SIGINT, the shell's convention)
 
 # Early-stopping rule name -> exit code (the rules live in training/monitors.py).

@@ -100,7 +100,7 @@ def test_ask_on_terminal(run, answer):
     if answer.strip().lower() in ("", "y", "yes"):
         assert loaded.step == 2 and out.exists()
     else:  # "no" means a fresh start: the old run is moved aside, not deleted
-        assert loaded is None and not out.exists()
+        assert loaded is None and list(out.iterdir()) == []
         (aside,) = out.parent.glob("run.old-*")
         assert (aside / "metrics.jsonl").read_text() == '{"step": 2}\n'
         assert len(list((aside / "checkpoints").glob("step-*"))) == 2
@@ -181,7 +181,7 @@ def test_fresh_moves_old_run_aside_keeping_everything(run):
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     assert decide_resume(m, current_fingerprint=spec_with(rank=64), mode="fresh",
                          interactive=False, ask=never_ask, log=logs.append) is None
-    assert not out.exists()
+    assert list(out.iterdir()) == []  # emptied, not renamed: a lock inside it stays held
     (aside,) = out.parent.glob("run.old-*")
     assert sorted(p.relative_to(aside) for p in aside.rglob("*")) == before
     assert m.discover() == [] and m.latest_valid() is None
@@ -200,11 +200,11 @@ def test_move_run_aside_never_overwrites(tmp_path):
     dests = []
     for i in range(3):
         out = tmp_path / "run"
-        out.mkdir()
-        (out / "n").write_text(str(i))
+        out.mkdir(exist_ok=True)
+        (out / "spec.yaml").write_text(str(i))
         dests.append(move_run_aside(out))
     assert len(set(dests)) == 3
-    assert sorted((d / "n").read_text() for d in dests) == ["0", "1", "2"]
+    assert sorted((d / "spec.yaml").read_text() for d in dests) == ["0", "1", "2"]
     assert all(d.name.startswith("run.old-") and d.name.endswith(("Z", "-1", "-2")) for d in dests)
     with pytest.raises(FileNotFoundError):
         move_run_aside(tmp_path / "missing")

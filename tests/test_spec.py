@@ -95,7 +95,8 @@ def test_fingerprint_holds_the_fields_a_checkpoint_is_bound_to():
     fp = spec_fingerprint(build_spec(overrides={"model": "m", "lora.rank": 4}))
     assert fp["model"] == "m" and fp["lora.rank"] == 4
     assert fp["max_steps"] == 2000  # recorded so a change can be reported on resume
-    assert "seed" not in fp and "output_dir" not in fp
+    assert fp["seed"] == 0  # changes which records a saved data position points at
+    assert fp["lora.alpha"] == 32.0 and "output_dir" not in fp
 
 
 def test_print_config_shows_the_resolved_spec(tmp_path):

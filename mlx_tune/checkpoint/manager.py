@@ -294,12 +294,23 @@ class CheckpointManager:
                 found.append((p, int(m.group(1))))
         return sorted(found, key=lambda t: t[1], reverse=True)
 
-    def latest_valid(self, log: Log | None = None) -> Loaded | None:
-        """Load the newest checkpoint that validates; log why each newer one was skipped."""
+    def latest_valid(self, log: Log | None = None, *,
+                     check: Callable[[Loaded], None] | None = None,
+                     below: int | None = None) -> Loaded | None:
+        """Load the newest checkpoint that validates; log why each newer one was skipped.
+
+        ``check`` validates what the files hold (the state's schema) and raises
+        CheckpointCorrupt to reject it: files that verify but hold the wrong state are
+        skipped like a bad checksum. ``below``: only checkpoints older than this step."""
         log = log or self.log
-        for path, _ in self.discover():
+        for path, step in self.discover():
+            if below is not None and step >= below:
+                continue
             try:
-                return self._load_checked(path)
+                loaded = self._load_checked(path)
+                if check is not None:
+                    check(loaded)
+                return loaded
             except CheckpointCorrupt as e:
                 log(f"skipping {self._display(path)}: {e.reason}")
         return None

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Literal
 
 from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
+from mlx_tune.checkpoint.rundir import check_is_run_dir, move_contents_aside
 from mlx_tune.config.schema import Spec, get
 
 FINGERPRINT_KEY = "fingerprint"
@@ -25,20 +25,33 @@ _ABSENT = object()
 # Fields a checkpoint cannot survive a change of: resuming across them would load
 # tensors of another shape or meaning. Everything else is reported and allowed.
 FINGERPRINT_FIELDS = ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size",
-                      "lora.rank", "lora.layers", "lora.targets", "optimizer")
+                      "lora.rank", "lora.layers", "lora.targets", "optimizer", "ema.enabled")
+# Fields that change what the saved state or the saved data position means (alpha rescales
+# the saved LoRA weights; batch size, seed, buffer, length cut and packing change which
+# records a data position points at; mask_prompt and the EMA decay change the objective and
+# the averaged weights). A resume across a change is refused unless --accept-changes is
+# given. The train file's content hash (data_content.train, see data.content_fingerprint)
+# is one of them.
+RESUME_CAUTION_FIELDS = ("lora.alpha", "batch_size", "mask_prompt", "ema.decay", "seed",
+                         "max_length", "streaming", "shuffle_buffer", "val_split", "packing",
+                         "pack_length", "data_content")
 # Fields that steer the rest of a run without changing what the saved tensors mean: a
 # resume across a change of these is allowed and the change is reported.
 RESUME_REPORTED_FIELDS = ("max_steps", "num_epochs", "eval_steps", "eval_schedule", "val_batches",
                           "checkpoint_interval", "keep_checkpoints", "report_every",
                           "learning_rate", "lr_schedule", "gradient_accumulation_steps",
-                          "early_stopping.patience")
+                          "early_stopping.patience", "lora.dropout", "ema.use_for_eval")
 
 
 def spec_fingerprint(spec: Spec) -> dict[str, Any]:
     """What a checkpoint records of its spec: the fields it is bound to
-    (FINGERPRINT_FIELDS) and those whose change on resume is only reported. With
-    num_epochs, max_steps is derived from the data, so the epochs are what is compared."""
-    out = {key: get(spec, key) for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS}
+    (FINGERPRINT_FIELDS), those that need --accept-changes (RESUME_CAUTION_FIELDS; the data
+    content hash is added by the recipe) and those whose change on resume is only reported.
+    With num_epochs, max_steps is derived from the data, so the epochs are what is
+    compared."""
+    out = {key: get(spec, key)
+           for key in FINGERPRINT_FIELDS + RESUME_REPORTED_FIELDS + RESUME_CAUTION_FIELDS
+           if key != "data_content"}
     if spec.num_epochs is not None:
         out["max_steps"] = None
     return out
@@ -97,33 +110,30 @@ def compare_fingerprints(saved: dict, current: dict,
     return blocking, notes
 
 
-def move_run_aside(output_dir: str | os.PathLike) -> Path:
-    """Rename ``output_dir`` to ``<output_dir>.old-<UTC timestamp>``; deletes nothing."""
+def move_run_aside(output_dir: str | os.PathLike) -> Path | None:
+    """Move the old run's files into ``<output_dir>.old-<UTC timestamp>``; delete nothing.
+
+    Refuses (RunDirError) a directory that does not look like an mlx-tune run. The lock
+    file stays, so a run holding ``output_dir`` keeps holding it while it starts over."""
     src = Path(output_dir)
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    base = src.with_name(f"{src.name}.old-{stamp}")
-    dest, n = base, 1
-    while dest.exists():  # two fresh starts within one second
-        dest, n = base.with_name(f"{base.name}-{n}"), n + 1
-    os.rename(src, dest)
-    return dest
+    check_is_run_dir(src)
+    return move_contents_aside(src)
 
 
-def _start_fresh(output_dir: Path, log: Callable[[str], None]) -> None:
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        dest = move_run_aside(output_dir)
-        log(f"starting fresh: moved the previous run {output_dir} to {dest}")
-    else:
-        log("starting fresh")
+def _start_fresh(output_dir: Path, log: Callable[[str], None], why: str = "starting fresh") -> None:
+    dest = move_run_aside(output_dir) if output_dir.is_dir() else None
+    log(f"{why}: moved the previous run in {output_dir} to {dest}" if dest else why)
 
 
 def decide_resume(manager: CheckpointManager, *, current_fingerprint: dict,
                   mode: ResumeMode, interactive: bool,
                   ask: Callable[[str], str] = input, log: Callable[[str], None] = print,
                   harmless_fields: Collection[str] = (),
-                  output_dir: str | os.PathLike | None = None) -> Loaded | None:
+                  output_dir: str | os.PathLike | None = None,
+                  overridable_fields: Collection[str] = (), allow_changes: bool = False,
+                  check: Callable[[Loaded], None] | None = None) -> Loaded | None:
     """Return the checkpoint to resume from, or None to start fresh.
 
     - ``"fresh"``: move the old output dir aside (never delete) and start over.
@@ -140,10 +150,13 @@ def decide_resume(manager: CheckpointManager, *, current_fingerprint: dict,
         _start_fresh(out, log)
         return None
 
-    loaded = manager.latest_valid(log)
+    loaded = manager.latest_valid(log, check=check)
     if loaded is None:
         if manager.discover():
-            log(f"no valid checkpoint in {manager.root}; starting from step 0")
+            # Starting from step 0 in place would write over the old run's checkpoints
+            # and metrics as it reaches their steps: move them aside first.
+            _start_fresh(out, log, f"no usable checkpoint in {manager.root}; starting from "
+                                   "step 0")
         return None
 
     saved = loaded.meta.get(FINGERPRINT_KEY)
@@ -151,6 +164,21 @@ def decide_resume(manager: CheckpointManager, *, current_fingerprint: dict,
         blocking, notes = [f"{FINGERPRINT_KEY}: missing from the checkpoint"], []
     else:
         blocking, notes = compare_fingerprints(saved, current_fingerprint, harmless_fields)
+        # Settings that change what the saved state or data position means, but that a
+        # resume can survive when the user says so (--accept-changes).
+        changed = [m for m in blocking if _is_harmless(m.split(":")[0], overridable_fields)]
+        blocking = [m for m in blocking if m not in changed]
+        older = [m for m in changed if ": checkpoint <absent>," in m]  # older checkpoint
+        changed = [m for m in changed if m not in older]
+        notes += older
+        if changed and not allow_changes:
+            raise ResumeError(
+                f"{loaded.path} (step {loaded.step}) was written with other settings that "
+                "change what its state or data position means: " + "; ".join(changed)
+                + ". Restore them, pass --accept-changes to resume anyway, or --force-fresh "
+                  f"to move {out} aside and start over.")
+        for m in changed:
+            log(f"warning: resuming with a changed setting (--accept-changes): {m}")
     if blocking:
         raise ResumeError(
             f"{loaded.path} (step {loaded.step}) was written with a different setup: "

@@ -134,6 +134,37 @@ def text_plot(lrs: Sequence[float], losses: Sequence[float], mark: int | None = 
     return "\n".join(rows)
 
 
+# Marks lr-find's own outputs, the only files --plot replaces unasked.
+PNG_MARK = b"mlx-tune lr-find"  # the PNG's "Software" text chunk (reporting/plots.py)
+CSV_HEADER = "lr,loss,smoothed_loss\n"
+
+
+def _is_ours(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if path.suffix == ".csv":
+        return head.startswith(CSV_HEADER.encode())
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head
+
+
+def check_plot_target(path: str | Path, force: bool = False) -> Path:
+    """Refuse (SpecError) to write the plot or its .csv over a file lr-find did not write,
+    unless ``force``; checked before the model loads, so a refusal costs nothing."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise SpecError(f"lr-find: --plot {path} must name a .png file")
+    for target in (path, path.with_suffix(".csv")):
+        if not (target.exists() or target.is_symlink()):
+            continue
+        if not target.is_file() or target.is_symlink():
+            raise SpecError(f"lr-find: {target} exists and is not a regular file; "
+                            "choose another --plot path")
+        if not force and not _is_ours(target):
+            raise SpecError(f"lr-find: {target} exists and was not written by lr-find; "
+                            "choose another --plot path or pass --force to replace it")
+    return path
+
+
 # -- the driver ---------------------------------------------------------------------
 
 def _copy(value: Any) -> Any:
@@ -189,10 +220,12 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     from mlx_tune.training.setup import setup
 
     start, end, steps = args.start_lr, args.end_lr, args.steps
-    if not (0 < start < end):
+    if not (math.isfinite(start) and math.isfinite(end) and 0 < start < end):
         raise SpecError(f"lr-find: need 0 < --start-lr < --end-lr, got {start:g} and {end:g}")
     if steps < 3:
         raise SpecError(f"lr-find: --steps must be at least 3, got {steps}")
+    plot = check_plot_target(args.plot or Path(spec.output_dir) / "lr_find.png",
+                             getattr(args, "force", False))
     run = setup(spec)
     run.load()
     spec, backend, data = run.spec, run.backend, run.data
@@ -202,10 +235,10 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     finally:
         data.close()
     print(text_plot(result.lrs, result.smoothed, result.suggestion_index))
-    png = Path(args.plot or Path(spec.output_dir) / "lr_find.png")
+    png = plot
     table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools
     table.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(table, "lr,loss,smoothed_loss\n" + "".join(
+    atomic_write(table, CSV_HEADER + "".join(
         f"{lr:.6e},{loss:.6f},{sm:.6f}\n"
         for lr, loss, sm in zip(result.lrs, result.losses, result.smoothed)))
     try:

@@ -17,6 +17,8 @@ from typing import Any, Union
 
 import yaml
 
+from mlx_tune.config.yaml_bounded import YamlTooLarge, compose_bounded, construct
+
 from mlx_tune.config import mlx_lm
 from mlx_tune.config.schema import DEFAULT_MAX_STEPS, CurriculumStage, Spec, SpecError, get, is_group, leaf_fields, type_hints
 
@@ -135,7 +137,7 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _key_lines(text: str) -> dict[str, int]:
+def _key_lines(node: Any) -> dict[str, int]:
     """Map each dotted key of a YAML document to its 1-based line, for error messages."""
     out: dict[str, int] = {}
 
@@ -146,10 +148,7 @@ def _key_lines(text: str) -> dict[str, int]:
                 out[key] = k.start_mark.line + 1
                 walk(v, key + ".")
 
-    try:
-        walk(yaml.compose(text), "")
-    except yaml.YAMLError:
-        pass
+    walk(node, "")  # the document was bounded by compose_bounded: aliases cannot blow up
     return out
 
 
@@ -161,7 +160,10 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     except OSError as e:
         raise SpecError(f"{path}: cannot read the spec ({e.strerror or e})") from None
     try:
-        raw = yaml.safe_load(text)
+        node = compose_bounded(text)
+        raw = construct(node)
+    except YamlTooLarge as e:
+        raise SpecError(f"{path}: refused: the YAML {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -171,7 +173,7 @@ def load_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         raw = {}
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a spec must be a mapping of keys to values")
-    return raw, _key_lines(text)
+    return raw, _key_lines(node)
 
 
 def nest(flat: dict[str, Any]) -> dict:

@@ -21,7 +21,8 @@ from mlx_tune.config.schema import CurriculumStage, Spec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import make_augmenter
 from mlx_tune.data.batching import pad_id_of
-from mlx_tune.data.records import DataError, Record, find_files, first_format, read_records
+from mlx_tune.data.records import (DataError, Record, content_hash, find_files, first_format,
+                                   read_records)
 from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
 from mlx_tune.data.tokenize import tokenize_all, unwrap
@@ -29,11 +30,18 @@ from mlx_tune.data.validation import LazyValidation, load_eval_file
 from mlx_tune.data.widths import Widths
 
 __all__ = ["DataBundle", "DataError", "LazyValidation", "Record", "TrainStream", "Widths",
-           "load_data", "load_eval_file"]
+           "load_data", "load_eval_file", "content_fingerprint"]
 
 # Streaming: bucket widths are chosen from the lengths of this many first records at most
 # (or the shuffle buffer, if smaller): the whole file is never tokenized up front.
 WIDTH_SAMPLE = 4096
+
+
+def content_fingerprint(spec: Spec) -> dict:
+    """What a checkpoint records of the training data's content (see
+    checkpoint.resume.RESUME_CAUTION_FIELDS): a changed train.jsonl with the same record count
+    would otherwise resume at a data position that now means other records."""
+    return {"data_content": {"train": content_hash(find_files(spec.data).train)}}
 
 
 @dataclass

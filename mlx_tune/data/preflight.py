@@ -1,7 +1,8 @@
 """Check the data before any model loads: a bad record costs a second, not a model load.
 
-Reads every record of the train, validation and test files (only the first of each when
-streaming, where records are validated as they are read), reports what it recognised
+Reads every record of the train, validation and test files, in every mode: streaming too
+(records are parsed and checked, not kept), so a bad line found hours into a streaming run
+never ends a night and then every resume at the same step. It reports what it recognised
 (ShareGPT conversations, tool-calling records) and, when the data uses tools, asks the
 model's chat template to render a tool conversation, so a template that would silently
 drop the tools is refused by name here.
@@ -65,7 +66,7 @@ def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> lis
     for path in (files.train, files.valid, files.test):
         if path is None:
             continue
-        first_only = spec.streaming and path == files.train
+        first_only = False  # every record, streaming included (see the module docstring)
         report = FileReport(str(Path(path)))
         for record in _records(path, first_only):
             report.add(record)

@@ -9,7 +9,9 @@ file is never held whole in memory by the readers (streaming builds on ``iter_li
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -66,14 +68,39 @@ def find_files(directory: str | Path) -> DataFiles:
     if not d.is_dir():
         raise DataError(f"{d}: data directory not found ({expected})")
     train = d / "train.jsonl"
+    _check_regular(train)
     if not train.is_file():
         raise DataError(f"{d}: no train.jsonl in the data directory ({expected})")
+    for n in VALID_NAMES + ("test.jsonl",):
+        _check_regular(d / n)
     valids = [d / n for n in VALID_NAMES if (d / n).is_file()]
     if len(valids) > 1:
         # Silently preferring one would evaluate on data the user may not expect.
         raise DataError(f"{d}: both valid.jsonl and val.jsonl exist; keep one of them")
     test = d / "test.jsonl"
     return DataFiles(d, train, valids[0] if valids else None, test if test.is_file() else None)
+
+
+def _check_regular(path: Path) -> None:
+    """A name that exists but is no readable regular file gets its own message (a FIFO
+    would block the reader forever; a dangling link would read as "missing")."""
+    if path.is_symlink() and not path.exists():
+        raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist")
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise DataError(f"{path}: {kind}; expected a JSONL file")
+
+
+def content_hash(path: str | Path) -> str:
+    """``<size>:<blake2b>`` of a file's bytes: a resume across changed training data is
+    caught even when the record count stays the same (about 1 s per GB)."""
+    h = hashlib.blake2b(digest_size=16)
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{size}:{h.hexdigest()}"
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -120,6 +147,8 @@ def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = N
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to be a training record") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     kind = detect_format(obj)

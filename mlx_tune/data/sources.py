@@ -159,7 +159,9 @@ class StreamingSource:
         return out
 
     def count(self) -> int:
-        """Train records (non-blank lines not held out for validation): one cheap pass."""
+        """Train records (non-blank lines not held out for validation): one cheap pass.
+        (Every line was already parsed and checked by data.preflight before the model
+        loaded, so nothing is parsed here.)"""
         self.records = sum(1 for _ in self._lines())
         return self.records
 

@@ -97,7 +97,8 @@ def write_lr_find_png(path: str | Path, lrs: Sequence[float], losses: Sequence[f
         ax.legend(loc="best")
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
+        # The mark lets lr-find replace its own earlier plot and nothing else.
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": "mlx-tune lr-find"})
     finally:
         plt.close(fig)
     path = Path(path)

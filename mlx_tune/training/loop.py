@@ -20,7 +20,7 @@ import numpy as np
 
 from mlx_tune.backends.base import Backend, StepResult
 from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
-from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
+from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointManager, CheckpointSaveError
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
@@ -28,7 +28,8 @@ from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
 from mlx_tune.config.schema import Spec, to_dict
 from mlx_tune.checkpoint.resume import spec_fingerprint
-from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
+from mlx_tune.data.records import DataError
+from mlx_tune.exit_codes import EXIT_BAD_DATA, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
 
 MAX_SAVE_FAILURES = 3
 
@@ -66,15 +67,20 @@ class LoopState:
 
 
 class SignalGuard:
-    """First SIGINT/SIGTERM: finish the step, save, exit. Second: exit at once (the last
-    complete checkpoint stays valid: saves are atomic)."""
+    """One policy for SIGINT, SIGTERM and SIGHUP (a dropped ssh session): the first asks
+    the run to finish its step, save and exit; a second exits at once (the last complete
+    checkpoint stays valid: saves and adapter writes are atomic). The caller keeps it
+    installed until the last byte is written: the final checkpoint and the adapter."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                    if hasattr(signal, n))
 
     def __init__(self) -> None:
         self.requested: str | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "SignalGuard":
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -128,6 +134,8 @@ class Trainer:
         self._signals: SignalGuard | None = None
         self._agreed_interrupt: str | None = None  # a signal every rank has agreed on
         self._shapes_warned = False
+        # Stored in every checkpoint; the recipe adds the data content hash.
+        self.fingerprint: dict = spec_fingerprint(spec)
 
     # -- checkpoint state -----------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -137,8 +145,37 @@ class Trainer:
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
                 "early_stopping": self.stopper.state_dict(),
                 "memory": self.memory.state_dict(),
-                "rng": python_rng_state(), "fingerprint": spec_fingerprint(self.spec),
+                "rng": python_rng_state(), "fingerprint": self.fingerprint,
                 "spec": to_dict(self.spec), "world_size": self.world_size}
+
+    @staticmethod
+    def check_state(meta: dict) -> None:
+        """Raise CheckpointCorrupt unless ``meta`` has the shape ``checkpoint_meta`` writes:
+        a checkpoint whose files verify but whose state is wrong is then skipped for the
+        previous one, before anything is restored."""
+        def need(obj: Any, key: str, types: tuple, where: str = "") -> Any:
+            if not isinstance(obj, dict) or key not in obj:
+                raise CheckpointCorrupt(f"state.json: '{where}{key}' is missing")
+            value = obj[key]
+            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+                raise CheckpointCorrupt(f"state.json: '{where}{key}' is "
+                                        f"{type(value).__name__}, expected "
+                                        + " or ".join(t.__name__ for t in types))
+            return value
+
+        num, opt = (int, float), (int, float, type(None))
+        need(meta, "step", (int,))
+        need(meta, "trained_tokens", (int,))
+        interval = need(meta, "interval", (dict,))
+        for key in ("loss_sum", "tokens", "steps", "grad_norm"):
+            need(interval, key, num, "interval.")
+        need(meta, "first_val_loss", opt)
+        need(meta, "last_val_loss", opt)
+        for key in ("data", "early_stopping", "memory", "fingerprint", "backend"):
+            need(meta, key, (dict,))
+        rng = need(meta, "rng", (dict,))
+        need(rng, "python", (list,), "rng.")
+        need(rng, "numpy", (list,), "rng.")
 
     def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:
         self.backend.load_state_dict(arrays, meta)
@@ -292,15 +329,21 @@ class Trainer:
         s.interval = Interval()
 
     # -- the loop -------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def run(self, signals: SignalGuard | None = None) -> RunResult:
+        """Train to the end or to a stop. ``signals``: a guard the caller keeps installed
+        past the run (the recipe holds it until the adapter is written); without one, the
+        run installs its own around everything it writes."""
+        if signals is None:
+            with SignalGuard() as own:
+                return self.run(own)
+        self._signals = signals
         spec, s = self.spec, self.state
         pending: list[tuple[int, StepResult, float, float]] = []
         self._last_lr = self.schedule(s.step)
-        stop = None
-        if s.step == 0 and spec.eval_at_start:
-            self.evaluate()
-        with SignalGuard() as signals:
-            self._signals = signals
+        stop, bad_data = None, None
+        try:
+            if s.step == 0 and spec.eval_at_start:
+                self.evaluate()
             while s.step < spec.max_steps and stop is None:
                 if self._interrupted():
                     break
@@ -329,11 +372,23 @@ class Trainer:
                         return self._finish(EXIT_CHECKPOINT_FAILURES,
                                             f"{MAX_SAVE_FAILURES} checkpoint saves failed in a "
                                             "row; stopping so the run does not go on unprotected")
-            stop = stop or self.flush(pending)
-            interrupted = self._interrupted()
+        except DataError as e:
+            # A record that could not be read mid-run (the file changed under the run, or a
+            # validation file broke): the steps done so far are kept before stopping. The
+            # data position saved is that of the last batch handed out, so a resume after
+            # the file is fixed continues exactly.
+            bad_data = str(e)
+        stop = stop or self.flush(pending)
+        # A signal that arrives once every step is done (during the last evaluation's
+        # save, say) ends nothing early: the run finished, and says so.
+        interrupted = self._interrupted() if s.step < spec.max_steps else None
         # Every exit path below saves first: a stop never costs the steps since the
-        # last checkpoint.
+        # last checkpoint. The signal guard is still installed.
         self.save()
+        if bad_data is not None:
+            return self._finish(EXIT_BAD_DATA, f"stopped at step {s.step} on bad data: "
+                                f"{bad_data} (step {s.step} is checkpointed; fix the record "
+                                "and resume with --auto-resume)")
         if interrupted:
             return self._finish(EXIT_INTERRUPTED,
                                 f"interrupted by {interrupted} at step {s.step}; "

@@ -5,6 +5,7 @@ without loading a model is checked first."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Callable, Literal
@@ -12,19 +13,23 @@ from typing import Callable, Literal
 import yaml
 
 from mlx_tune.checkpoint import faults
-from mlx_tune.checkpoint.manager import CheckpointManager
-from mlx_tune.checkpoint.resume import (RESUME_REPORTED_FIELDS, decide_resume, move_run_aside,
-                                        spec_fingerprint)
+from mlx_tune.checkpoint.format import describe_error
+from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointError, CheckpointManager
+from mlx_tune.checkpoint.resume import (RESUME_CAUTION_FIELDS, RESUME_REPORTED_FIELDS,
+                                        decide_resume, move_run_aside, spec_fingerprint)
+from mlx_tune.checkpoint.rundir import RunLock, check_is_run_dir
 from mlx_tune.config.schema import Spec, to_dict
-from mlx_tune.config.spec import with_epochs
+from mlx_tune.config.spec import require, with_epochs
+from mlx_tune.data import content_fingerprint
 from mlx_tune.distributed.decisions import barrier, share_resume_point
 from mlx_tune.distributed.peers import guard_run
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.system.keepawake import keep_awake, release
-from mlx_tune.training.loop import RunResult, Trainer
+from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
+from mlx_tune.training.loop import RunResult, SignalGuard, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
-from mlx_tune.training.setup import setup
+from mlx_tune.training.setup import Setup, setup
 from mlx_tune.training.testset import score_test
 
 
@@ -34,22 +39,43 @@ def write_spec(spec: Spec, output_dir: Path) -> None:
 
 
 def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
-          log: Callable[[str], None] = print) -> RunResult:
-    run = setup(spec, log)
-    spec, backend, log, is_main = run.spec, run.backend, run.log, run.is_main
+          log: Callable[[str], None] = print, accept_changes: bool = False) -> RunResult:
+    require(spec, "model", "data")
     output_dir = Path(spec.output_dir)
+    # Before anything slow: a directory we may not move aside is refused, and one run
+    # holds output_dir for its whole life (the kernel frees the lock on any death).
+    if resume == "fresh":
+        check_is_run_dir(output_dir)
+    data_fp = content_fingerprint(spec)  # also checks the data files' names and kinds
+    run = setup(spec, log)
+    lock = RunLock(output_dir).acquire() if run.is_main else None
+    try:
+        return _train(run, output_dir, data_fp, resume, accept_changes)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
+           accept_changes: bool) -> RunResult:
+    spec, backend, log, is_main = run.spec, run.backend, run.log, run.is_main
     # Resume decision before the model loads: a refusal costs a second, not a minute.
-    # --force-fresh moves the old run aside untouched, before the manager tidies anything.
-    if resume == "fresh" and is_main and output_dir.exists() and any(output_dir.iterdir()):
-        log(f"--force-fresh: moved the previous run aside to {move_run_aside(output_dir)}")
+    # --force-fresh moves the old run aside untouched (the lock file stays), before the
+    # manager tidies anything.
+    if resume == "fresh" and is_main:
+        dest = move_run_aside(output_dir)
+        if dest is not None:
+            log(f"--force-fresh: moved the previous run aside to {dest}")
     manager = CheckpointManager(output_dir / "checkpoints", backend.codec,
                                 keep=spec.keep_checkpoints, log=log) if is_main else None
+    current = {**spec_fingerprint(spec), **data_fp}
     loaded = None
     if resume != "fresh" and manager is not None:
-        loaded = decide_resume(manager, current_fingerprint=spec_fingerprint(spec), mode=resume,
+        loaded = decide_resume(manager, current_fingerprint=current, mode=resume,
                                interactive=sys.stdin.isatty(), log=log,
-                               harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir)
+                               harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir,
+                               overridable_fields=RESUME_CAUTION_FIELDS,
+                               allow_changes=accept_changes, check=_check_loaded)
     # Distributed runs: every rank restores rank 0's checkpoint. Any run: says so when
     # the checkpoint was written by another number of ranks.
     loaded = share_resume_point(backend, loaded, output_dir, spec, log)
@@ -64,34 +90,36 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
         spec = with_epochs(spec, per_epoch)
         log(f"num_epochs={spec.num_epochs:g}: {spec.max_steps} steps ({per_epoch} per epoch: "
             f"{data.train_records} records / batch_size {spec.batch_size})")
+    trainer = Trainer(spec, backend, data, None, manager,
+                      build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
+                      run.accumulation, log=log)
+    trainer.fingerprint = current
+    if loaded is not None:
+        loaded = _restore(trainer, manager, loaded, backend.world_size, log)
+        log(f"resumed from {loaded.path} at step {loaded.step}")
     # Logs continue from the resume step; a start from scratch supersedes whatever an
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
     reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
                                resume_step=loaded.step if loaded else -1,
                                tensorboard=spec.tensorboard, is_main_rank=is_main)
+    trainer.reporters = reporters
+    trainer.log = lambda m: reporters.on_message(m)
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
                            log=log if sys.platform == "darwin" else None) if is_main else None
     try:
-        trainer = Trainer(spec, backend, data, reporters, manager,
-                          build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
-                          run.accumulation, log=lambda m: reporters.on_message(m))
-        if loaded is not None:
-            trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
-            log(f"resumed from {loaded.path} at step {loaded.step}")
         reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": loaded.step if loaded else None,
                             "output_dir": str(output_dir)})
-        with guard_run(backend) as watchdog:  # a dead or hung peer: one line, exit 8
+        # A dead or hung peer: one line, exit 8. One signal policy from the first step to
+        # the last byte: a SIGTERM/SIGHUP during the final checkpoint or the adapter write
+        # is noted, not fatal.
+        with guard_run(backend) as watchdog, SignalGuard() as signals:
             trainer.heartbeat = watchdog.beat
-            result = trainer.run()
+            result = trainer.run(signals)
             if is_main:
-                backend.save_adapter(output_dir / "adapters")
-                if spec.ema.enabled:
-                    with backend.ema_weights():
-                        backend.save_adapter(output_dir / "adapters_ema")
-                reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+                result = _write_adapters(backend, spec, output_dir, trainer, result)
             if spec.test_at_end and result.exit_code == 0:
                 score = score_test(spec, backend, run.accumulation, result.step, data,
                                    log=lambda m: reporters.on_message(m))
@@ -110,3 +138,54 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
         data.close()
         release(keepawake)
 
+
+def _check_loaded(loaded) -> None:
+    Trainer.check_state(loaded.meta)
+    if loaded.meta["step"] != loaded.step:
+        raise CheckpointCorrupt(f"state.json says step {loaded.meta['step']}, the manifest "
+                                f"{loaded.step}")
+
+
+def _restore(trainer: Trainer, manager, loaded, world_size: int, log):
+    """Restore ``loaded``; a checkpoint whose tensors do not fit the backend (a missing
+    optimizer tensor, a wrong shape) is skipped for the previous valid one, like a bad
+    checksum. Only single-process runs fall back: every rank must restore the same one."""
+    while True:
+        try:
+            trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
+            return loaded
+        except Exception as e:  # noqa: BLE001 - any failure to load means "unusable"
+            reason = f"{loaded.path}: its state does not load ({describe_error(e)})"
+            if world_size > 1 or manager is None:
+                raise CheckpointError(reason) from None
+            log(f"skipping {reason}")
+            step = loaded.step
+            del loaded
+            loaded = manager.latest_valid(log, check=_check_loaded, below=step)
+            if loaded is None:
+                # The backend may hold part of the rejected state: do not train on it.
+                raise CheckpointError(
+                    f"no checkpoint in {manager.root} loads into this run ({reason}); "
+                    "use --force-fresh to move the run aside and start over") from None
+
+
+def _write_adapters(backend, spec: Spec, output_dir: Path, trainer: Trainer,
+                    result: RunResult) -> RunResult:
+    """Write the adapter(s). A failure (disk full, directory gone) is one line naming the
+    last good checkpoint, which holds the same weights; the exit code says saving failed."""
+    try:
+        backend.save_adapter(output_dir / "adapters")
+        if spec.ema.enabled:
+            with backend.ema_weights():
+                backend.save_adapter(output_dir / "adapters_ema")
+    except Exception as e:  # noqa: BLE001 - reported in one line, exit code kept meaningful
+        last = trainer.state.last_checkpoint
+        msg = (f"adapter not written to {output_dir / 'adapters'}: {describe_error(e)}; "
+               + (f"the last good checkpoint {last} (step {trainer.state.last_checkpoint_step}) "
+                  "holds the weights: free space and rerun with --auto-resume to write it"
+                  if last else "no checkpoint holds the weights"))
+        trainer.reporters.on_message(msg, "error")
+        code = result.exit_code if result.exit_code != EXIT_OK else EXIT_CHECKPOINT_FAILURES
+        return replace(result, exit_code=code, reason=msg)
+    trainer.reporters.on_message(f"adapter written to {output_dir / 'adapters'}")
+    return result
