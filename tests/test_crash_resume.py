@@ -175,3 +175,25 @@ def test_three_failed_saves_in_a_row_stop_the_run(config, tmp_path, subprocess_e
     assert max(train_records(out)) == 12
     assert not list((out / "checkpoints").glob("step-*"))
     assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, tiny_model, recipes) -> tuple[Path, tuple[dict, dict]]:
+    """The same run with packing on: rows of 256 tokens, one compiled shape."""
+    import os
+    path = tmp_path_factory.mktemp("packed-spec") / "spec.yaml"
+    path.write_text(SPEC.format(model=tiny_model, data=recipes) + "packing: true\n"
+                    "pack_length: 256\n")
+    out = tmp_path_factory.mktemp("packed-uninterrupted") / "run"
+    run_to_end(path, out, {**os.environ, "HF_HUB_OFFLINE": "1"})
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["compiled_shapes"] for r in records if r["type"] == "train"][-1] == 1
+    return path, (load_file(str(out / "adapters" / "adapters.safetensors")), train_records(out))
+
+
+def test_kill_between_checkpoints_with_packing(packed, tmp_path, subprocess_env):
+    config, reference = packed
+    out = tmp_path / "run"
+    kill_when(config, out, subprocess_env, past_step(6))
+    run_to_end(config, out, subprocess_env)
+    assert_identical(out, reference, resumed_from=4)
