@@ -34,10 +34,11 @@ def make_data(out: Path, records: int, max_length: int, seed: int = 0) -> None:
     """Deterministic long tail: answer lengths lognormal (median ~ a few hundred tokens),
     clipped at max_length, so a few records are truncated."""
     rng = np.random.default_rng(seed)
-    lengths = np.minimum(rng.lognormal(np.log(max_length / 4), 0.6, records), max_length * 1.1)
+    # ~1.4 tokens a word with tiny-mistral's tokenizer: median ~max_length / 3 tokens.
+    words = np.minimum(rng.lognormal(np.log(max_length / 4.5), 0.7, records), max_length)
     rows = []
-    for i, n in enumerate(lengths.astype(int)):
-        answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(max(1, n // 2)))
+    for i, n in enumerate(words.astype(int)):
+        answer = " ".join(WORDS[(i + j) % len(WORDS)] for j in range(max(1, n)))
         rows.append({"messages": [{"role": "user", "content": f"Recipe {i}, please."},
                                   {"role": "assistant", "content": answer}]})
     out.mkdir(parents=True, exist_ok=True)
