@@ -28,7 +28,7 @@ needs_openblas = pytest.mark.skipif(not (LINUX and OPENBLAS and blas._mlx_cpu_wh
 PIP_BLAS = blas.pip_openblas.wheel_openblas() if LINUX else None
 needs_pip_openblas = pytest.mark.skipif(
     not (PIP_BLAS and blas._mlx_cpu_wheel()),
-    reason="needs Linux, the pip-installed cmeel-openblas and the mlx CPU wheel")
+    reason="needs Linux, a pip-installed OpenBLAS wheel and the mlx CPU wheel")
 
 PROBE = '''
 import json, os, sys
@@ -182,7 +182,7 @@ def test_no_openblas_prints_the_hint_once(fake_exec, monkeypatch, capsys):
     blas.maybe_reexec_with_openblas([])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.strip() == blas.HINT
-    assert "pip install cmeel-openblas" in err
+    assert f"pip install {blas.pip_openblas.DIST}" in err
     assert os.environ[blas.MARKER] == "reference" and fake_exec == []
 
 
@@ -205,13 +205,13 @@ def test_blas_status_in_this_process():
 
 def test_blas_advice():
     base = {"kind": "reference", "available": None, "fix_disabled": False}
-    assert "pip install cmeel-openblas" in blas.blas_advice(base)
+    assert f"pip install {blas.pip_openblas.DIST}" in blas.blas_advice(base)
     system = blas.OpenBlas("/l/libopenblas.so.0", "system")
     assert "MLX_TUNE_NO_BLAS_FIX" in blas.blas_advice(
         {**base, "available": system, "fix_disabled": True})
     assert "LD_PRELOAD=/l/libopenblas.so.0" in blas.blas_advice({**base, "available": system})
     pip = blas.OpenBlas("/site/libopenblas.so.0", "pip (cmeel-openblas 1)", "/cache/blas-x")
-    assert "LD_PRELOAD=/site/libopenblas.so.0 LD_LIBRARY_PATH=/cache/blas-x" in \
+    assert "LD_PRELOAD=/site/libopenblas.so.0 LD_LIBRARY_PATH=/cache/blas-x OPENBLAS_NUM" in \
         blas.blas_advice({**base, "available": pip})
     assert blas.blas_advice({**base, "kind": "openblas"}) is None
 
@@ -246,7 +246,7 @@ def test_doctor_reference_blas_warns_with_the_apt_line(monkeypatch):
         "ld_preload": None, "marker": None, "fix_disabled": False, "available": None,
         "mlx_cpu_wheel": True, "source": None})
     (check,) = doctor.check_blas()
-    assert check.status == "WARN" and "pip install cmeel-openblas" in check.hint
+    assert check.status == "WARN" and f"pip install {blas.pip_openblas.DIST}" in check.hint
 
 
 def test_doctor_names_where_the_openblas_came_from(monkeypatch):

@@ -52,7 +52,7 @@ class OpenBlas:
     """An OpenBLAS to preload: ``path`` goes on LD_PRELOAD, ``lib_dir`` (the pip one's
     private libgfortran links) first on LD_LIBRARY_PATH; ``source`` says where it came from."""
     path: str
-    source: str  # "MLX_TUNE_OPENBLAS" | "system" | "pip (cmeel-openblas X.Y.Z)"
+    source: str  # "MLX_TUNE_OPENBLAS" | "system" | "pip (ngsolve-openblas X.Y.Z)"
     lib_dir: str | None = None
 
     def describe(self) -> str:
@@ -103,15 +103,16 @@ def system_openblas() -> str | None:
 
 
 def pip_installed_openblas() -> OpenBlas | None:
-    """The pip-installed OpenBLAS with its private libgfortran directory, or None."""
-    found = pip_openblas.wheel_openblas()
-    if found is None or not _elf_matches(found[0]):
-        return None
+    """The first pip-installed OpenBLAS that works on this CPU, with its private libgfortran
+    directory, or None."""
     gfortran = pip_openblas.wheel_gfortran()
     lib_dir = pip_openblas.private_lib_dir(gfortran) if gfortran else None
     if lib_dir is None:
         return None
-    return OpenBlas(found[0], f"pip ({pip_openblas.DIST} {found[1]})", str(lib_dir))
+    for path, dist, version in pip_openblas.wheel_openblases():
+        if _elf_matches(path) and pip_openblas.works(path, lib_dir):
+            return OpenBlas(path, f"pip ({dist} {version})", str(lib_dir))
+    return None
 
 
 def find_openblas() -> OpenBlas | None:
@@ -130,8 +131,23 @@ def preload_env(lib: OpenBlas, env: dict[str, str] | None = None) -> dict[str, s
     if lib.lib_dir:
         env["LD_LIBRARY_PATH"] = lib.lib_dir + (
             ":" + env["LD_LIBRARY_PATH"] if env.get("LD_LIBRARY_PATH") else "")
+    if lib.source.startswith("pip") and not (env.get("OPENBLAS_NUM_THREADS")
+                                             or env.get("OMP_NUM_THREADS")):
+        # The pip builds' worker threads collapse when a core is taken by anyone else (the
+        # quickstart on a loaded 2-core machine: 220 tokens/s with 2 threads, 1,418 with 1;
+        # Debian's build held up). Half the cores, as the torch backend does: at most ~2x
+        # lost on an idle machine, never a collapse. OPENBLAS_NUM_THREADS overrides it.
+        env["OPENBLAS_NUM_THREADS"] = str(pip_threads())
     env[MARKER] = "openblas"
     return env
+
+
+def pip_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def _mlx_cpu_wheel() -> bool:
@@ -250,9 +266,9 @@ def _source_of(path: str) -> str:
     override = os.environ.get(OVERRIDE)
     if override and override.strip().lower() != "pip" and os.path.realpath(override) == real:
         return OVERRIDE
-    wheel = pip_openblas.wheel_openblas()
-    if wheel and os.path.realpath(wheel[0]) == real:
-        return f"pip ({pip_openblas.DIST} {wheel[1]})"
+    for path, dist, version in pip_openblas.wheel_openblases():
+        if os.path.realpath(path) == real:
+            return f"pip ({dist} {version})"
     return "system" if real.startswith(("/usr/", "/lib")) else "a preloaded library"
 
 
