@@ -233,7 +233,7 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
     if t is None:
         row("status", "waiting for the first report…")
     else:
-        loss = Text(f"{fmt_fixed(t.loss, 4)}   avg50 {fmt_fixed(t.loss_avg, 4)}  ")
+        loss = Text(f"{fmt_fixed(t.loss, 4)}   avg{t.loss_window} {fmt_fixed(t.loss_avg, 4)}  ")
         loss.append_text(_trend(t.loss_trend))
         row("loss", loss, "learning rate", fmt_lr(t.learning_rate))
         row("grad norm", fmt_dec(t.grad_norm, 3), "epoch", t.epoch)

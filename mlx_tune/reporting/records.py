@@ -32,7 +32,8 @@ class TrainReport:
     total_steps: int
     epoch: int
     loss: float  # mean loss of the last report interval
-    loss_avg: float  # 50-step moving average
+    loss_avg: float  # moving average of the last `loss_window` finite step losses
+    loss_window: int  # early_stopping.loss_window: the steps loss_avg spans
     loss_trend: float  # negative = improving
     learning_rate: float
     grad_norm: float
@@ -47,7 +48,7 @@ class TrainReport:
     steps_since_checkpoint: int
     last_checkpoint: str | None
     skipped_steps: int
-    early_stopping: dict[str, int]  # counter name -> value, e.g. {"plateau": 1, "spike": 0}
+    early_stopping: dict[str, int]  # EarlyStopping.counters(): {"plateau_counter": 1, ...}
     compiled_shapes: int = 0  # distinct input shapes the backend's compiled step has seen
     shape_bound: int = 0  # how many it should see at most (the run's widths); 0 = unknown
     wall_time: float = field(default_factory=time.time)

@@ -178,7 +178,9 @@ class Trainer:
         need(rng, "numpy", (list,), "rng.")
 
     def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:
-        self.backend.load_state_dict(arrays, meta)
+        # The backend gets back the meta its own state_dict() returned (the torch backend
+        # reads which optimizer values were Python scalars from it).
+        self.backend.load_state_dict(arrays, meta["backend"])
         s = self.state
         s.step, s.trained_tokens = meta["step"], meta["trained_tokens"]
         s.interval = Interval(**meta["interval"])
@@ -314,6 +316,7 @@ class Trainer:
             loss=iv.loss_sum / iv.tokens if iv.tokens else float("nan"),
             # Early stopping's own moving average of finite losses (its plateau rule uses it).
             loss_avg=_or_nan(self.stopper.moving_average.value),
+            loss_window=self.stopper.moving_average.window,
             loss_trend=self.stopper.moving_average.trend or 0.0,
             learning_rate=self._last_lr, grad_norm=iv.grad_norm,
             tokens_per_second=self.throughput.tokens_per_second or 0.0,
