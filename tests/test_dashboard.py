@@ -14,19 +14,32 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from mlx_tune.exit_codes import EXIT_VAL_PLATEAU
 from mlx_tune.reporting import dashboard as dash
 from mlx_tune.reporting.dashboard import LEAK_MARK, RichDashboard, fmt_duration
 from mlx_tune.reporting.records import EvalReport, TrainReport
+from mlx_tune.training.monitors import EarlyStopping, EarlyStoppingConfig
+
+
+def counters(losses: list[float]) -> dict[str, int]:
+    """The early-stopping counters as a run reports them (``EarlyStopping.counters()``),
+    after feeding ``losses`` (NaN = a skipped step) to a real EarlyStopping that checks
+    for a plateau every 2 steps."""
+    es = EarlyStopping(EarlyStoppingConfig(warmup=0, check_every=2, patience=5))
+    for step, loss in enumerate(losses, start=1):
+        es.observe_step(step, loss, 0.5)
+    return es.counters()
 
 
 def train(step: int = 900, **kw) -> TrainReport:
     base = dict(
-        step=step, total_steps=2000, epoch=1, loss=3.2, loss_avg=3.4, loss_trend=-0.02,
-        learning_rate=1.8e-4, grad_norm=0.85, tokens_per_second=1510.3, steps_per_second=0.42,
-        eta_seconds=6.5 * 3600, trained_tokens=1_234_567, memory_mb=14051.4,
-        peak_memory_mb=15020.0, memory_delta_mb=245.2, leak_warning=True,
+        step=step, total_steps=2000, epoch=1, loss=3.2, loss_avg=3.4, loss_window=50,
+        loss_trend=-0.02, learning_rate=1.8e-4, grad_norm=0.85, tokens_per_second=1510.3,
+        steps_per_second=0.42, eta_seconds=6.5 * 3600, trained_tokens=1_234_567,
+        memory_mb=14051.4, peak_memory_mb=15020.0, memory_delta_mb=245.2, leak_warning=True,
         steps_since_checkpoint=150, last_checkpoint="runs/x/checkpoints/step-0000750",
-        skipped_steps=3, early_stopping={"plateau": 1, "spike": 0, "nonfinite": 2, "val": 0},
+        # A skipped step, a plateau check, then two skipped steps in a row.
+        skipped_steps=3, early_stopping=counters([float("nan"), 3.0, float("nan"), float("nan")]),
     )
     base.update(kw)
     return TrainReport(**base)
@@ -71,7 +84,7 @@ def test_render_shows_the_key_fields():
         "14051 MB", "peak 15020 MB", "+245 MB", LEAK_MARK,  # memory
         "-150 steps", "runs/x/checkpoints/step-0000750",  # checkpoint
         "2.91", "ppl 18.4", "2.85 @ 750",  # validation
-        "plateau 1", "nonfinite 2",  # early stopping counters
+        "plateau 1", "non-finite in a row 2",  # early stopping counters
         "Say hi [bold]", "Hello there,\\nfriend.",  # latest sample, markup not interpreted
     ):
         assert needle in out, needle
@@ -98,8 +111,8 @@ def test_checkpoint_event_newer_than_report_wins():
 def test_render_before_any_report_and_after_stop():
     d = RichDashboard(100, console=quiet_console())
     assert "waiting for the first report" in text_of(d)
-    d.on_stop("early_stopping: val", 0)
-    assert "stopped: early_stopping: val (exit 0)" in text_of(d)
+    d.on_stop("early stop (val_plateau): validation loss plateaued", EXIT_VAL_PLATEAU)
+    assert "stopped: early stop (val_plateau): validation loss plateaued (exit 4)" in text_of(d)
 
 
 def test_render_failure_does_not_escape(monkeypatch):
@@ -170,15 +183,23 @@ def test_fmt_duration(sec, text):
 
 
 def test_counters_have_readable_labels_and_skipped_steps_appear_once():
-    r = train(early_stopping={"plateau_counter": 2, "val_counter": 1, "spike_counter": 0,
-                              "consecutive_nonfinite": 0, "skipped_steps": 3})
+    r = train(early_stopping=counters([3.0, 3.0, 3.0, 3.0, float("nan")]), skipped_steps=1)
     d = RichDashboard(2000, console=quiet_console())
     d.on_train(r)
     d.close()
     text = text_of(d)
-    assert "plateau 2" in text and "no val improvement 1" in text and "grad spikes 0" in text
+    assert "plateau 1" in text and "no val improvement 0" in text and "grad spikes 0" in text
+    assert "non-finite in a row 1" in text
     assert "_counter" not in text and "consecutive_nonfinite" not in text
     assert text.lower().count("skipped") == 1
+
+
+def test_the_moving_average_label_names_its_window():
+    d = RichDashboard(2000, console=quiet_console())
+    d.on_train(train(loss_window=20))
+    d.close()
+    text = text_of(d)
+    assert "avg20 3.4000" in text and "avg50" not in text
 
 
 def test_sparkline_puts_val_points_on_the_train_scale():
@@ -199,8 +220,7 @@ from test_dashboard import train, evalr
 d = RichDashboard(2000, refresh_per_second=10)
 d.on_start({{"model": "tiny", "backend": "mlx"}})
 for i in range(30):
-    d.on_train(train(step=10 * (i + 1), loss=3.0 - 0.05 * i, leak_warning=False,
-                     early_stopping={{"plateau_counter": 1, "spike_counter": 0}}))
+    d.on_train(train(step=10 * (i + 1), loss=3.0 - 0.05 * i, leak_warning=False))
     if i % 10 == 9:
         d.on_eval(evalr(step=10 * (i + 1), val_loss=3.1 - 0.05 * i, samples=[]))
 time.sleep(1.0)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_tune.exit_codes import EXIT_PLATEAU
 from mlx_tune.system import keepawake
 from mlx_tune.reporting.text import (
     JsonlReporter,
@@ -23,6 +24,7 @@ from mlx_tune.reporting.text import (
 )
 from mlx_tune.reporting.records import EvalReport, NullReporter, Reporters, TrainReport
 from mlx_tune.reporting.factory import make_reporters
+from mlx_tune.training.monitors import EarlyStopping, EarlyStoppingConfig
 
 EXAMPLE_LINE = (
     "step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5"
@@ -30,14 +32,24 @@ EXAMPLE_LINE = (
 )
 
 
+def counters(losses: list[float]) -> dict[str, int]:
+    """The early-stopping counters as a run reports them (``EarlyStopping.counters()``),
+    after feeding ``losses`` (NaN = a skipped step) to a real EarlyStopping that checks
+    for a plateau every 2 steps."""
+    es = EarlyStopping(EarlyStoppingConfig(warmup=0, check_every=2, patience=5))
+    for step, loss in enumerate(losses, start=1):
+        es.observe_step(step, loss, 0.5)
+    return es.counters()
+
+
 def train(step: int = 900, **kw) -> TrainReport:
     base = dict(
-        step=step, total_steps=2000, epoch=1, loss=3.2, loss_avg=3.4, loss_trend=-0.02,
+        step=step, total_steps=2000, epoch=1, loss=3.2, loss_avg=3.4, loss_window=50, loss_trend=-0.02,
         learning_rate=1.8e-4, grad_norm=0.85, tokens_per_second=1510.3, steps_per_second=0.42,
         eta_seconds=6.5 * 3600, trained_tokens=1_234_567, memory_mb=14051.4,
         peak_memory_mb=15020.0, memory_delta_mb=245.2, leak_warning=False,
         steps_since_checkpoint=150, last_checkpoint="runs/x/checkpoints/step-0000750",
-        skipped_steps=0, early_stopping={"plateau": 1, "spike": 0, "nonfinite": 0, "val": 0},
+        skipped_steps=0, early_stopping=counters([3.0, 3.0, 3.0, 3.0]),  # a plateau check
         wall_time=1_700_000_000.0 + step,
     )
     base.update(kw)
@@ -96,7 +108,7 @@ def test_plain_reporter_lines_messages_and_stop():
     rep.on_checkpoint(900, "runs/x/checkpoints/step-0000900")
     rep.on_message("loaded 1,000 records [train.jsonl]")
     rep.on_message("disk almost full", "warning")
-    rep.on_stop("early_stopping: plateau", 0)
+    rep.on_stop("early stop (plateau): training loss plateaued", EXIT_PLATEAU)
     assert out.getvalue().splitlines() == [
         "start | model=m | backend=mlx",
         EXAMPLE_LINE,
@@ -105,7 +117,7 @@ def test_plain_reporter_lines_messages_and_stop():
         "checkpoint step 900 | runs/x/checkpoints/step-0000900",
         "loaded 1,000 records [train.jsonl]",
         "warning: disk almost full",
-        "stop | reason=early_stopping: plateau | exit_code=0",
+        "stop | reason=early stop (plateau): training loss plateaued | exit_code=3",
     ]
 
 
@@ -177,7 +189,7 @@ def test_jsonl_records_are_strict_json_and_typed(tmp_path):
     assert "NaN" not in text
     recs = read_jsonl(path)
     assert [r["type"] for r in recs] == ["start", "train", "eval", "checkpoint", "message", "stop"]
-    assert recs[1]["loss"] is None and recs[1]["early_stopping"]["plateau"] == 1
+    assert recs[1]["loss"] is None and recs[1]["early_stopping"]["plateau_counter"] == 1
     assert recs[2]["samples"][0]["text"] == "hi\nthere"
     assert recs[5] == {**recs[5], "step": 10, "reason": "completed", "exit_code": 0}
 
@@ -262,7 +274,7 @@ def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
     for step in range(10, 51, 10):
         tb.on_train(train(step=step, loss=step / 10))
     tb.on_eval(evalr(step=50))
-    tb.on_stop("early_stopping: plateau", 0)
+    tb.on_stop("early stop (plateau): training loss plateaued", EXIT_PLATEAU)
     tb.close()
 
     (events,) = read_events(logdir)
@@ -275,7 +287,7 @@ def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
         assert scalars(events, tag) == [(50, pytest.approx(value))]
     (sample,) = texts(events, "samples/0")
     assert sample[0] == 50 and "Say hi" in sample[1] and "hi\nthere" in sample[1]
-    assert texts(events, "run/stop_reason") == [(50, "early_stopping: plateau (exit code 0)")]
+    assert texts(events, "run/stop_reason") == [(50, "early stop (plateau): training loss plateaued (exit code 3)")]
 
     # resume from step 30: a new file that starts with a purge marker at step 31
     tb = TensorBoardReporter(logdir, resume_step=30)
