@@ -2,13 +2,15 @@
 
 One reference run goes uninterrupted. Then chains of runs share an output directory:
 each is started with --auto-resume and killed at a random moment (mid-step, mid-eval,
-mid-save: wherever the clock lands), until the chain is allowed to finish. Reported:
+mid-save: wherever the clock lands; a share of the kills wait for the final checkpoint
+to be half written and land there), until the chain is allowed to finish. With the
+default of one kill per chain, every kill has its own outcome. Reported:
 - resumes that ended bit-identical to the reference (final adapter weights),
 - corrupt checkpoints loaded (the checkpoint a resume started from fails validation
   afterwards): must be 0,
 - steps lost per kill (last step logged before the kill minus the step resumed from).
 
-    python benchmarks/fault_injection.py               # 50 kills
+    python benchmarks/fault_injection.py               # 50 kills, each its own chain
     python benchmarks/fault_injection.py --kills 10 --per-chain 5
 """
 
@@ -74,6 +76,17 @@ def last_logged_step(out: Path) -> int:
     return max(steps)
 
 
+def wait_for_final_save(out: Path, steps: int, proc: subprocess.Popen) -> int:
+    """Wait until the last step's checkpoint has a shard on disk but no manifest yet
+    (1), or the run ended first (0)."""
+    pattern = f".tmp-step-{steps:07d}-*/arrays-*.safetensors"
+    while proc.poll() is None:
+        if any((out / "checkpoints").glob(pattern)):
+            return 1
+        time.sleep(0.002)
+    return 0
+
+
 def resumed_from(text: str) -> tuple[int, Path | None]:
     match = re.search(r"resuming from step (\d+) \((.+?)\)", text)
     return (int(match.group(1)), Path(match.group(2))) if match else (0, None)
@@ -82,7 +95,9 @@ def resumed_from(text: str) -> tuple[int, Path | None]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=50)
-    p.add_argument("--per-chain", type=int, default=5, help="kills before a chain may finish")
+    p.add_argument("--per-chain", type=int, default=1, help="kills before a chain may finish")
+    p.add_argument("--final-save-share", type=float, default=0.2,
+                   help="share of kills that land while the final checkpoint is written")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=str(TINY))
@@ -101,6 +116,7 @@ def main() -> None:
         reference = load_file(str(tmp / "reference" / "adapters" / "adapters.safetensors"))
 
         kills, lost, corrupt_loaded, identical, chains, unchecked = 0, [], 0, 0, 0, 0
+        final_save_kills = 0
 
         def account(text: str, before: int | None) -> None:
             """Book the resume a run's log shows: the checkpoint it loaded must validate
@@ -125,10 +141,17 @@ def main() -> None:
             before: int | None = None
             for _ in range(min(args.per_chain, args.kills - kills)):
                 log = tmp / "run.log"
+                at_final_save = rng.random() < args.final_save_share
+                # save_sleep pauses each checkpoint between its shards and its manifest
+                # (timing only: the numbers are unchanged), so the kill lands mid-save.
+                run_env = {**env, "MLX_TUNE_FAULTS": "save_sleep=0.3"} if at_final_save else env
                 with open(log, "w") as f:
-                    proc = subprocess.Popen(command(config, out), env=env, stdout=f, stderr=f,
-                                            stdin=subprocess.DEVNULL)
-                    time.sleep(rng.uniform(0.0, duration))
+                    proc = subprocess.Popen(command(config, out), env=run_env, stdout=f,
+                                            stderr=f, stdin=subprocess.DEVNULL)
+                    if at_final_save:
+                        final_save_kills += wait_for_final_save(out, args.steps, proc)
+                    else:
+                        time.sleep(rng.uniform(0.0, duration))
                     if proc.poll() is not None:  # finished before the kill landed
                         break
                     proc.send_signal(signal.SIGKILL)
@@ -145,7 +168,8 @@ def main() -> None:
             identical += same
             print(f"chain {chains}: {'bit-identical' if same else 'DIFFERENT'} "
                   f"(kills so far {kills})", flush=True)
-    print(f"\nkills: {kills} in {chains} chains of up to {args.per_chain}")
+    print(f"\nkills: {kills} in {chains} chains of up to {args.per_chain} "
+          f"({final_save_kills} while the final checkpoint was being written)")
     print(f"chains ending bit-identical to the uninterrupted run: {identical}/{chains}")
     print(f"corrupt checkpoints loaded: {corrupt_loaded} (not checkable, pruned before the "
           f"check: {unchecked})")

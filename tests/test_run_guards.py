@@ -236,3 +236,45 @@ def test_lr_find_plot_replaces_only_its_own_output(tmp_path):
                              [3.0, 2.5, 3.0], 1)
     assert check_plot_target(ours) == ours  # a previous plot may be replaced
     assert victim.read_text() == '{"text": "keep me"}\n'
+
+
+# ------------------------------------------------------------ one-line messages
+
+def test_model_directory_problems_are_named_before_any_weights_load(tmp_path):
+    from mlx_tune.models.hub import ModelError, resolve_model
+    from mlx_tune.models.tokenizer import load_tokenizer
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match=r"config.json: expected a JSON object .*, got list"):
+        resolve_model(str(d), quantize=None, backend="mlx")
+    (d / "config.json").write_text('{"model_type": "mistral"}')
+    with pytest.raises(ModelError, match="no tokenizer files"):
+        load_tokenizer(d)
+
+
+def test_broken_adapter_config_is_one_line(tmp_path):
+    import argparse
+    from mlx_tune.commands.generate import generate_cli
+    from mlx_tune.models.hub import ModelError
+    (tmp_path / "adapter_config.json").write_text('{"quantize": ')
+    args = argparse.Namespace(backend="mlx", adapter=str(tmp_path), model="m", prompt="p",
+                              system=None, max_tokens=4)
+    with pytest.raises(ModelError) as ei:
+        generate_cli(args)
+    assert "adapter_config.json" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_lr_find_infinite_end_lr_is_refused(tmp_path):
+    import argparse
+    from mlx_tune.commands.lr_find import lr_find_cli
+    args = argparse.Namespace(start_lr=1e-7, end_lr=float("inf"), steps=10, plot=None,
+                              force=False, config=None)
+    with pytest.raises(SpecError, match="--end-lr"):
+        lr_find_cli(build_spec(overrides={"model": "m", "data": str(tmp_path)}), args)
+
+
+def test_output_dir_that_cannot_be_a_directory_is_named(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunDirError, match="output_dir .*file/run: cannot create"):
+        RunLock(tmp_path / "file" / "run").acquire()

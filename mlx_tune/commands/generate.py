@@ -20,7 +20,17 @@ def generate_cli(args: argparse.Namespace) -> int:
             from mlx_tune.models.hub import ModelError
             raise ModelError(f"{args.adapter}: no adapter_config.json (expected an adapter "
                              "directory such as OUTPUT_DIR/adapters)")
-        quantize = json.loads(config_path.read_text()).get("quantize")
+        try:
+            adapter_config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            from mlx_tune.models.hub import ModelError
+            raise ModelError(f"{config_path}: not a readable JSON adapter config "
+                             f"({str(e).splitlines()[0]})") from None
+        if not isinstance(adapter_config, dict):
+            from mlx_tune.models.hub import ModelError
+            raise ModelError(f"{config_path}: expected a JSON object, got "
+                             f"{type(adapter_config).__name__}")
+        quantize = adapter_config.get("quantize")
     resolved = resolve_model(args.model, quantize=quantize, backend=backend)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})

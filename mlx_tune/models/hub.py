@@ -158,7 +158,35 @@ def _snapshot(repo_id: str, *, trust_remote_code: bool) -> Path:
         raise ModelError(f"model '{repo_id}' in {path} has no *.safetensors weights (a partial "
                          f"download, or a repo without safetensors); re-run `hf download "
                          f"{repo_id}` or convert the weights to safetensors")
+    check_model_files(path)
     return path
+
+
+# Any one of these lets transformers build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_model_files(path: Path) -> None:
+    """config.json must be a JSON object: one line naming the file, before any weights
+    load (a list there otherwise fails deep inside transformers or mlx-lm)."""
+    config = path / "config.json"
+    try:
+        obj = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"{config}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    except (ValueError, RecursionError) as e:
+        raise ModelError(f"{config}: not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict):
+        raise ModelError(f"{config}: expected a JSON object (the model's settings), got "
+                         f"{type(obj).__name__}")
+
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """A directory without tokenizer files fails deep inside transformers: say so first."""
+    if not any((path / n).is_file() for n in TOKENIZER_FILES) and not any(path.glob("*.tiktoken")):
+        raise ModelError(f"model directory {path} has no tokenizer files (expected one of "
+                         f"{', '.join(TOKENIZER_FILES)})")
 
 
 # -- the pieces together -----------------------------------------------------------
@@ -178,6 +206,7 @@ def _local_dir(path: Path) -> ResolvedModel:
     if not (path / "config.json").is_file():
         raise ModelError(f"model directory {path} has no config.json; expected a Hugging Face "
                          "style model directory (config.json, *.safetensors, tokenizer files)")
+    check_model_files(path)
     return ResolvedModel(path=path, repo_id=None, alias=None,
                          prequantized_bits=_quantized_bits(path))
 

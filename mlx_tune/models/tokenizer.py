@@ -15,6 +15,8 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
     token ids on MLX and on PyTorch. Loaded once per directory: the data is checked
     with it before the model loads, and the backend then gets the same object.
     """
+    from mlx_tune.models.hub import check_tokenizer_files
+    check_tokenizer_files(Path(model_dir))
     return _load(str(Path(model_dir).resolve()), bool(trust_remote_code))
 
 
