@@ -25,7 +25,7 @@ from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAG
 SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
               "trust_remote_code", "lora"),
-    "data": ("data", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
+    "data": ("data", "data_split", "data_fields", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
              "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",

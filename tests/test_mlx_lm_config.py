@@ -108,3 +108,40 @@ def test_print_config_shows_the_translated_spec(tmp_path, capsys):
     out = capsys.readouterr()
     assert "max_steps: 7\n" in out.out and "rank: 8\n" in out.out and "alpha: 160.0" in out.out
     assert "mlx-lm config: iters 600 -> max_steps 600" in out.err
+
+
+# hf_dataset as mlx-lm's LORA.md documents it.
+HF_CONFIG = """\
+model: "mlx_model"
+train: true
+hf_dataset:
+  path: "billsum"
+  train_split: "train"
+  valid_split: "test"
+  prompt_feature: "text"
+  completion_feature: "summary"
+"""
+
+
+def test_hf_dataset_is_translated(tmp_path):
+    path = tmp_path / "lora_config.yaml"
+    path.write_text(HF_CONFIG)
+    lines = []
+    spec = build_spec(path, log=lines.append)
+    assert (spec.data, spec.data_split, spec.val_split) == ("billsum", "train", "test")
+    assert spec.data_fields == {"prompt": "text", "completion": "summary"}
+    assert "mlx-lm config: hf_dataset.prompt_feature text -> data_fields.prompt text" in lines
+    # Without splits, mlx-lm holds out the end of train: a seeded tenth here.
+    path.write_text("train: true\nhf_dataset:\n  path: billsum\n")
+    assert build_spec(path, log=lines.append).val_split == 0.1
+
+
+@pytest.mark.parametrize("body, message", [
+    ("  path: billsum\n  train_split: 'train[:80%]'\n", "train_split 'train\\[:80%\\]'"),
+    ("  path: billsum\n  config: {name: x}\n", "has 'config'"),
+])
+def test_hf_dataset_without_equivalent_is_refused(tmp_path, body, message):
+    path = tmp_path / "lora_config.yaml"
+    path.write_text("train: true\nhf_dataset:\n" + body)
+    with pytest.raises(SpecError, match=rf"lora_config.yaml:2: mlx-lm key 'hf_dataset' .*{message}"):
+        build_spec(path, log=lambda _: None)

@@ -121,8 +121,7 @@ def translate(raw: dict, source: str, lines: dict[str, int],
         elif key == "lr_schedule":
             _schedule(value, put, refuse, raw.get("learning_rate"))
         elif key == "hf_dataset":
-            raise refuse(key, "is not supported yet: give the dataset as a directory of "
-                              "train/valid/test JSONL files in 'data'")
+            _hf_dataset(value, put, refuse)
         else:
             raise refuse(key, "is not an mlx-lm LoRA config key that mlx-tune knows")
     if "lr_schedule" not in raw:  # mlx-lm: a constant learning rate, no warmup
@@ -192,3 +191,50 @@ def _schedule(value: Any, put, refuse, learning_rate: Any) -> None:
     if value.get("warmup_init"):
         # Ours warms up linearly from 0; mlx-lm's from warmup_init (1e-7 in its examples).
         put("lr_schedule.warmup_init", None, value["warmup_init"], shown="warmup starts from 0")
+
+
+FEATURES = {"prompt_feature": "prompt", "completion_feature": "completion",
+            "text_feature": "text", "chat_feature": "messages"}
+
+
+def _split_name(value: Any, key: str, refuse) -> str:
+    if not isinstance(value, str) or not value or "[" in value:
+        raise refuse("hf_dataset", f"{key} {value!r}: mlx-tune takes a split name (split "
+                                   "slices like 'train[:80%]' have no equivalent; give "
+                                   "val_split a fraction to hold out part of train)")
+    return value
+
+
+def _hf_dataset(value: Any, put, refuse) -> None:
+    """mlx-lm's hf_dataset (LORA.md): path, splits, *_feature column names."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str):
+        raise refuse("hf_dataset", "must be one mapping with a 'path' (mlx-tune trains on one "
+                                   "dataset; several are not combined)")
+    for k, v in value.items():
+        if k == "path":
+            put("hf_dataset.path", "data", v)
+        elif k == "train_split":
+            put("hf_dataset.train_split", "data_split", _split_name(v, k, refuse))
+        elif k == "valid_split":
+            put("hf_dataset.valid_split", "val_split", _split_name(v, k, refuse))
+        elif k == "test_split":
+            if _split_name(v, k, refuse) != "test":
+                raise refuse("hf_dataset", f"test_split {v!r}: mlx-tune scores the split "
+                                           "named 'test'")
+            log_only = "scored when test: true"
+            put("hf_dataset.test_split", None, v, shown=f"(the 'test' split is {log_only})")
+        elif k in FEATURES:
+            put(f"hf_dataset.{k}", f"data_fields.{FEATURES[k]}", v)
+        elif k == "config" and not v:
+            continue
+        elif k == "mask_prompt":
+            put("hf_dataset.mask_prompt", "mask_prompt", v)
+        else:
+            raise refuse("hf_dataset", f"has '{k}'; mlx-tune translates path, train_split, "
+                                       "valid_split, test_split, prompt_feature, "
+                                       "completion_feature, text_feature, chat_feature")
+    if "train_split" not in value and "valid_split" not in value:
+        # mlx-lm's defaults, train[:80%] and train[-10%:], hold out part of train.
+        put("hf_dataset.valid_split", "val_split", 0.1, shown="(default train[-10%:])")

@@ -29,6 +29,9 @@ def _f(default: Any, help: str, *, low: float | None = None, high: float | None 
     return field(default=default, metadata=meta)
 
 
+# Record fields that data_fields can map to Hugging Face dataset columns.
+DATA_FIELDS = ("messages", "conversations", "tools", "prompt", "completion", "text", "quality",
+               "difficulty")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_AUGMENT_TEMPLATES = ["Create a recipe: {text}", "Recipe for: {text}",
                              "{text}", "Please help me with this: {text}"]
@@ -133,11 +136,16 @@ class Spec:
     trust_remote_code: bool = _f(False, "let the tokenizer/model run code shipped with the model")
     lora: LoraSpec = field(default_factory=LoraSpec)
     # -- data ----------------------------------------------------------------
-    data: Optional[str] = _f(None, "directory with train.jsonl (+ valid.jsonl or val.jsonl)")
+    data: Optional[str] = _f(None, "directory with train.jsonl (+ valid.jsonl or val.jsonl), "
+                             "or a Hugging Face dataset: a Hub id or a dataset directory")
+    data_split: str = _f("train", "Hugging Face datasets: the split to train on")
+    data_fields: dict = _f({}, "Hugging Face datasets: record field -> dataset column, e.g. "
+                               "{messages: conversations}")
     max_length: int = _f(1024, "truncate sequences longer than this many tokens", low=2)
     mask_prompt: bool = _f(True, "train on assistant answers only")
-    val_split: Optional[float] = _f(None, "carve this fraction of train as validation when there "
-                                    "is no validation file", low=0, high=0.5)
+    val_split: Optional[Union[float, str]] = _f(
+        None, "carve this fraction of train as validation when there is no validation file; "
+        "with a Hugging Face dataset, or the name of its validation split", low=0, high=0.5)
     streaming: bool = _f(False, "read train.jsonl in one pass per epoch through a shuffle buffer")
     shuffle_buffer: int = _f(10000, "records in the streaming shuffle buffer", low=1)
     bucket_widths: str = _f("auto", "padded widths: auto (at most 8, chosen from the train "

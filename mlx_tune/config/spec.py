@@ -20,7 +20,7 @@ import yaml
 from mlx_tune.config.yaml_bounded import YamlTooLarge, compose_bounded, construct
 
 from mlx_tune.config import mlx_lm
-from mlx_tune.config.schema import DEFAULT_MAX_STEPS, CurriculumStage, Spec, SpecError, get, is_group, leaf_fields, type_hints
+from mlx_tune.config.schema import DATA_FIELDS, DEFAULT_MAX_STEPS, CurriculumStage, Spec, SpecError, get, is_group, leaf_fields, type_hints
 
 
 
@@ -38,11 +38,13 @@ def _describe(tp: Any, meta: dict) -> str:
     if meta.get("choices"):
         return "one of " + ", ".join("null" if c is None else str(c) for c in meta["choices"])
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list"}
+             list: "a list", dict: "a mapping"}
     args = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     text = " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
     if tp is Union[int, str]:
         text = "an integer or 'auto'"
+    if float in args and str in args:
+        text = "a split name or a number"
     bounds = []
     if meta.get("low") is not None:
         bounds.append(f">= {meta['low']}")
@@ -64,7 +66,20 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict, where: str) -> Any:
         if value == "auto":
             return value
         base = [int]
+    if float in base and str in base:  # a fraction, or a name (val_split)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                if not value.strip():
+                    raise bad from None
+                return value
+        base = [float]
     kind = base[0]
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
     if kind is bool:
         if not isinstance(value, bool):
             raise bad
@@ -259,6 +274,13 @@ def finalize(spec: Spec) -> Spec:
         if bad:
             raise SpecError(f"{where}: 'eval_metrics' entry {bad[0]!r} must look like "
                             "'package.module:function'")
+    for ours, theirs in spec.data_fields.items():
+        if ours not in DATA_FIELDS:
+            raise SpecError(f"{where}: 'data_fields' has {ours!r}; the record fields are "
+                            + ", ".join(DATA_FIELDS) + _suggest(str(ours), list(DATA_FIELDS)))
+        if not isinstance(theirs, str) or not theirs:
+            raise SpecError(f"{where}: 'data_fields.{ours}' is {theirs!r}; expected a dataset "
+                            "column name")
     return dataclasses.replace(spec, min_lr=min_lr, curriculum=stages, max_steps=max_steps)
 
 

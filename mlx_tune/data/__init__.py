@@ -1,4 +1,4 @@
-"""The data layer: JSONL records -> token ids and masks -> numpy ``Batch``es.
+"""The data layer: JSONL records (or Hugging Face dataset rows) -> token ids and masks -> numpy ``Batch``es.
 
     bundle = load_data(spec, tokenizer, log=print)
     batch = bundle.train.next_batch()          # forever; the loop stops by step count
@@ -8,7 +8,7 @@
 
 Modules: ``records`` (readers, validation), ``tokenize`` (chat template, masks,
 truncation), ``batching`` (buckets, padding), ``filters`` (curriculum, quality),
-``augment``, ``sources`` (in-memory epochs, streaming passes), ``stream`` (TrainStream,
+``augment``, ``hf`` (Hugging Face datasets), ``sources`` (in-memory epochs, streaming passes), ``stream`` (TrainStream,
 prefetch), ``validation`` (LazyValidation, test files), ``seeding``.
 """
 
@@ -21,8 +21,8 @@ from mlx_tune.config.schema import CurriculumStage, Spec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import make_augmenter
 from mlx_tune.data.batching import pad_id_of
-from mlx_tune.data.records import (DataError, Record, content_hash, find_files, first_format,
-                                   read_records)
+from mlx_tune.data.hf import describe, find_data
+from mlx_tune.data.records import DataError, Record, content_hash, first_format, read_records
 from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
 from mlx_tune.data.tokenize import tokenize_all, unwrap
@@ -41,7 +41,7 @@ def content_fingerprint(spec: Spec) -> dict:
     """What a checkpoint records of the training data's content (see
     checkpoint.resume.RESUME_CAUTION_FIELDS): a changed train.jsonl with the same record count
     would otherwise resume at a data position that now means other records."""
-    return {"data_content": {"train": content_hash(find_files(spec.data).train)}}
+    return {"data_content": {"train": content_hash(find_data(spec).train)}}
 
 
 @dataclass
@@ -69,14 +69,14 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
     if rank != 0:
         log = _quiet
     tokenizer = unwrap(tokenizer)
-    if not spec.data:
-        raise DataError("'data' is not set: give --data DIR (a directory with train.jsonl)")
-    files = find_files(spec.data)
+    files = find_data(spec)
+    describe(files, log)
     if spec.batch_size % world_size:
         raise DataError(f"batch_size={spec.batch_size} cannot be split evenly across "
                         f"{world_size} data-parallel ranks")
-    holdout = spec.val_split if files.valid is None and spec.val_split else None
-    if files.valid is not None and spec.val_split:
+    fraction = spec.val_split if not isinstance(spec.val_split, str) else None
+    holdout = fraction if files.valid is None and fraction else None
+    if files.valid is not None and fraction:
         log(f"val_split={spec.val_split} ignored: validating on {files.valid}")
     widths = Widths.choose((), spec.max_length, mode=spec.bucket_widths)
     pack_length = (spec.pack_length or spec.max_length) if spec.packing else None

@@ -16,7 +16,8 @@ from typing import Callable, Iterator, Optional
 
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.messages import uses_tools
-from mlx_tune.data.records import Record, find_files, iter_records
+from mlx_tune.data.hf import find_data
+from mlx_tune.data.records import Record, is_split, iter_records
 from mlx_tune.data.tokenize import check_tool_template, unwrap
 
 
@@ -60,14 +61,14 @@ def _records(path, first_only: bool) -> Iterator[Record]:
 
 def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> list[FileReport]:
     """Validate every data file of ``spec``; raise DataError on the first problem."""
-    files = find_files(spec.data)
+    files = find_data(spec)
     tokenizer = unwrap(tokenizer)
     reports = []
     for path in (files.train, files.valid, files.test):
         if path is None:
             continue
         first_only = False  # every record, streaming included (see the module docstring)
-        report = FileReport(str(Path(path)))
+        report = FileReport(str(path if is_split(path) else Path(path)))
         for record in _records(path, first_only):
             report.add(record)
         if report.first_tool:

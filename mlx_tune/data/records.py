@@ -41,9 +41,12 @@ class Record:
     source: str = field(default="", compare=False)  # the file, for error messages
     tools: Optional[tuple] = None  # function specs passed to the chat template (chat only)
     dialect: str = field(default="", compare=False)  # "sharegpt" when read from conversations
+    row: Optional[int] = field(default=None, compare=False)  # 0-based, Hugging Face datasets
 
     @property
     def where(self) -> str:
+        if self.row is not None:
+            return f"{self.source} row {self.row}"
         return f"{self.source}:{self.line}" if self.source else f"record at line {self.line}"
 
     @property
@@ -91,9 +94,12 @@ def _check_regular(path: Path) -> None:
         raise DataError(f"{path}: {kind}; expected a JSONL file")
 
 
-def content_hash(path: str | Path) -> str:
+def content_hash(path: Any) -> str:
     """``<size>:<blake2b>`` of a file's bytes: a resume across changed training data is
-    caught even when the record count stays the same (about 1 s per GB)."""
+    caught even when the record count stays the same (about 1 s per GB). A dataset split
+    gives the datasets library's fingerprint of its data."""
+    if is_split(path):
+        return path.content_hash()
     h = hashlib.blake2b(digest_size=16)
     size = 0
     with open(path, "rb") as f:
@@ -103,8 +109,29 @@ def content_hash(path: str | Path) -> str:
     return f"{size}:{h.hexdigest()}"
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of every non-blank line, read one line at a time."""
+def is_split(path: Any) -> bool:
+    """A Hugging Face dataset split (data/hf.py's HFSplit) rather than a JSONL file: it
+    hands out rows as dicts, numbered from 1 like lines."""
+    return hasattr(path, "lines") and hasattr(path, "where")
+
+
+def where_of(path: Any, line: int) -> str:
+    return path.where(line) if is_split(path) else f"{path}:{line}"
+
+
+def line_numbers(path: Any) -> Iterator[int]:
+    """The line numbers of a file's records (a split's rows), without parsing them."""
+    if is_split(path):
+        return path.line_numbers()
+    return (number for number, _ in iter_lines(path))
+
+
+def iter_lines(path: Any) -> Iterator[tuple[int, Any]]:
+    """(line number, text) of every non-blank line, read one line at a time; a dataset
+    split's rows are (row index + 1, row dict)."""
+    if is_split(path):
+        yield from path.lines()
+        return
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -140,15 +167,20 @@ def _number(obj: dict, key: str, where: str, kind: type) -> Any:
     return kind(value)
 
 
-def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = None) -> Record:
-    """Parse and validate one JSONL line. ``expect`` is the file's format (from line 1)."""
-    where = f"{path}:{line}"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-    except RecursionError:
-        raise DataError(f"{where}: JSON nested too deeply to be a training record") from None
+def parse_line(text: Any, path: Any, line: int, expect: Optional[str] = None) -> Record:
+    """Parse and validate one JSONL line (or a dataset row, already a dict). ``expect`` is
+    the file's format (from line 1)."""
+    where = where_of(path, line)
+    row = line - 1 if is_split(path) else None
+    if isinstance(text, dict):
+        obj = text
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to be a training record") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     kind = detect_format(obj)
@@ -172,7 +204,7 @@ def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = N
         except MessageError as e:
             raise DataError(f"{where}: {e}") from None
         return Record(line, kind, messages=messages, quality=quality, difficulty=difficulty,
-                      extra=extra, source=str(path), tools=tools,
+                      extra=extra, source=str(path), tools=tools, row=row,
                       dialect="sharegpt" if sharegpt else "")
     if "tools" in obj:
         raise DataError(f"{where}: 'tools' needs chat records ('messages'), not {kind} records")
@@ -184,11 +216,11 @@ def parse_line(text: str, path: str | Path, line: int, expect: Optional[str] = N
         messages = ({"role": "user", "content": prompt},
                     {"role": "assistant", "content": completion})
         return Record(line, kind, messages=messages, quality=quality, difficulty=difficulty,
-                      extra=extra, source=str(path))
+                      extra=extra, source=str(path), row=row)
     if not isinstance(obj["text"], str):
         raise DataError(f"{where}: 'text' must be a string, got {type(obj['text']).__name__}")
     return Record(line, kind, text=obj["text"], quality=quality, difficulty=difficulty,
-                  extra=extra, source=str(path))
+                  extra=extra, source=str(path), row=row)
 
 
 def iter_records(path: str | Path) -> Iterator[Record]:
@@ -199,7 +231,8 @@ def iter_records(path: str | Path) -> Iterator[Record]:
         kind = record.kind
         yield record
     if kind is None:
-        raise DataError(f"{path}: file is empty (expected one JSON record per line)")
+        raise DataError(f"{path}: " + ("split has no rows" if is_split(path) else
+                    "file is empty (expected one JSON record per line)"))
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -211,4 +244,5 @@ def first_format(path: str | Path) -> str:
     """The format of a file, from its first record (parses only that line)."""
     for line, text in iter_lines(path):
         return parse_line(text, path, line).kind
-    raise DataError(f"{path}: file is empty (expected one JSON record per line)")
+    raise DataError(f"{path}: " + ("split has no rows" if is_split(path) else
+                    "file is empty (expected one JSON record per line)"))

@@ -18,7 +18,7 @@ from mlx_tune.data import seeding
 from mlx_tune.data.augment import Augmenter
 from mlx_tune.data.batching import bucket, pad_batch
 from mlx_tune.data.filters import epoch_filter
-from mlx_tune.data.records import DataError, iter_lines, parse_line
+from mlx_tune.data.records import DataError, iter_lines, line_numbers, parse_line
 from mlx_tune.data.tokenize import Example, Truncation, make_example
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, pack_rows
@@ -161,8 +161,9 @@ class StreamingSource:
     def count(self) -> int:
         """Train records (non-blank lines not held out for validation): one cheap pass.
         (Every line was already parsed and checked by data.preflight before the model
-        loaded, so nothing is parsed here.)"""
-        self.records = sum(1 for _ in self._lines())
+        loaded, so nothing is parsed here; a dataset split is counted by its length.)"""
+        self.records = sum(1 for line in line_numbers(self.path)
+                           if not seeding.held_out(self.s.seed, line, self.holdout))
         return self.records
 
     def steps_per_epoch(self) -> int:

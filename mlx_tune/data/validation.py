@@ -8,13 +8,14 @@ every evaluation measures the same tokens and validation losses are comparable.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from mlx_tune.data.batch import Batch
 from mlx_tune.config.schema import Spec
 from mlx_tune.data import seeding
 from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
-from mlx_tune.data.records import Record, first_format, iter_lines, iter_records, parse_line
+from mlx_tune.data.records import (Record, first_format, is_split, iter_lines, iter_records,
+                                   parse_line)
 from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, pack_rows
@@ -55,7 +56,7 @@ class LazyValidation:
     def __init__(self, path: str | Path, spec: Spec, tokenizer, *,
                  log: Callable[[str], None] = print, holdout: Optional[float] = None,
                  records: Optional[list[Record]] = None, widths: Optional[Widths] = None):
-        self.path = Path(path)
+        self.path = path if is_split(path) else Path(path)
         self._spec = spec
         self._tokenizer = unwrap(tokenizer)
         self._log = log
@@ -114,14 +115,14 @@ class LazyValidation:
         return out
 
 
-def load_eval_file(path: str | Path, spec: Spec, tokenizer, *,
+def load_eval_file(path: Any, spec: Spec, tokenizer, *,
                    log: Callable[[str], None] = print,
                    widths: Optional[Widths] = None) -> list[Batch]:
     """Every record of a test file as length-sorted batches (the last padded with empty
     rows); widths chosen from the file's own lengths unless given."""
     tokenizer = unwrap(tokenizer)
     examples = tokenize_all(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
-                            Path(path).stem, log)
+                            path.split if is_split(path) else Path(path).stem, log)
     if widths is None:
         widths = Widths.choose([ex.length for ex in examples], spec.max_length,
                                mode=spec.bucket_widths)

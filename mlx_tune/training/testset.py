@@ -17,7 +17,7 @@ from typing import Optional
 
 from mlx_tune.config.spec import Spec
 from mlx_tune.data import load_eval_file
-from mlx_tune.data.records import find_files
+from mlx_tune.data.hf import find_data
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ class TestResult:
                 f"| {self.tokens} target tokens in {self.batches} batches")
 
 
-def find_test_file(spec: Spec) -> Optional[Path]:
-    return find_files(spec.data).test
+def find_test_file(spec: Spec):
+    """test.jsonl of a data directory, or a dataset's 'test' split; None when absent."""
+    return find_data(spec).test
 
 
 def score_test(spec: Spec, backend, accumulation: int, step: int,
@@ -52,7 +53,7 @@ def score_test(spec: Spec, backend, accumulation: int, step: int,
     """
     path = find_test_file(spec)
     if path is None:
-        log(f"test_at_end: no test.jsonl in {spec.data}; nothing to score")
+        log(f"test_at_end: no test.jsonl (or 'test' split) in {spec.data}; nothing to score")
         return None
     tic = time.perf_counter()
     batches = load_eval_file(path, spec, backend.tokenizer, log=log,
