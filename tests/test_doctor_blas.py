@@ -47,7 +47,8 @@ print(json.dumps({"ld_preload": os.environ.get("LD_PRELOAD"), "mapped": "libopen
 def run_probe(tmp_path: Path, *args: str, **env: str) -> tuple[dict, str]:
     (tmp_path / "blas_probe.py").write_text(PROBE)
     base = {k: v for k, v in os.environ.items()
-            if k not in ("LD_PRELOAD", blas.MARKER, blas.DISABLE, blas.OVERRIDE)}
+            if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH", blas.MARKER, blas.DISABLE)}
+    # MLX_TUNE_OPENBLAS stays: the child must pick the OPENBLAS this module found
     base["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), base.get("PYTHONPATH", "")])
     base.update(env)
     out = subprocess.run([sys.executable, "-m", "blas_probe", *args], cwd=tmp_path, env=base,
