@@ -85,8 +85,6 @@ class CheckpointManager:
         self.group_bytes = group_bytes
         self.group_max_arrays = group_max_arrays
         self.log = log
-        # The loop decides when too many failures in a row should stop training.
-        self.consecutive_failures = 0
         self.cleanup_stale()
 
     # ------------------------------------------------------------- startup
@@ -127,12 +125,8 @@ class CheckpointManager:
         """
         try:
             path = self._save(step, arrays, meta)
-        except CheckpointSaveError:
-            self.consecutive_failures += 1
-            raise
         finally:
             self.codec.release()
-        self.consecutive_failures = 0
         if best:
             try:
                 self.mark_best(path)

@@ -1,9 +1,11 @@
 """Training-health monitors: early stopping, moving averages, ETA, memory.
 
 Pure Python and backend-agnostic: callers feed plain floats and get values or
-decisions back. Every class has ``state_dict()`` (JSON-serialisable: only
-finite floats, ints, None, lists) and ``load_state_dict(d)``, so a resumed
-run makes exactly the decisions an uninterrupted run would have made.
+decisions back. What a checkpoint keeps (early stopping with its moving average,
+memory health) has ``state_dict()`` (JSON-serialisable: only finite floats, ints,
+None, lists) and ``load_state_dict(d)``, so a resumed run makes exactly the
+decisions an uninterrupted run would have made. The throughput meter starts afresh
+after a resume: its rates are about this process.
 
 Each stop rule ends the run with its own exit code (``STOP_RULE_EXIT_CODES`` in
 mlx_tune/exit_codes.py).
@@ -55,7 +57,7 @@ class MovingAverage:
     newer half of the window minus the mean of the older half (halves of
     ``len // 2`` values; the middle one is left out when ``len`` is odd), in
     the units of the values, negative when they decrease; None below 2 values.
-    ``count``: finite values ever added; ``len(ma)``: values in the window.
+    ``len(ma)``: values in the window.
     Non-finite values are ignored (``add`` returns False): one NaN must not
     poison the mean for a whole window.
     """
@@ -65,7 +67,6 @@ class MovingAverage:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = int(window)
         self._values: deque[float] = deque(maxlen=self.window)
-        self.count = 0
 
     def __len__(self) -> int:
         return len(self._values)
@@ -74,10 +75,7 @@ class MovingAverage:
         if not math.isfinite(value := float(value)):
             return False
         self._values.append(value)
-        self.count += 1
         return True
-
-    update = add  # the name the other monitors use
 
     @property
     def value(self) -> float | None:
@@ -89,12 +87,11 @@ class MovingAverage:
         return (math.fsum(vals[-half:]) - math.fsum(vals[:half])) / half if half else None
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "values": list(self._values), "count": self.count}
+        return {"window": self.window, "values": list(self._values)}
 
     def load_state_dict(self, d: dict) -> None:
         # The constructor's window wins, so a resumed run may change it.
         self._values = deque((float(v) for v in d["values"]), maxlen=self.window)
-        self.count = int(d["count"])
 
 
 @dataclass
@@ -294,9 +291,7 @@ class ThroughputMeter:
     """Steps/s and tokens/s over the last ``window`` steps, and the ETA.
 
     Feed ``update(step, wall_time, tokens)`` after each step: ``wall_time`` is
-    when the step finished (use ``time.time()`` so a restored state stays
-    comparable across processes; the downtime of a resume then counts until it
-    leaves the window, call ``reset()`` to drop it) and ``tokens`` is what that
+    when the step finished (any monotonic clock) and ``tokens`` is what that
     step processed. Rates use the last ``window + 1`` records, i.e. ``window``
     intervals; a step or clock going backwards starts a fresh window.
     """
@@ -306,16 +301,11 @@ class ThroughputMeter:
             raise ValueError(f"window must be >= 1, got {window}")
         self.window = int(window)
         self._records: deque[tuple[int, float, int]] = deque(maxlen=self.window + 1)
-        self.total_tokens = 0
-
-    def reset(self) -> None:
-        self._records.clear()
 
     def update(self, step: int, wall_time: float, tokens: int = 0) -> None:
         if self._records and (step <= self._records[-1][0] or wall_time < self._records[-1][1]):
-            self.reset()
+            self._records.clear()
         self._records.append((int(step), float(wall_time), int(tokens)))
-        self.total_tokens += int(tokens)
 
     def _elapsed(self) -> float | None:
         dt = self._records[-1][1] - self._records[0][1] if len(self._records) > 1 else 0.0
@@ -340,42 +330,25 @@ class ThroughputMeter:
         rate = self.steps_per_second
         return None if not rate else (total_steps - current_step) / rate
 
-    def state_dict(self) -> dict:
-        return {"records": [list(r) for r in self._records], "total_tokens": self.total_tokens}
-
-    def load_state_dict(self, d: dict) -> None:
-        self._records = deque((tuple(r) for r in d["records"]), maxlen=self.window + 1)
-        self.total_tokens = int(d["total_tokens"])
-
 
 class MemoryHealth(_Stateful):
-    """Tracks memory readings (bytes) and warns on growth since a baseline.
+    """Tracks memory readings (bytes) and warns on growth since the first one.
 
-    The baseline is the first reading at ``step >= warmup_steps`` (readings
-    without a step count as past warmup, so by default it is the first one):
-    warmup allocations such as compiled graphs and optimizer state are not a
-    leak. ``delta`` = latest - baseline; ``growth`` = delta / baseline; ``leak_warning`` when
-    ``growth > growth_warning``. ``peak`` covers all readings.
+    ``delta`` = latest - baseline (the first reading); ``growth`` = delta / baseline;
+    ``leak_warning`` when ``growth > growth_warning``.
     """
 
-    _STATE = ("baseline", "current", "peak", "readings")
+    _STATE = ("baseline", "current")
 
-    def __init__(self, growth_warning: float = 0.5, warmup_steps: int = 0) -> None:
+    def __init__(self, growth_warning: float = 0.5) -> None:
         self.growth_warning = float(growth_warning)
-        self.warmup_steps = int(warmup_steps)
         self.baseline: int | None = None
         self.current: int | None = None
-        self.peak: int | None = None
-        self.readings = 0
 
-    def update(self, memory_bytes: int, step: int | None = None) -> bool:
-        """Record a reading; True when this reading newly raises the warning."""
-        was, self.current = self.leak_warning, int(memory_bytes)
-        self.peak = max(self.peak or 0, self.current)
-        self.readings += 1
-        if self.baseline is None and (step is None or step >= self.warmup_steps):
+    def update(self, memory_bytes: int) -> None:
+        self.current = int(memory_bytes)
+        if self.baseline is None:
             self.baseline = self.current
-        return self.leak_warning and not was
 
     @property
     def delta(self) -> int:
