@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 from mlx_tune.data.testing import chat, write_jsonl
 from mlx_tune.training.recipe import train
 

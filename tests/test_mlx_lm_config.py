@@ -6,7 +6,8 @@ import pytest
 
 from mlx_tune.cli import main
 from mlx_tune.config import mlx_lm
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 
 # Written the way mlx-lm's LORA.md / examples/lora_config.yaml document a config.
 LORA_CONFIG = """\

@@ -5,7 +5,8 @@ seeded, cover each example once an epoch, resume exactly, and use one shape."""
 import numpy as np
 import pytest
 
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 from mlx_tune.data import load_data
 from mlx_tune.data.batch import Batch
 from mlx_tune.data.packing import best_fit, pack_rows, segment_positions

@@ -21,7 +21,8 @@ from mlx_tune.checkpoint.resume import normalize_fingerprint as fingerprint
 from mlx_tune.checkpoint.rundir import LOCK_NAME, RunDirError, RunDirInUse, RunLock, check_is_run_dir
 from mlx_tune.exit_codes import EXIT_DIR_IN_USE
 from mlx_tune.commands.lr_find import check_plot_target
-from mlx_tune.config.spec import SpecError, build_spec
+from mlx_tune.config.schema import SpecError
+from mlx_tune.config.spec import build_spec
 from mlx_tune.data import DataError, content_fingerprint
 from mlx_tune.data.records import find_files
 from mlx_tune.training.recipe import _check_loaded
