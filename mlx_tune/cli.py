@@ -12,7 +12,7 @@ import sys
 import traceback
 from dataclasses import MISSING
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -38,7 +38,7 @@ SECTIONS = {
                                       "sample_max_tokens", "eval_metrics", "early_stopping",
                                       "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
-    "reporting": ("report_every", "dashboard", "tensorboard", "allow_sleep"),
+    "reporting": ("report_every", "dashboard", "report_to", "tensorboard", "allow_sleep"),
     "torch backend": ("torch_compile", "torch_threads"),
 }
 
@@ -76,7 +76,7 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
             meta = dict(f.metadata)
             default = f.default if f.default is not MISSING else f.default_factory()
             help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
-            if tp is bool:
+            if tp is bool or tp == Optional[bool]:  # Optional: unset means 'not given'
                 group.add_argument(_flag(key, meta), dest="spec:" + key, default=argparse.SUPPRESS,
                                    action=argparse.BooleanOptionalAction, help=help_text)
             else:

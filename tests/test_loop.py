@@ -236,7 +236,7 @@ def trainer(spec: Spec, backend: FakeBackend, *, manager: CheckpointManager | No
             resume_step: int | None = -1, accumulation: int = 1) -> Trainer:
     """A Trainer wired as recipe.train wires it (reporters from make_reporters)."""
     reporters = make_reporters("plain", output_dir=run_dir(spec), total_steps=spec.max_steps,
-                               resume_step=resume_step, tensorboard=False)
+                               resume_step=resume_step, report_to=[])
     return Trainer(spec, backend, FakeData(spec), reporters, manager or manager_of(spec),
                    schedule=lambda step: LR, accumulation=accumulation, log=lambda m: None)
 

@@ -306,14 +306,14 @@ def test_make_reporters_plain_without_terminal(tmp_path, monkeypatch):
 
     monkeypatch.setattr("sys.stdout", io.StringIO())  # not a TTY
     reps = make_reporters("auto", output_dir=tmp_path, total_steps=10, resume_step=None,
-                          tensorboard=True)
+                          report_to=["tensorboard"])
     try:
         assert [type(r) for r in reps] == [PlainReporter, JsonlReporter, TensorBoardReporter]
         assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "tensorboard").is_dir()
     finally:
         reps.close()
     reps = make_reporters("plain", output_dir=tmp_path, total_steps=10, resume_step=0,
-                          tensorboard=False)
+                          report_to=[])
     assert [type(r) for r in reps] == [PlainReporter, JsonlReporter]
     reps.close()
 
@@ -329,14 +329,14 @@ def test_make_reporters_rich_and_auto_terminal(tmp_path, monkeypatch):
     monkeypatch.setenv("TERM", "xterm-256color")
     for mode in ("auto", "rich"):
         reps = make_reporters(mode, output_dir=tmp_path, total_steps=10, resume_step=None,
-                              tensorboard=False)
+                              report_to=[])
         assert isinstance(reps[0], RichDashboard)
         reps.close()
 
 
 def test_make_reporters_other_ranks_print_only_errors(tmp_path, capsys):
     reps = make_reporters("auto", output_dir=tmp_path / "r1", total_steps=10, resume_step=None,
-                          tensorboard=True, is_main_rank=False)
+                          report_to=["tensorboard"], is_main_rank=False)
     reps.on_train(train())
     reps.on_message("hello")
     reps.on_message("boom", "error")
@@ -348,7 +348,7 @@ def test_make_reporters_other_ranks_print_only_errors(tmp_path, capsys):
 def test_make_reporters_rejects_unknown_mode(tmp_path):
     with pytest.raises(ValueError, match="report mode"):
         make_reporters("fancy", output_dir=tmp_path, total_steps=1, resume_step=None,
-                       tensorboard=False)
+                       report_to=[])
 
 
 # ------------------------------------------------------------------ keep awake

@@ -38,8 +38,10 @@ OPTIONAL = [
     ("torch", "the torch backend"),
     ("peft", "LoRA on the torch backend"),
     ("bitsandbytes", "4/8-bit QLoRA on the torch backend (NVIDIA)"),
+    ("wandb", "the Weights & Biases tracker (report_to: [wandb])"),
 ]
 TORCH_EXTRA = "pip install 'mlx-tune[torch]'"
+OPTIONAL_FIX = {"wandb": "pip install 'mlx-tune[wandb]'"}
 
 GIB = 1024 ** 3
 
@@ -188,7 +190,7 @@ def check_dependencies(import_torch: bool = True) -> list[Check]:
         v = _version(dist)
         if not v:
             checks.append(Check("INFO", dist, f"not installed  optional: {what}",
-                                f"{TORCH_EXTRA} for the torch backend"))
+                                OPTIONAL_FIX.get(dist, f"{TORCH_EXTRA} for the torch backend")))
             continue
         detail = ""
         if dist == "torch" and import_torch:

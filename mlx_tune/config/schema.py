@@ -29,6 +29,7 @@ def _f(default: Any, help: str, *, low: float | None = None, high: float | None 
     return field(default=default, metadata=meta)
 
 
+TRACKERS = ("tensorboard", "wandb")
 # Record fields that data_fields can map to Hugging Face dataset columns.
 DATA_FIELDS = ("messages", "conversations", "tools", "prompt", "completion", "text", "quality",
                "difficulty")
@@ -214,7 +215,10 @@ class Spec:
     report_every: int = _f(10, "steps between progress reports", low=1)
     dashboard: str = _f("auto", "live view: auto (rich on a terminal), rich, plain",
                         choices=("auto", "rich", "plain"))
-    tensorboard: bool = _f(True, "write TensorBoard event files")
+    report_to: list = _f(["tensorboard"], "trackers the metrics go to, among tensorboard, wandb "
+                                          "(wandb: pip install 'mlx-tune[wandb]')", choices=TRACKERS)
+    tensorboard: Optional[bool] = _f(None, "shorthand for report_to: true adds tensorboard, "
+                                           "false removes it (unset: report_to decides)")
     allow_sleep: bool = _f(False, "on macOS, let the machine idle-sleep during the run")
     # -- torch backend -------------------------------------------------------
     torch_compile: bool = _f(False, "torch: compile the model with torch.compile")

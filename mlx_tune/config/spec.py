@@ -8,6 +8,7 @@ The schema itself (every field, default and range) is config/schema.py.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import difflib
 import math
 import typing
@@ -281,7 +282,25 @@ def finalize(spec: Spec) -> Spec:
         if not isinstance(theirs, str) or not theirs:
             raise SpecError(f"{where}: 'data_fields.{ours}' is {theirs!r}; expected a dataset "
                             "column name")
-    return dataclasses.replace(spec, min_lr=min_lr, curriculum=stages, max_steps=max_steps)
+    report_to = _trackers(spec, where)
+    return dataclasses.replace(spec, min_lr=min_lr, curriculum=stages, max_steps=max_steps,
+                               report_to=report_to, tensorboard="tensorboard" in report_to)
+
+
+def _trackers(spec: Spec, where: str) -> list[str]:
+    """``report_to`` with the older ``tensorboard`` switch applied. Afterwards
+    ``tensorboard`` equals "tensorboard in report_to", so a written spec.yaml reads back
+    to the same trackers."""
+    out = list(dict.fromkeys(spec.report_to))  # order kept, duplicates dropped
+    if spec.tensorboard is True and "tensorboard" not in out:
+        out.insert(0, "tensorboard")
+    elif spec.tensorboard is False:
+        out = [t for t in out if t != "tensorboard"]
+    # Checked here, before any model loads, and without importing wandb (seconds).
+    if "wandb" in out and importlib.util.find_spec("wandb") is None:
+        raise SpecError(f"{where}: 'report_to' includes wandb, which is not installed; "
+                        "install it with: pip install 'mlx-tune[wandb]' (or pip install wandb)")
+    return out
 
 
 def with_epochs(spec: Spec, steps_per_epoch: int) -> Spec:

@@ -1,12 +1,12 @@
 """The reporters of one run, chosen from the spec: a live view or plain lines,
-always metrics.jsonl, TensorBoard when enabled."""
+always metrics.jsonl, and the trackers named in ``report_to`` (TensorBoard, wandb)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 from mlx_tune.reporting.records import Reporters
 from mlx_tune.reporting.text import JsonlReporter, PlainReporter
@@ -27,14 +27,16 @@ def make_reporters(
     output_dir: Path,
     total_steps: int,
     resume_step: int | None,
-    tensorboard: bool,
+    report_to: Sequence[str] = ("tensorboard",),
+    config: dict[str, Any] | None = None,
     is_main_rank: bool = True,
 ) -> Reporters:
     """The reporters for one run.
 
     auto = rich dashboard when stdout is a terminal, plain lines otherwise (log files,
-    nohup, CI). ``output_dir/metrics.jsonl`` always; ``output_dir/tensorboard/`` when
-    enabled. Non-main ranks of a distributed run write no files and print only errors,
+    nohup, CI). ``output_dir/metrics.jsonl`` always; per tracker in ``report_to``:
+    ``output_dir/tensorboard/`` and a wandb run (``config``, the run's spec, as its
+    config; the run id kept in the run directory). Non-main ranks of a distributed run write no files and print only errors,
     so N ranks do not produce N interleaved copies of every line.
     """
     if mode not in ("auto", "rich", "plain"):
@@ -52,8 +54,15 @@ def make_reporters(
     else:
         out.append(PlainReporter())
     out.append(JsonlReporter(output_dir / "metrics.jsonl", resume_step))
-    if tensorboard:
+    unknown = [t for t in report_to if t not in ("tensorboard", "wandb")]
+    if unknown:
+        raise ValueError(f"report_to: unknown tracker {unknown[0]!r}; expected tensorboard, wandb")
+    if "tensorboard" in report_to:
         from mlx_tune.reporting.tensorboard import TensorBoardReporter
 
         out.append(TensorBoardReporter(output_dir / "tensorboard", resume_step))
+    if "wandb" in report_to:
+        from mlx_tune.reporting.wandb_reporter import WandbReporter
+
+        out.append(WandbReporter(output_dir, config))
     return out

@@ -6,11 +6,12 @@ so nothing here can force a host sync. Concrete reporters live in:
 
 - ``mlx_tune.reporting.text``  -- ``PlainReporter`` (one line per report), ``JsonlReporter``
 - ``mlx_tune.reporting.tensorboard``         -- ``TensorBoardReporter``
+- ``mlx_tune.reporting.wandb_reporter``      -- ``WandbReporter`` (optional ``[wandb]`` extra)
 - ``mlx_tune.reporting.dashboard``  -- ``RichDashboard`` (rich live view)
 
 They are imported lazily (``make_reporters`` and module ``__getattr__``) so that a plain
 run never imports rich's live machinery and a run without TensorBoard never imports
-tensorboardX.
+tensorboardX (nor one without wandb, wandb).
 """
 
 from __future__ import annotations

@@ -101,7 +101,8 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
     reporters = make_reporters(spec.dashboard, output_dir=output_dir, total_steps=spec.max_steps,
                                resume_step=loaded.step if loaded else -1,
-                               tensorboard=spec.tensorboard, is_main_rank=is_main)
+                               report_to=spec.report_to, config=to_dict(spec),
+                               is_main_rank=is_main)
     trainer.reporters = reporters
     trainer.log = lambda m: reporters.on_message(m)
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
