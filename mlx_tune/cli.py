@@ -1,4 +1,5 @@
-"""`mlx-tune train | generate | lr-find | plan | doctor | fuse | convert-adapter | report`.
+"""`mlx-tune train | generate | lr-find | plan | doctor | fuse | convert-adapter | evaluate |
+report`.
 
 Every spec field gets a flag generated from the spec itself (``lora.rank`` ->
 ``--lora-rank``), so YAML and the command line can never drift apart. Errors a user
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--adapter", help="adapter directory (output_dir/adapters)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--system", help="optional system message")
+    gen.add_argument("--tools", metavar="FILE.json",
+                     help="JSON list of function specs, passed to the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--backend", default="auto", choices=("auto", "mlx", "torch"))
 
@@ -169,6 +172,14 @@ def add_morning_commands(sub: Any) -> None:
     conv.add_argument("src", metavar="SRC")
     conv.add_argument("dst", metavar="DST")
 
+    ev = sub.add_parser("evaluate", help="loss, perplexity and token accuracy of a run's "
+                        "checkpoint on its test set (or --data)")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="the run's output_dir")
+    ev.add_argument("--checkpoint", default="final",
+                    help="final (the saved adapter), best, or step-N (default: final)")
+    ev.add_argument("--data", metavar="PATH", help="a JSONL file, or a data directory / "
+                    "dataset whose test.jsonl / 'test' split is scored (default: the run's data)")
+
     report = sub.add_parser("report", help="the morning report of a run: terminal summary "
                             "and a self-contained HTML page with plots")
     report.add_argument("run_dir", metavar="RUN_DIR")
@@ -193,7 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
         from rich.console import Console
         from mlx_tune.commands.doctor import run_doctor
         return run_doctor(Console())
-    if args.command in ("fuse", "convert-adapter", "report"):
+    if args.command in ("fuse", "convert-adapter", "evaluate", "report"):
         from mlx_tune.commands.morning import morning_cli
         return morning_cli(args)
     if args.command == "generate":

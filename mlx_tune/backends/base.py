@@ -146,7 +146,15 @@ class Backend(Collectives, Protocol):
 
     def save_adapter(self, directory: Path) -> None: ...
 
-    def generate(self, messages: list[dict], max_tokens: int) -> str: ...
+    def load_adapter(self, directory: Path) -> None:
+        """Weights saved by ``save_adapter`` (same spec) into the loaded model; ValueError
+        when they do not fit it."""
+        ...
+
+    def generate(self, messages: list[dict], max_tokens: int,
+                 tools: list[dict] | None = None) -> str:
+        """Greedy reply; ``tools`` (function specs) go to the chat template."""
+        ...
 
     def memory(self) -> tuple[int, int]: ...
 

@@ -1,5 +1,5 @@
-"""The morning-after commands: fuse, convert-adapter, report (argument handling only;
-the work is in mlx_tune.export and mlx_tune.reporting.summary)."""
+"""The morning-after commands: fuse, convert-adapter, evaluate, report (argument handling
+only; the work is in mlx_tune.export, commands.evaluate and mlx_tune.reporting.summary)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,11 @@ def morning_cli(args: argparse.Namespace) -> int:
         result = fuse_run(Path(args.run_dir), args.checkpoint, Path(args.output),
                           dequantize=args.dequantize, gguf=args.gguf, log=print)
         print(f"fused {result.checkpoint} (step {result.step}) into {result.output}")
+        return 0
+    if args.command == "evaluate":
+        from mlx_tune.commands.evaluate import evaluate_run
+        result = evaluate_run(Path(args.run_dir), args.checkpoint, args.data, log=print)
+        print(result.line())
         return 0
     from mlx_tune.commands.report import report_cli
     return report_cli(Path(args.run_dir), Path(args.html) if args.html else None)

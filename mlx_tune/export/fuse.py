@@ -49,8 +49,15 @@ def _final_step(run_dir: Path) -> int | None:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     except OSError:
         return None
-    steps = [json.loads(x).get("step") for x in lines if x.strip().startswith("{")]
-    return max((s for s in steps if isinstance(s, int)), default=None)
+    steps = []
+    for line in lines:  # a torn last line (killed mid-write) is skipped, as reporting does
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            steps.append(record["step"])
+    return max(steps, default=None)
 
 
 def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:

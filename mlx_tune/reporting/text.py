@@ -174,15 +174,15 @@ class PlainReporter(NullReporter):
 
 
 # ------------------------------------------------------------------ jsonl
-def _json_safe(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     # Strict JSON has no NaN/Infinity (jq, browsers and many loaders reject them): a
     # non-finite loss becomes null, which the "skipped_steps"/stop records explain.
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
+        return {str(k): json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -242,7 +242,7 @@ class JsonlReporter(NullReporter):
     def _append(self, record: dict) -> None:
         if self._fh is None:
             return
-        self._fh.write(json.dumps(_json_safe(record), default=str, allow_nan=False) + "\n")
+        self._fh.write(json.dumps(json_safe(record), default=str, allow_nan=False) + "\n")
         self._fh.flush()
 
     def on_start(self, info: dict) -> None:

@@ -25,7 +25,7 @@ class TestResult:
     __test__ = False  # not a pytest class, whatever imports it
     step: int
     path: str
-    weights: str  # "final" or "final (EMA)"
+    weights: str  # "final", "final (EMA)", or the checkpoint `mlx-tune evaluate` scored
     loss: float
     perplexity: float
     accuracy: float
@@ -45,13 +45,14 @@ def find_test_file(spec: Spec):
 
 
 def score_test(spec: Spec, backend, accumulation: int, step: int,
-               data=None, log=print) -> Optional[TestResult]:
-    """Evaluate the backend's current weights on the test file; None when there is none.
+               data=None, log=print, *, path=None, weights: str = "final") -> Optional[TestResult]:
+    """Evaluate the backend's current weights on the test file (or ``path``: a JSONL file
+    or a dataset split); None when there is none. ``weights`` names what is scored.
 
     Every rank scores every test batch (the backend sums across ranks, and the mean of
     identical sums is the same): simple, and the test set is small next to training.
     """
-    path = find_test_file(spec)
+    path = find_test_file(spec) if path is None else path
     if path is None:
         log(f"test_at_end: no test.jsonl (or 'test' split) in {spec.data}; nothing to score")
         return None
@@ -68,7 +69,7 @@ def score_test(spec: Spec, backend, accumulation: int, step: int,
         result = backend.evaluate(batches)
     tokens = max(result.tokens, 1.0)
     loss = result.loss_sum / tokens
-    return TestResult(step=step, path=str(path), weights="final (EMA)" if use_ema else "final",
+    return TestResult(step=step, path=str(path), weights=f"{weights} (EMA)" if use_ema else weights,
                      loss=loss, perplexity=math.exp(min(loss, 50.0)),
                      accuracy=result.correct / tokens, tokens=int(result.tokens),
                      batches=len(batches), seconds=time.perf_counter() - tic)

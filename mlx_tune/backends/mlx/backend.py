@@ -207,13 +207,30 @@ class MLXBackend(MlxCollectives):
         config = adapter_config(self.spec, self.keys, self.num_layers, self.model_dir)
         atomic_write(directory / "adapter_config.json", json.dumps(config, indent=2))
 
-    def generate(self, messages: list[dict], max_tokens: int) -> str:
+    def load_adapter(self, directory: Path) -> None:
+        """adapters.safetensors as save_adapter wrote it: one array per trainable parameter."""
+        weights = mx.load(str(Path(directory) / "adapters.safetensors"))
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{directory}: the adapter does not fit this model ("
+                             + (f"missing {missing[0]}" if missing else f"unknown {extra[0]}")
+                             + f"; {len(missing)} missing, {len(extra)} unknown)")
+        bad = [k for k, v in weights.items() if v.shape != expected[k].shape]
+        if bad:
+            raise ValueError(f"{directory}: {bad[0]} has shape {weights[bad[0]].shape}, the "
+                             f"model's is {expected[bad[0]].shape}")
+        self.model.load_weights(list(weights.items()), strict=False)
+        mx.eval(self.model.parameters())
+
+    def generate(self, messages: list[dict], max_tokens: int,
+                 tools: list[dict] | None = None) -> str:
         from mlx_lm.generate import generate
         from mlx_lm.sample_utils import make_sampler
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=False)
+                                                    tokenize=False, tools=tools)
         self.model.eval()
         try:
             tokenizer = TokenizerWrapper(self.tokenizer, eos_token_ids=self.eos_ids)

@@ -220,9 +220,28 @@ class TorchBackend(TorchCollectives):
             "base_model": self.spec.model, "model": str(self.model_dir),
             "num_layers": self.num_layers, "keys": self.keys}, indent=2))
 
-    def generate(self, messages: list[dict], max_tokens: int) -> str:
+    @torch.no_grad()
+    def load_adapter(self, directory: Path) -> None:
+        """adapter_model.safetensors as save_adapter (peft) wrote it, through peft's own
+        loader; a full fine-tune's directory is a whole model, loaded as the base instead."""
+        if self.spec.fine_tune_type == "full":
+            raise ValueError(f"{directory}: a full fine-tune is a whole model; load it as "
+                             "the base model instead")
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        state = load_file(str(Path(directory) / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(self.model, state)
+        missing = [k for k in result.missing_keys if k in self.params]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{directory}: the adapter does not fit this model ("
+                             + (f"missing {missing[0]}" if missing
+                                else f"unknown {result.unexpected_keys[0]}") + ")")
+
+    def generate(self, messages: list[dict], max_tokens: int,
+                 tools: list[dict] | None = None) -> str:
         with self.guard.inference(self.model):
-            return greedy(self.model, self.tokenizer, messages, max_tokens, self.device)
+            return greedy(self.model, self.tokenizer, messages, max_tokens, self.device,
+                          tools=tools)
 
 
 def process_memory() -> tuple[int, int]:

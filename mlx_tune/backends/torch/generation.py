@@ -14,10 +14,11 @@ from mlx_tune.models.tokenizer import load_tokenizer
 
 @torch.no_grad()
 def greedy(model: torch.nn.Module, tokenizer: Any, messages: list[dict], max_tokens: int,
-           device: torch.device) -> str:
-    """Greedy decoding of the assistant's reply (what ``generate`` shows at evaluations)."""
+           device: torch.device, tools: list[dict] | None = None) -> str:
+    """Greedy decoding of the assistant's reply (what ``generate`` shows at evaluations);
+    ``tools`` (function specs) are rendered by the chat template."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
+                                        return_dict=False, tools=tools)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     inputs = torch.tensor([list(ids)], device=device)
@@ -32,7 +33,8 @@ def greedy(model: torch.nn.Module, tokenizer: Any, messages: list[dict], max_tok
 
 
 def generate_with_adapter(model_dir: Path | str, adapter_dir: Path | str | None,
-                          messages: list[dict], max_tokens: int) -> str:
+                          messages: list[dict], max_tokens: int,
+                          tools: list[dict] | None = None) -> str:
     """``mlx-tune generate --backend torch``: the base (rebuilt as it was trained,
     quantization included) with a saved adapter, or a fully fine-tuned model directory."""
     model_dir = Path(model_dir)
@@ -49,4 +51,4 @@ def generate_with_adapter(model_dir: Path | str, adapter_dir: Path | str | None,
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    return greedy(model, tokenizer, messages, max_tokens, device)
+    return greedy(model, tokenizer, messages, max_tokens, device, tools=tools)

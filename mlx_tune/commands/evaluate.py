@@ -1,0 +1,88 @@
+"""`mlx-tune evaluate RUN_DIR`: a checkpoint's adapter scored on the run's test set.
+
+The pieces are the ones training and `fuse` use: the run's spec.yaml and the weights
+``--checkpoint`` names (``final`` is ``adapters/``; ``best`` and ``step-N`` become an
+adapter in the backend's own format, as `fuse` does), the backend loaded as for training,
+and ``score_test``, which `test_at_end` uses, so the numbers are comparable with it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+from mlx_tune.data.records import DataError
+from mlx_tune.export import ExportError
+from mlx_tune.reporting.text import json_safe
+from mlx_tune.export.fuse import adapter_from_checkpoint, checkpoint_dir, run_spec
+from mlx_tune.training.testset import TestResult, find_test_file, score_test
+
+
+def test_data(spec, data: str | None):
+    """What is scored: a JSONL file itself, or the test.jsonl / 'test' split of a data
+    directory or dataset (``data``, else the run's own ``data``)."""
+    if data is not None and Path(data).expanduser().is_file():
+        return Path(data).expanduser()
+    where = spec.data if data is None else data
+    found = find_test_file(spec if data is None else replace(spec, data=data))
+    if found is None:
+        raise DataError(f"{where}: no test set (no test.jsonl, no 'test' split); give "
+                        "--data PATH (a JSONL file, or a directory with test.jsonl)")
+    return found
+
+
+def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
+                 log: Callable[[str], None] = print) -> TestResult:
+    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl."""
+    from mlx_tune.training.setup import resolve_accumulation, setup
+
+    run_dir = Path(run_dir)
+    spec = run_spec(run_dir)
+    source, step = checkpoint_dir(run_dir, which)
+    path = test_data(spec, data)  # before minutes of model loading
+    # What is scored is the adapter named, never a swap to EMA weights; no new EMA either.
+    spec = replace(spec, ema=replace(spec.ema, enabled=False))
+    full_torch = spec.fine_tune_type == "full" and spec.backend == "torch"
+    if full_torch and which != "final":
+        raise ExportError("a torch full fine-tune keeps whole models only in RUN_DIR/adapters: "
+                          "evaluate --checkpoint final")
+    if full_torch:  # the saved whole model is the base
+        spec = replace(spec, model=str(source))
+    run = setup(spec, log)
+    backend = run.backend
+    backend.load(run.spec, run.model_path)
+    if not full_torch:
+        with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+            adapter = source if which == "final" else adapter_from_checkpoint(
+                source, run.spec, Path(run.model_path), Path(tmp) / "adapter")
+            try:
+                backend.load_adapter(adapter)
+            except (ValueError, OSError) as e:
+                raise ExportError(f"--checkpoint {which}: {e}") from None
+    accumulation = resolve_accumulation(run.spec, Path(run.model_path), log)
+    result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
+                        log=log, path=path, weights=which)
+    append_record(run_dir / "metrics.jsonl", {"type": "test", **asdict(result),
+                                              "checkpoint": which, "source": str(source),
+                                              "wall_time": time.time()})
+    return result
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One line appended to metrics.jsonl in one write. A torn last line (a run killed
+    mid-write) is ended first, so it stays one unreadable line that readers skip, rather
+    than swallowing this record; the file is never rewritten."""
+    line = json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            if fh.tell() and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
+                line = "\n" + line
+    except FileNotFoundError:
+        pass
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
