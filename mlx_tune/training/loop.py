@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointManager, Ch
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
+from mlx_tune.training.signals import SignalGuard
 from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
 from mlx_tune.config.schema import Spec, to_dict
@@ -64,34 +64,6 @@ class LoopState:
     last_val_loss: float | None = None
     last_checkpoint: str | None = None
     last_checkpoint_step: int = 0
-
-
-class SignalGuard:
-    """One policy for SIGINT, SIGTERM and SIGHUP (a dropped ssh session): the first asks
-    the run to finish its step, save and exit; a second exits at once (the last complete
-    checkpoint stays valid: saves and adapter writes are atomic). The caller keeps it
-    installed until the last byte is written: the final checkpoint and the adapter."""
-
-    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
-                    if hasattr(signal, n))
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "SignalGuard":
-        for sig in self.SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested is not None:
-            raise SystemExit(EXIT_INTERRUPTED)
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def _or_nan(value: float | None) -> float:

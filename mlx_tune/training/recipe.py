@@ -27,9 +27,10 @@ from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
-from mlx_tune.training.loop import RunResult, SignalGuard, Trainer
+from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
+from mlx_tune.training.signals import SignalGuard
 from mlx_tune.training.testset import score_test
 
 
