@@ -279,3 +279,31 @@ def test_output_dir_that_cannot_be_a_directory_is_named(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(RunDirError, match="output_dir .*file/run: cannot create"):
         RunLock(tmp_path / "file" / "run").acquire()
+
+
+@pytest.mark.parametrize("override", [
+    {"lora.alpha": 64.0}, {"batch_size": 16}, {"mask_prompt": False}, {"ema.decay": 0.99},
+    {"seed": 1}, {"max_length": 512}, {"streaming": True}, {"shuffle_buffer": 7},
+    {"val_split": 0.1}, {"packing": True}])
+def test_every_caution_setting_is_refused_by_name(tmp_path, override):
+    from mlx_tune.checkpoint.resume import RESUME_CAUTION_FIELDS, spec_fingerprint
+    base = {"model": "m", "data": "d"}
+    m = saved_run(tmp_path, fingerprint(spec_fingerprint(build_spec(overrides=base))))
+    changed = fingerprint(spec_fingerprint(build_spec(overrides={**base, **override})))
+    with pytest.raises(ResumeError) as ei:
+        decide_resume(m, current_fingerprint=changed, mode="auto", interactive=False,
+                      overridable_fields=RESUME_CAUTION_FIELDS)
+    (key,) = override
+    assert f"{key}: checkpoint" in str(ei.value) and "--accept-changes" in str(ei.value)
+
+
+def test_second_signal_exits_at_once_first_only_asks():
+    from mlx_tune.exit_codes import EXIT_INTERRUPTED
+    from mlx_tune.training.loop import SignalGuard
+    with SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert guard.requested == "SIGHUP"  # noted; the run finishes its step and saves
+        with pytest.raises(SystemExit) as ei:
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert ei.value.code == EXIT_INTERRUPTED
+    assert signal.getsignal(signal.SIGHUP) is not guard._handle  # handlers restored
