@@ -1381,6 +1381,11 @@ def generate(out_dir: Path) -> dict[str, Path]:
         p = out_dir / "tools" / f"{split}.jsonl"
         _write_jsonl(p, recs)
         written[f"tools/{split}"] = p
+    # Every function spec the chats use, for `mlx-tune generate --tools data/tools/tools.json`.
+    p = out_dir / "tools" / "tools.json"
+    p.write_text(json.dumps(list(TOOLS.values()), ensure_ascii=False, indent=2) + "\n",
+                 encoding="utf-8", newline="\n")
+    written["tools/tools.json"] = p
 
     srng = random.Random(SEED + 2)
     for split, n in (("train", N_SAMPLES_TRAIN), ("valid", N_SAMPLES_VALID)):

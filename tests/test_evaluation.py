@@ -15,15 +15,15 @@ class EchoBackend:
     def __init__(self):
         self.prompts = []
 
-    def generate(self, messages, max_tokens):
+    def generate(self, messages, max_tokens, tools=None):
         self.prompts.append((messages, max_tokens))
         return "stir the soup gently"
 
 
 class Valid:
-    def first_prompts(self, n):
-        return [[{"role": "system", "content": "be brief"},
-                 {"role": "user", "content": f"question {i}"}] for i in range(n)]
+    def first_samples(self, n):
+        return [([{"role": "system", "content": "be brief"},
+                  {"role": "user", "content": f"question {i}"}], None) for i in range(n)]
 
 
 class Data:

@@ -167,7 +167,7 @@ class FakeBackend:
         Path(directory).mkdir(parents=True, exist_ok=True)
         save_file({"w": self.w}, str(Path(directory) / "adapters.safetensors"))
 
-    def generate(self, messages: list[dict], max_tokens: int) -> str:
+    def generate(self, messages: list[dict], max_tokens: int, tools=None) -> str:
         return "ok"
 
 

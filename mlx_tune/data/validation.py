@@ -99,7 +99,12 @@ class LazyValidation:
 
     def first_prompts(self, n: int) -> list[list[dict]]:
         """The first n validation conversations without their final assistant answer."""
-        out: list[list[dict]] = []
+        return [messages for messages, _ in self.first_samples(n)]
+
+    def first_samples(self, n: int) -> list[tuple[list[dict], Optional[list[dict]]]]:
+        """``first_prompts`` with each record's tools (function specs, or None): what
+        the chat template needs to render the prompt as training rendered it."""
+        out: list[tuple[list[dict], Optional[list[dict]]]] = []
         if n <= 0:
             return out
         for record in self._iter_records():
@@ -109,7 +114,7 @@ class LazyValidation:
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             if last == 0:
                 continue
-            out.append(messages[:last])
+            out.append((messages[:last], list(record.tools) if record.tools else None))
             if len(out) == n:
                 break
         return out

@@ -20,23 +20,26 @@ def load_metric(path: str) -> Callable[[str], float]:
     return func
 
 
-def sample_conversations(spec: Spec, data: Any) -> list[list[dict]]:
-    """The spec's prompts, or the first validation conversations without their answer."""
+def sample_conversations(spec: Spec, data: Any) -> list[tuple[list[dict], list[dict] | None]]:
+    """The spec's prompts, or the first validation conversations without their answer,
+    each with its record's tools (None when it has none)."""
     if spec.num_samples <= 0:
         return []
     if spec.sample_prompts:
-        return [[{"role": "user", "content": p}] for p in spec.sample_prompts[: spec.num_samples]]
+        return [([{"role": "user", "content": p}], None)
+                for p in spec.sample_prompts[: spec.num_samples]]
     if data.valid is None:
         return []
-    return data.valid.first_prompts(spec.num_samples)
+    return data.valid.first_samples(spec.num_samples)
 
 
 def run_samples(backend: Any, spec: Spec, data: Any) -> list[dict]:
-    """Generate for each sample prompt and score the text with every metric."""
+    """Generate for each sample prompt (tools rendered as in training) and score the text
+    with every metric."""
     metrics = {path: load_metric(path) for path in spec.eval_metrics}
     out = []
-    for messages in sample_conversations(spec, data):
-        text = backend.generate(messages, spec.sample_max_tokens)
+    for messages, tools in sample_conversations(spec, data):
+        text = backend.generate(messages, spec.sample_max_tokens, tools=tools)
         scores = {path.rsplit(":", 1)[-1]: float(fn(text)) for path, fn in metrics.items()}
         prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         out.append({"prompt": prompt, "text": text, "metrics": scores})

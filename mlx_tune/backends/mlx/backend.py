@@ -230,7 +230,7 @@ class MLXBackend(MlxCollectives):
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=False, tools=tools)
+                                                    tokenize=False, tools=tools or None)
         self.model.eval()
         try:
             tokenizer = TokenizerWrapper(self.tokenizer, eos_token_ids=self.eos_ids)

@@ -18,7 +18,7 @@ def greedy(model: torch.nn.Module, tokenizer: Any, messages: list[dict], max_tok
     """Greedy decoding of the assistant's reply (what ``generate`` shows at evaluations);
     ``tools`` (function specs) are rendered by the chat template."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False, tools=tools)
+                                        return_dict=False, tools=tools or None)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     inputs = torch.tensor([list(ids)], device=device)
