@@ -260,7 +260,7 @@ def test_broken_adapter_config_is_one_line(tmp_path):
     from mlx_tune.models.hub import ModelError
     (tmp_path / "adapter_config.json").write_text('{"quantize": ')
     args = argparse.Namespace(backend="mlx", adapter=str(tmp_path), model="m", prompt="p",
-                              system=None, max_tokens=4)
+                              system=None, max_tokens=4, tools=None)
     with pytest.raises(ModelError) as ei:
         generate_cli(args)
     assert "adapter_config.json" in str(ei.value) and "\n" not in str(ei.value)
