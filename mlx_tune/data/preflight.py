@@ -1,8 +1,11 @@
 """Check the data before any model loads: a bad record costs a second, not a model load.
 
-Reads every record of the train, validation and test files, in every mode: streaming too
-(records are parsed and checked, not kept), so a bad line found hours into a streaming run
-never ends a night and then every resume at the same step. It reports what it recognised
+Reads every record of the training data, in every mode: streaming too (records are parsed
+and checked, not kept), so a bad line found hours into a streaming run never ends a night
+and then every resume at the same step. The validation and test files are checked from
+their first record only: they stay lazy (a 1 GB validation file costs nothing at start-up),
+are read in full at the first evaluation, and a bad record found there saves the step's
+checkpoint before the run stops (exit 10), so resuming is safe. It reports what it recognised
 (ShareGPT conversations, tool-calling records) and, when the data uses tools, asks the
 model's chat template to render a tool conversation, so a template that would silently
 drop the tools is refused by name here.
@@ -67,7 +70,7 @@ def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> lis
     for path in (files.train, files.valid, files.test):
         if path is None:
             continue
-        first_only = False  # every record, streaming included (see the module docstring)
+        first_only = path is not files.train  # evaluation files stay lazy (module docstring)
         report = FileReport(str(path if is_split(path) else Path(path)))
         for record in _records(path, first_only):
             report.add(record)
