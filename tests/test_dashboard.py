@@ -235,8 +235,14 @@ time.sleep(30)
         while not (tmp_path / "ready").exists():
             assert time.time() < deadline, "the dashboard never came up"
             time.sleep(0.1)
-        screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
-                                capture_output=True, text=True, check=True).stdout
+        # A capture can land mid-redraw (a loaded machine): read the screen until a full
+        # frame shows, within the deadline; the assertions below then check its content.
+        while True:
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session],
+                                    capture_output=True, text=True, check=True).stdout
+            if "loss trend" in screen and "val points" in screen or time.time() > deadline:
+                break
+            time.sleep(0.2)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert "loss trend" in screen and "val points" in screen, screen

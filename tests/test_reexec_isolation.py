@@ -35,7 +35,10 @@ EVIL = "open({marker!r}, 'w').write('pwned')\nraise SystemExit('evil yaml.py imp
 def launch(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("LD_PRELOAD", "LD_LIBRARY_PATH", blas.MARKER, blas.DISABLE)}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    # No empty entry: an empty PYTHONPATH element means "the current directory", which
+    # would put the malicious folder on the path by the test's own doing.
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(REPO_ROOT), *env.get("PYTHONPATH", "").split(os.pathsep)] if p)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
