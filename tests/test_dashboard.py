@@ -18,17 +18,7 @@ from mlx_tune.exit_codes import EXIT_VAL_PLATEAU
 from mlx_tune.reporting import dashboard as dash
 from mlx_tune.reporting.dashboard import LEAK_MARK, RichDashboard, fmt_duration
 from mlx_tune.reporting.records import EvalReport, TrainReport
-from mlx_tune.training.monitors import EarlyStopping, EarlyStoppingConfig
-
-
-def counters(losses: list[float]) -> dict[str, int]:
-    """The early-stopping counters as a run reports them (``EarlyStopping.counters()``),
-    after feeding ``losses`` (NaN = a skipped step) to a real EarlyStopping that checks
-    for a plateau every 2 steps."""
-    es = EarlyStopping(EarlyStoppingConfig(warmup=0, check_every=2, patience=5))
-    for step, loss in enumerate(losses, start=1):
-        es.observe_step(step, loss, 0.5)
-    return es.counters()
+from report_fixtures import counters
 
 
 def train(step: int = 900, **kw) -> TrainReport:

@@ -24,22 +24,12 @@ from mlx_tune.reporting.text import (
 )
 from mlx_tune.reporting.records import EvalReport, NullReporter, Reporters, TrainReport
 from mlx_tune.reporting.factory import make_reporters
-from mlx_tune.training.monitors import EarlyStopping, EarlyStoppingConfig
+from report_fixtures import counters
 
 EXAMPLE_LINE = (
     "step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5"
     " | ckpt=-150 | mem_mb=14051 | mem_delta=+245"
 )
-
-
-def counters(losses: list[float]) -> dict[str, int]:
-    """The early-stopping counters as a run reports them (``EarlyStopping.counters()``),
-    after feeding ``losses`` (NaN = a skipped step) to a real EarlyStopping that checks
-    for a plateau every 2 steps."""
-    es = EarlyStopping(EarlyStoppingConfig(warmup=0, check_every=2, patience=5))
-    for step, loss in enumerate(losses, start=1):
-        es.observe_step(step, loss, 0.5)
-    return es.counters()
 
 
 def train(step: int = 900, **kw) -> TrainReport:
