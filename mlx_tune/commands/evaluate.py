@@ -8,7 +8,6 @@ and ``score_test``, which `test_at_end` uses, so the numbers are comparable with
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -17,7 +16,7 @@ from typing import Callable
 
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
-from mlx_tune.reporting.text import json_safe
+from mlx_tune.reporting.text import append_record
 from mlx_tune.export.fuse import adapter_from_checkpoint, checkpoint_dir, run_spec
 from mlx_tune.training.testset import TestResult, find_test_file, score_test
 
@@ -70,19 +69,3 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
                                               "checkpoint": which, "source": str(source),
                                               "wall_time": time.time()})
     return result
-
-
-def append_record(path: Path, record: dict) -> None:
-    """One line appended to metrics.jsonl in one write. A torn last line (a run killed
-    mid-write) is ended first, so it stays one unreadable line that readers skip, rather
-    than swallowing this record; the file is never rewritten."""
-    line = json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, 2)
-            if fh.tell() and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
-                line = "\n" + line
-    except FileNotFoundError:
-        pass
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)

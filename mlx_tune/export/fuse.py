@@ -20,6 +20,7 @@ from typing import Callable
 
 from mlx_tune.export import ExportError
 from mlx_tune.export.adapters import Adapter, collect, num_blocks, save_peft, write_mlx
+from mlx_tune.reporting.text import append_record, read_metrics
 
 GGUF_TYPES = ("llama", "mistral", "mixtral")  # mlx_lm.gguf's supported architectures
 RECORD = "fused_from.json"
@@ -46,18 +47,10 @@ def run_spec(run_dir: Path):
 
 def _final_step(run_dir: Path) -> int | None:
     try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        records, _ = read_metrics(run_dir / "metrics.jsonl")
     except OSError:
         return None
-    steps = []
-    for line in lines:  # a torn last line (killed mid-write) is skipped, as reporting does
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            steps.append(record["step"])
-    return max(steps, default=None)
+    return max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
 
 
 def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:
@@ -153,5 +146,4 @@ def record(run_dir: Path, result: FuseResult) -> None:
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     entry["fused_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (result.output / RECORD).write_text(json.dumps(entry, indent=2))
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"type": "fuse", **entry, "wall_time": time.time()}) + "\n")
+    append_record(run_dir / "metrics.jsonl", {"type": "fuse", **entry, "wall_time": time.time()})

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_tune.reporting.plots import Panel, Series
+from mlx_tune.reporting.text import read_metrics
 
 
 class ReportError(ValueError):
@@ -59,13 +60,9 @@ def load_history(run_dir: Path) -> History:
     h = History()
     kinds = {"train": h.train, "eval": h.evals, "checkpoint": h.checkpoints, "stop": h.stops,
              "start": h.starts, "message": h.messages, "fuse": h.fuses}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            h.torn_lines += 1
-            continue
-        if isinstance(record, dict) and record.get("type") in kinds:
+    records, h.torn_lines = read_metrics(path)
+    for record in records:
+        if record.get("type") in kinds:
             kinds[record["type"]].append(record)
     if not (h.train or h.evals or h.starts):
         raise ReportError(f"{path}: holds no training records yet")

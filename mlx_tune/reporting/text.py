@@ -194,6 +194,36 @@ def _parse_complete(raw: bytes) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The complete records of a metrics.jsonl, and how many lines were unreadable (a
+    torn line from a run killed mid-write is skipped, never fatal)."""
+    records, torn = [], 0
+    for raw in Path(path).read_bytes().splitlines():
+        rec = _parse_complete(raw)
+        if rec is None:
+            torn += bool(raw.strip())
+        else:
+            records.append(rec)
+    return records, torn
+
+
+def append_record(path: Path, record: dict) -> None:
+    """One line appended to metrics.jsonl in one write, by a command run after training
+    (evaluate, fuse). A torn last line (a run killed mid-write) is ended first, so it stays
+    one unreadable line that readers skip, rather than swallowing this record; the file is
+    never rewritten."""
+    line = json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            if fh.tell() and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
+                line = "\n" + line
+    except FileNotFoundError:
+        pass
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(line)
+
+
 def repair_jsonl(path: Path, resume_step: int | None) -> int:
     """Keep only complete JSON records (and, when resuming, those with step <= resume_step).
 
