@@ -42,6 +42,19 @@ def recipes() -> Path:
     return RECIPES
 
 
+@pytest.fixture(scope="session")
+def recipe_slice(recipes):
+    """``recipe_slice(dest, train=16, valid=4, test=6)``: a data directory holding the
+    first lines of the shipped recipe splits (a small, real dataset for short runs)."""
+    def write(dest: Path, train: int = 16, valid: int = 4, test: int = 6) -> Path:
+        from mlx_tune.data.testing import write_jsonl
+        for split, n in (("train", train), ("valid", valid), ("test", test)):
+            write_jsonl(dest / f"{split}.jsonl",
+                        (recipes / f"{split}.jsonl").read_text().splitlines()[:n])
+        return dest
+    return write
+
+
 @pytest.fixture
 def subprocess_env() -> dict:
     """Environment for `python -m mlx_tune` children: quiet, offline, deterministic."""

@@ -19,12 +19,9 @@ from mlx_tune.training.recipe import train
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model, recipes, tmp_path_factory):
+def run(tiny_model, recipe_slice, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    data = tmp / "d"
-    for split, n in (("train", 16), ("valid", 4), ("test", 6)):
-        write_jsonl(data / f"{split}.jsonl",
-                    (recipes / f"{split}.jsonl").read_text().splitlines()[:n])
+    data = recipe_slice(tmp / "d")
     spec = build_spec(overrides={
         "model": str(tiny_model), "data": str(data), "output_dir": str(tmp / "r"),
         "batch_size": 4, "max_length": 128, "max_steps": 4, "eval_steps": 4, "val_batches": 1,
@@ -111,7 +108,7 @@ def test_one_line_errors(run, tmp_path, capsys):
         assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_torch_run_matches_peft(tiny_model, recipes, tmp_path):
+def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
     """The torch backend's adapters (peft's format) and checkpoints, checked against
     transformers + peft's own loader and cross-entropy by hand."""
     torch = pytest.importorskip("torch")
@@ -120,10 +117,7 @@ def test_torch_run_matches_peft(tiny_model, recipes, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = tmp_path / "d"
-    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
-        write_jsonl(data / f"{split}.jsonl",
-                    (recipes / f"{split}.jsonl").read_text().splitlines()[:n])
+    data = recipe_slice(tmp_path / "d", train=8, test=4)
     run_dir = tmp_path / "r"
     spec = build_spec(overrides={
         "model": str(tiny_model), "data": str(data), "output_dir": str(run_dir),

@@ -40,6 +40,17 @@ def one_by_one():
             for ids, m in examples()]
 
 
+def assert_packed_row_is_the_sum(run) -> None:
+    """``run(batch) -> (loss_sum, targets, {name: grad})`` on the packed row equals the
+    sums over its examples run one by one."""
+    loss, n, g = run(packed_batch())
+    alone = [run(b) for b in one_by_one()]
+    assert n == sum(a[1] for a in alone)
+    assert loss == pytest.approx(sum(a[0] for a in alone), rel=1e-5)
+    for k, v in g.items():
+        np.testing.assert_allclose(v, sum(a[2][k] for a in alone), rtol=1e-3, atol=1e-4)  # grads are O(1)
+
+
 def test_pack_rows_layout():
     b = packed_batch()
     assert b.tokens.shape == (3, PACK) and b.segments.max() == 3
@@ -74,12 +85,7 @@ def test_mlx_packed_row_equals_examples_one_by_one(tiny_model):
         (loss, n), g = grad(model, *args)
         return float(loss), float(n), {k: np.array(v) for k, v in tree_flatten(g)}
 
-    loss, n, g = run(packed_batch())
-    alone = [run(b) for b in one_by_one()]
-    assert n == sum(a[1] for a in alone)
-    assert loss == pytest.approx(sum(a[0] for a in alone), rel=1e-5)
-    for k, v in g.items():
-        np.testing.assert_allclose(v, sum(a[2][k] for a in alone), rtol=1e-3, atol=1e-4)  # grads are O(1)
+    assert_packed_row_is_the_sum(run)
 
 
 def test_torch_packed_row_equals_examples_one_by_one(tiny_model):
@@ -102,12 +108,7 @@ def test_torch_packed_row_equals_examples_one_by_one(tiny_model):
         grads = torch.autograd.grad(loss, list(backend.params.values()))
         return loss.item(), n.item(), {k: g.numpy() for k, g in zip(backend.params, grads)}
 
-    loss, n, g = run(packed_batch())
-    alone = [run(b) for b in one_by_one()]
-    assert n == sum(a[1] for a in alone)
-    assert loss == pytest.approx(sum(a[0] for a in alone), rel=1e-5)
-    for k, v in g.items():
-        np.testing.assert_allclose(v, sum(a[2][k] for a in alone), rtol=1e-3, atol=1e-4)  # grads are O(1)
+    assert_packed_row_is_the_sum(run)
 
 
 def spec_for(tmp_path, **over):

@@ -10,16 +10,12 @@ import numpy as np
 
 from mlx_tune.config.spec import build_spec
 from mlx_tune.data.records import read_records
-from mlx_tune.data.testing import write_jsonl
 from mlx_tune.data.tokenize import make_example
 from mlx_tune.training.recipe import train
 
 
-def test_test_at_end_scores_the_written_adapter(tiny_model, recipes, tmp_path):
-    data = tmp_path / "d"
-    for split, n in (("train", 16), ("valid", 4), ("test", 6)):
-        write_jsonl(data / f"{split}.jsonl",
-                    (recipes / f"{split}.jsonl").read_text().splitlines()[:n])
+def test_test_at_end_scores_the_written_adapter(tiny_model, recipe_slice, tmp_path):
+    data = recipe_slice(tmp_path / "d")
     spec = build_spec(overrides={
         "model": str(tiny_model), "data": str(data), "output_dir": str(tmp_path / "r"),
         "batch_size": 4, "max_length": 128, "max_steps": 4, "eval_steps": 4, "val_batches": 1,
