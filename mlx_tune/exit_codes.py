@@ -18,6 +18,10 @@ EXIT_CHECKPOINT_FAILURES = 7  # checkpoint saves failed several times in a row
 EXIT_PEER_LOST = 8  # a rank of a distributed run died or stopped answering
 EXIT_DIR_IN_USE = 9  # another live run holds output_dir (checkpoint/rundir.py)
 EXIT_BAD_DATA = 10  # a record met mid-run could not be used; the step was checkpointed first
+EXIT_OVER_MEMORY_BUDGET = 11  # the widest batch's first step does not fit the memory budget
+EXIT_MEMORY_GROWTH = 12  # early stop: resident memory kept growing (a leak); checkpointed first
+EXIT_NOT_TRAINING = 13  # early stop: zero gradients or unchanged weights; checkpointed first
+EXIT_SUPERVISOR_GAVE_UP = 14  # --supervise: the run kept crashing, max_restarts reached
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM (128 + SIGINT, the shell's convention)
 
 # Early-stopping rule name -> exit code (the rules live in training/monitors.py).
