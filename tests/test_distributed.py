@@ -34,7 +34,7 @@ from mlx_tune.data.batch import Batch, shard_rows
 from mlx_tune.distributed.decisions import agree, barrier, broadcast_flag, broadcast_stop, share_resume_point
 from mlx_tune.distributed.launch import check_world
 from mlx_tune.distributed.peers import EXIT_PEER_LOST, Watchdog, peer_guard
-from mlx_tune.training.monitors import StopDecision
+from mlx_tune.exit_codes import StopDecision
 from mlx_tune.config.schema import SpecError
 from mlx_tune.config.spec import build_spec
 
@@ -308,7 +308,7 @@ import numpy as np
 from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.distributed import decisions as D
 from mlx_tune.checkpoint.manager import Loaded
-from mlx_tune.training.monitors import StopDecision
+from mlx_tune.exit_codes import StopDecision
 
 backend = MlxCollectives()
 out = Path(sys.argv[1])
