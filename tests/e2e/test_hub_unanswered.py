@@ -62,7 +62,7 @@ def run_child(code: str, endpoint: str, tmp_path: Path) -> tuple[subprocess.Comp
     env = {"HF_ENDPOINT": endpoint, "HF_HUB_CACHE": str(tmp_path / "hub"),
            "HF_HOME": str(tmp_path / "home"), "HF_DATASETS_CACHE": str(tmp_path / "ds"),
            "MLX_TUNE_HUB_TIMEOUT": "2", "PATH": "/usr/bin:/bin",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
