@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_tune.system import blas
+from mlx_tune.system import blas_choice
 from tests.unit.system.test_pip_openblas import clean_env, needs_pip_openblas
 
 SPEC = """
@@ -45,7 +45,7 @@ def train_losses(tmp_path: Path, name: str, spec: Path, **env: str) -> tuple[lis
 @pytest.mark.slow
 @needs_pip_openblas
 def test_pip_openblas_trains_to_the_system_openblas_losses(tmp_path, tiny_model, recipes):
-    system = blas.system_openblas()
+    system = next(iter(blas_choice.system_openblases()), None)
     if not system:
         pytest.skip("no system OpenBLAS to compare with")
     spec = tmp_path / "spec.yaml"
