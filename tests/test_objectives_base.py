@@ -166,3 +166,24 @@ def test_sums_and_counts_add_up_exactly_across_micro_batches(name, loss_type):
     assert metrics[1].keys() == metrics[2].keys()
     for key, value in metrics[1].items():
         assert metrics[2][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+
+
+def test_kto_adds_up_across_micro_batches_when_their_kl_baselines_agree():
+    """KTO's baseline is per micro-batch (kto.py); where each micro-batch estimates the
+    same baseline, its example sums add up to the whole batch's exactly, and where they
+    estimate different ones, each micro-batch used its own."""
+    inputs = row_inputs("kto", seed=4)
+    inputs["ref_kl"] = inputs["kl"] - 0.8  # every KL row says 0.8
+    settings = settings_for("kto", None)
+    whole = run(TORCH_OPS, torch.tensor, "kto", settings, inputs, torch.tensor(inputs["logps"]))
+    parts = [run(TORCH_OPS, torch.tensor, "kto", settings, part, torch.tensor(part["logps"]))
+             for part in split_rows("kto", inputs, [slice(0, 2), slice(2, PAIRS)])]
+    assert float(sum(p.loss_sum for p in parts)) == pytest.approx(float(whole.loss_sum), rel=1e-6)
+    assert float(sum(p.count for p in parts)) == float(whole.count)
+    for key in ("rewards/chosen", "rewards/accuracies", "kl"):
+        total, count = (sum(float(p.metrics[key][i]) for p in parts) for i in (0, 1))
+        assert total / count == pytest.approx(float(whole.metrics[key][0] / whole.metrics[key][1]))
+    inputs["ref_kl"][:2] -= 5.0  # the first micro-batch now sees a larger baseline
+    first = run(TORCH_OPS, torch.tensor, "kto", settings, split_rows("kto", inputs, [slice(0, 2)])[0],
+                torch.tensor(inputs["logps"][:2]))
+    assert float(first.metrics["kl"][0]) == pytest.approx(5.8, rel=1e-5)

@@ -82,3 +82,90 @@ def test_dpo_sigmoid_label_smoothing_is_trls_conservative_form(label_smoothing):
     trl_loss, _ = trl_reference.cpo(ratios[:PAIRS], ratios[PAIRS:], beta=0.2, loss_type="sigmoid",
                                     label_smoothing=label_smoothing)
     assert_same_loss_and_grad(loss, trl_loss, per_token)
+
+
+def averaged(per_token, shifted):
+    return (per_token * shifted).sum(1) / shifted.sum(1)
+
+
+@pytest.mark.parametrize("beta,scale", [(0.1, 1.4), (0.5, 1.4), (0.1, 3.0)])
+def test_orpo_equals_trl_orpo_trainer(beta, scale):
+    """With equal chosen lengths (where TRL's batch token-mean NLL and our per-pair mean
+    agree, see orpo.py), TRL's full ORPO loss; the scale puts averages on both sides
+    of log1mexp's branch point."""
+    per_token, _, shifted, _ = paired_inputs(seed=4, equal_chosen_lengths=True)
+    per_token = (per_token.detach() * scale / 2.0).requires_grad_()
+    avg = averaged(per_token, shifted)
+    if scale < 2:
+        assert (avg > -0.6931).any() and (avg < -0.6931).any()
+    loss, metrics = ours("orpo", per_token, shifted, None, PreferenceSettings(beta=beta))
+    chosen_tokens = (per_token * shifted)[:PAIRS]
+    trl_nll = -chosen_tokens.sum() / shifted[:PAIRS].sum()  # TRL's cross-entropy mean
+    trl_loss, trl_metrics = trl_reference.orpo(avg[:PAIRS], avg[PAIRS:], trl_nll, beta=beta)
+    assert_same_loss_and_grad(loss, trl_loss, per_token)
+    assert_same_metrics(metrics, trl_metrics,
+                        PAIRED_METRICS + ("nll_loss", "log_odds_ratio", "log_odds_chosen"))
+
+
+def test_orpo_nll_is_each_chosen_completions_own_mean():
+    """With unequal lengths our NLL is the mean over pairs of each chosen completion's
+    token mean (accumulation-exact), not TRL's batch token mean: computed by hand here."""
+    per_token, _, shifted, _ = paired_inputs(seed=5)
+    chosen_lengths = shifted[:PAIRS].sum(1)
+    assert len(set(chosen_lengths.tolist())) > 1
+    _, metrics = ours("orpo", per_token, shifted, None, PreferenceSettings())
+    by_hand = sum(-float((per_token[i] * shifted[i]).sum()) / float(chosen_lengths[i])
+                  for i in range(PAIRS)) / PAIRS
+    batch_mean = -float((per_token * shifted)[:PAIRS].sum() / chosen_lengths.sum())
+    assert metrics["nll_loss"] == pytest.approx(by_hand, rel=1e-6)
+    assert metrics["nll_loss"] != pytest.approx(batch_mean, rel=1e-3)
+
+
+@pytest.mark.parametrize("beta,gamma,label_smoothing", [
+    (0.1, 0.5, 0.0), (2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (2.0, 0.5, 0.1)])
+def test_simpo_equals_trl_cpo_trainer_simpo(beta, gamma, label_smoothing):
+    per_token, _, shifted, _ = paired_inputs(seed=6)
+    settings = PreferenceSettings(beta=beta, simpo_gamma=gamma, label_smoothing=label_smoothing)
+    loss, metrics = ours("simpo", per_token, shifted, None, settings)
+    avg = averaged(per_token, shifted)
+    trl_loss, trl_metrics = trl_reference.cpo(avg[:PAIRS], avg[PAIRS:], beta=beta, loss_type="simpo",
+                                              label_smoothing=label_smoothing, simpo_gamma=gamma)
+    assert_same_loss_and_grad(loss, trl_loss, per_token)
+    assert_same_metrics(metrics, trl_metrics, PAIRED_METRICS)
+
+
+def kto_inputs(seed: int, labels: list[int], kl_shift: float):
+    g = torch.Generator().manual_seed(seed)
+    rows = len(labels)
+    per_token = (-torch.rand(rows, WIDTH - 1, generator=g) * 2.0).requires_grad_()
+    kl_per_token = -torch.rand(rows, WIDTH - 1, generator=g) * 2.0
+    ref = per_token.detach().sum(1) + torch.randn(rows, generator=g)
+    ref_kl = kl_per_token.sum(1) - kl_shift + 0.3 * torch.randn(rows, generator=g)
+    return per_token, kl_per_token, torch.tensor(labels), ref, ref_kl
+
+
+@pytest.mark.parametrize("labels,kl_shift,beta,weights", [
+    ([1, 0, 1, 1, 0, 0], 2.0, 0.1, (1.0, 1.0)),  # positive KL baseline
+    ([1, 0, 1, 1, 0, 0], -2.0, 0.1, (1.0, 1.0)),  # negative mean: clamped to 0
+    ([1, 0, 0, 1, 0, 0], 1.0, 0.5, (1.33, 0.7)),
+    ([1, 1, 1, 1], 1.0, 0.1, (1.0, 1.0)),  # no undesirable example in the batch
+])
+def test_kto_equals_trl_kto_trainer(labels, kl_shift, beta, weights):
+    per_token, kl_per_token, label_tensor, ref, ref_kl = kto_inputs(7, labels, kl_shift)
+    tokens = torch.full((len(labels),), float(WIDTH - 1))
+    settings = PreferenceSettings(beta=beta, desirable_weight=weights[0],
+                                  undesirable_weight=weights[1])
+    terms = get_objective("kto").loss(
+        TORCH_OPS, RowLogps(per_token.sum(1), tokens), RowLogps(ref, tokens), settings,
+        labels=label_tensor, kl=RowLogps(kl_per_token.sum(1), tokens),
+        reference_kl=RowLogps(ref_kl, tokens))
+    metrics = {k: float(s / c) for k, (s, c) in terms.metrics.items() if float(c) > 0}
+    trl_loss, trl_metrics = trl_reference.kto(per_token, kl_per_token, label_tensor, ref, ref_kl,
+                                              beta=beta, desirable_weight=weights[0],
+                                              undesirable_weight=weights[1])
+    assert_same_loss_and_grad(terms.loss_sum / terms.count, trl_loss, per_token)
+    names = ["kl", "rewards/chosen", "logps/chosen"]
+    if 0 in labels:
+        names += ["rewards/rejected", "logps/rejected"]
+    assert_same_metrics(metrics, trl_metrics, names)
+    assert (trl_metrics["kl"] > 0) == (kl_shift > 0)  # both sides of the clamp are exercised

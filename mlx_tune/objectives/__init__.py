@@ -9,9 +9,12 @@ from __future__ import annotations
 from mlx_tune.objectives.base import (ArrayOps, LossTerms, Objective, PreferenceSettings,
                                       RowLogps)
 from mlx_tune.objectives.dpo import DPO
+from mlx_tune.objectives.kto import KTO
+from mlx_tune.objectives.orpo import ORPO
 from mlx_tune.objectives.sft import SFT
+from mlx_tune.objectives.simpo import SIMPO
 
-OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT, DPO)}
+OBJECTIVES: dict[str, Objective] = {o.name: o for o in (SFT, DPO, ORPO, SIMPO, KTO)}
 
 
 def get_objective(name: str) -> Objective:
