@@ -1,6 +1,9 @@
 """Our objectives against TRL's own loss code (tests/trl_reference.py), on fixed inputs:
 the loss, its gradient with respect to the policy's per-token log-probs, and TRL's
-logged metrics, for every objective and loss_type."""
+logged metrics, for every objective and loss_type.
+
+No model is loaded, but importing TRL (transformers, accelerate) takes longer than the
+unit tier's budget, so these live with the model tier."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ pytest.importorskip("trl")
 
 from mlx_tune.backends.torch.ops import TORCH_OPS  # noqa: E402
 from mlx_tune.objectives import PreferenceSettings, RowLogps, get_objective  # noqa: E402
-import trl_reference  # noqa: E402
+from tests import trl_reference  # noqa: E402
 
 PAIRS, WIDTH = 4, 9
 

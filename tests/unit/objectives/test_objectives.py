@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 from mlx_tune.backends.mlx.ops import MLX_OPS  # noqa: E402
 from mlx_tune.backends.torch.ops import TORCH_OPS  # noqa: E402
 
-OBJECTIVES_DIR = Path(__file__).resolve().parents[1] / "mlx_tune" / "objectives"
+OBJECTIVES_DIR = Path(__file__).resolve().parents[3] / "mlx_tune" / "objectives"
 PAIRS = 5
 
 
