@@ -20,6 +20,7 @@ import socket
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlx_tune.errors import UserError
 from mlx_tune.exit_codes import EXIT_DIR_IN_USE, EXIT_USAGE
 
 LOCK_NAME = ".mlx-tune.lock"
@@ -32,7 +33,7 @@ FOREIGN_MARKERS = (".git", "pyproject.toml", "setup.py", "train.jsonl", "valid.j
                    "val.jsonl", "config.json", "model.safetensors")
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """output_dir cannot be used as asked; one line saying why and what to do."""
 
     exit_code = EXIT_USAGE

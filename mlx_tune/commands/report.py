@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from mlx_tune.reporting.plots import MissingExtra, render_panel
-from mlx_tune.reporting.summary import Summary, load_history, panels, summarize
+from mlx_tune.reporting.summary import ReportError, Summary, load_history, panels, summarize
 
 
 def _hms(seconds: float) -> str:
@@ -76,6 +76,10 @@ def report_cli(run_dir: Path, html_path: Path | None = None) -> int:
         note = f"no plots: {e}"
         console.print(f"[yellow]{note}[/]")
     html_path = html_path or Path(run_dir) / "report.html"
+    try:  # --html NEW_DIR/report.html: the folder is made, as the plots' folder is
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReportError(f"--html {html_path}: {html_path.parent} is not a directory") from None
     atomic_write(html_path, render_html(summary, images, note))
     console.print(f"report written to {html_path}"
                   + (f" (plots in {Path(run_dir) / 'report'})" if images else ""))

@@ -173,10 +173,18 @@ def _layer_split(module: str) -> tuple[str, int, str]:
 
 
 def num_blocks(base: str | Path | None) -> int | None:
-    """The base's number of transformer blocks, from its config.json (local or cached)."""
+    """The base's number of transformer blocks, from its config.json: a local directory,
+    an alias of mlx-tune's own table (the embedded ``tiny-mistral``, or the repo an alias
+    names), or a Hugging Face id in the cache."""
     if not base:
         return None
     path = Path(base)
+    if not path.is_dir():
+        from mlx_tune.models.hub import PACKAGE_DIR, load_aliases
+        entry = {k.lower(): v for k, v in load_aliases().items()}.get(str(base).lower(), {})
+        if "path" in entry:
+            path = PACKAGE_DIR / entry["path"]
+        base = entry.get("repo", base)
     if not path.is_dir():
         try:
             from huggingface_hub import snapshot_download
