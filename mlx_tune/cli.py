@@ -221,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # notice says so once, for the runs whose speed it is about (train, lr-find).
     args = build_parser().parse_args(argv)
     from mlx_tune.system.blas import maybe_reexec_with_openblas
-    maybe_reexec_with_openblas(argv, notice=args.command in ("train", "lr-find")
-                               and not getattr(args, "print_config", False))
+    maybe_reexec_with_openblas(argv, notice=args.command in ("train", "lr-find"))
     try:
         return run_command(args)
     except KeyboardInterrupt:
