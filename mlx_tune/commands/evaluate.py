@@ -16,8 +16,9 @@ from typing import Callable
 
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
-from mlx_tune.reporting.text import append_record
-from mlx_tune.export.fuse import adapter_from_checkpoint, checkpoint_dir, run_spec
+from mlx_tune.reporting.text import append_record_or_warn
+from mlx_tune.export.fuse import (adapter_from_checkpoint, check_adapter, checkpoint_dir,
+                                   run_spec)
 from mlx_tune.training.testset import TestResult, find_test_file, score_test
 
 
@@ -35,8 +36,10 @@ def test_data(spec, data: str | None):
 
 
 def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
-                 log: Callable[[str], None] = print) -> TestResult:
-    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl."""
+                 log: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = print) -> TestResult:
+    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl (a
+    run directory that cannot take it gets a ``warn`` line instead: the score stands)."""
     from mlx_tune.training.setup import resolve_accumulation, setup
 
     run_dir = Path(run_dir)
@@ -53,11 +56,14 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
         spec = replace(spec, model=str(source))
     run = setup(spec, log)
     backend = run.backend
-    backend.load(run.spec, run.model_path)
-    if not full_torch:
-        with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+        adapter = None
+        if not full_torch:  # checked before minutes of model loading
             adapter = source if which == "final" else adapter_from_checkpoint(
                 source, run.spec, Path(run.model_path), Path(tmp) / "adapter")
+            check_adapter(adapter, run.spec, Path(run.model_path))
+        backend.load(run.spec, run.model_path)
+        if adapter is not None:
             try:
                 backend.load_adapter(adapter)
             except (ValueError, OSError) as e:
@@ -65,7 +71,7 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
     accumulation = resolve_accumulation(run.spec, Path(run.model_path), log)
     result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
                         log=log, path=path, weights=which)
-    append_record(run_dir / "metrics.jsonl", {"type": "test", **asdict(result),
-                                              "checkpoint": which, "source": str(source),
-                                              "wall_time": time.time()})
+    append_record_or_warn(run_dir / "metrics.jsonl", {
+        "type": "test", **asdict(result), "checkpoint": which, "source": str(source),
+        "wall_time": time.time()}, warn)
     return result
