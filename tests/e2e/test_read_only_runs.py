@@ -29,6 +29,16 @@ def read_only(path):
         p.chmod(0o555 if p.is_dir() else 0o444)
 
 
+def writable(path):
+    for p in [path, *path.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def run_cli(argv, env):
+    return subprocess.run(unprivileged([sys.executable, "-m", "mlx_tune", *argv]), env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_report_of_a_read_only_run_directory(tmp_path, subprocess_env):
     run = tmp_path / "run"
@@ -48,4 +58,46 @@ def test_report_of_a_read_only_run_directory(tmp_path, subprocess_env):
         assert done.returncode == EXIT_ERROR and "report.html: cannot write the report" in err
         assert "Traceback" not in done.stderr
     finally:
-        run.chmod(0o755)
+        writable(run)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, recipe_slice, tmp_path_factory):
+    from mlx_tune.config.spec import build_spec
+    from mlx_tune.training.recipe import train
+    tmp = tmp_path_factory.mktemp("read-only")
+    spec = build_spec(overrides={
+        "model": str(tiny_model), "data": str(recipe_slice(tmp / "d", train=8, test=4)),
+        "output_dir": str(tmp / "r"), "batch_size": 4, "max_length": 128, "max_steps": 2,
+        "eval_steps": 2, "val_batches": 1, "checkpoint_interval": 2, "warmup_steps": 1,
+        "num_samples": 0, "prefetch": 0, "dashboard": "plain", "tensorboard": False})
+    assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
+    return tmp / "r"
+
+
+@pytest.mark.slow
+def test_evaluate_and_fuse_on_a_read_only_run_show_the_result_then_warn(trained, tmp_path,
+                                                                         subprocess_env):
+    copy = tmp_path / "writable-copy"
+    shutil.copytree(trained, copy)
+    reference = run_cli(["evaluate", str(copy)], subprocess_env)
+    assert reference.returncode == EXIT_OK, reference.stderr
+    want = next(x for x in reference.stdout.splitlines() if x.startswith("test ("))
+    before = (trained / "metrics.jsonl").read_bytes()
+    read_only(trained)
+    try:
+        done = run_cli(["evaluate", str(trained)], subprocess_env)
+        assert done.returncode == EXIT_OK, done.stderr
+        assert want in done.stdout.splitlines()  # the same score as the writable copy's
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("mlx-tune: warning: could not append the test record to "
+                               f"{trained / 'metrics.jsonl'}") and "Traceback" not in done.stderr
+        fused = tmp_path / "fused"
+        done = run_cli(["fuse", str(trained), "--output", str(fused)], subprocess_env)
+        assert done.returncode == EXIT_OK, done.stderr
+        assert f"fused final (step 2) into {fused}" in done.stdout
+        assert (fused / "model.safetensors").is_file() and (fused / "fused_from.json").is_file()
+        assert "could not append the fuse record" in done.stderr.strip().splitlines()[-1]
+        assert (trained / "metrics.jsonl").read_bytes() == before
+    finally:
+        writable(trained)
