@@ -35,6 +35,8 @@ from typing import Callable
 import mlx.core as mx
 
 from mlx_tune.export import ExportError
+from mlx_tune.export.fit import check_fits_base
+from mlx_tune.files import check_new_dir
 
 MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 SIDECAR = "mlx_tune_adapter.json"  # the torch backend's note on how to rebuild the base
@@ -319,9 +321,6 @@ def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None 
     """Convert the adapter in ``src`` to ``to`` ("mlx" or "peft") in ``dst``, a new or
     empty directory, filled in one rename (never half a conversion, never over another
     adapter)."""
-    from mlx_tune.export.fit import check_fits_base
-    from mlx_tune.files import check_new_dir
-
     src, dst = Path(src), Path(dst)
     if to not in ("mlx", "peft"):
         raise ExportError(f"--to must be mlx or peft, got {to!r}")
@@ -334,7 +333,7 @@ def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None 
     named = base or ad.base_model or ad.extra.get("model")
     base_dir = local_base(named)
     if base_dir is not None:
-        check_fits_base(ad, base_dir, src)
+        check_fits_base(ad.a, ad.b, base_dir, src)
     elif to == "peft":
         log(f"the base model ({named or 'not named'}) is not available here: the adapter's "
             "modules were not checked against it (pass --base MODEL_DIR to check)")

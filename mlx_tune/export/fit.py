@@ -10,10 +10,13 @@ weight, so only its output size is compared there.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 from mlx_tune.export import ExportError
-from mlx_tune.export.adapters import _LAYER, Adapter
+
+_BLOCKS = re.compile(r"^(?P<head>.*?\.)\d+\.")  # "model.layers." of model.layers.3.mlp.up_proj
 
 
 def base_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -31,20 +34,20 @@ def base_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_fits_base(ad: Adapter, model_dir: Path, where: Path | str, *,
-                    strict: bool = True) -> None:
-    """ExportError unless every module ``ad`` adapts is a layer of the base with the
-    input and output sizes A [r, in] and B [out, r] need. Not ``strict``: a base that
+def check_fits_base(a: dict[str, Any], b: dict[str, Any], model_dir: Path, where: Path | str,
+                    *, strict: bool = True) -> None:
+    """ExportError unless every module with an A [r, in] in ``a`` and a B [out, r] in
+    ``b`` (an ``Adapter``'s, module path -> array) is a layer of the base with those sizes. Not ``strict``: a base that
     names its tensors in another scheme than the adapter's modules (a vision-language
     model's files) is left to the loader, which compares against the live model."""
     shapes = base_shapes(model_dir)
     if not shapes:
         return  # no safetensors here (a .bin checkpoint): the loader will say what it finds
     if not strict:
-        heads = tuple({_LAYER.match(m)["head"] if _LAYER.match(m) else m for m in ad.a})
+        heads = tuple({_BLOCKS.match(m)["head"] if _BLOCKS.match(m) else m for m in a})
         if not any(key.startswith(heads) for key in shapes):  # "model.layers." ...
             return
-    for module in sorted(ad.a):
+    for module in sorted(a):
         weight = shapes.get(f"{module}.weight")
         if weight is None:
             like = next((k[: -len(".weight")] for k in sorted(shapes)
@@ -52,7 +55,7 @@ def check_fits_base(ad: Adapter, model_dir: Path, where: Path | str, *,
             raise ExportError(f"{where}: adapts {module}, which the base {model_dir} does not "
                               "have" + (f" (its layers look like {like})" if like else "")
                               + "; is this the adapter's base model?")
-        out, inp = ad.b[module].shape[0], ad.a[module].shape[1]
+        out, inp = b[module].shape[0], a[module].shape[1]
         quantized = f"{module}.scales" in shapes
         if weight[0] != out or (not quantized and len(weight) == 2 and weight[1] != inp):
             raise ExportError(f"{where}: {module} is [{out}, {inp}] in the adapter but "

@@ -114,7 +114,8 @@ def check_adapter(adapter: Path, spec, model_dir: Path) -> None:
     from mlx_tune.export.adapters import load_tensors, read_adapter
     from mlx_tune.export.fit import check_fits_base
     if spec.fine_tune_type != "full":
-        check_fits_base(read_adapter(adapter), model_dir, adapter, strict=False)
+        ad = read_adapter(adapter)
+        check_fits_base(ad.a, ad.b, model_dir, adapter, strict=False)
     elif (adapter / "adapters.safetensors").is_file():  # an MLX full fine-tune's weights
         load_tensors(adapter / "adapters.safetensors")
 
