@@ -27,7 +27,24 @@ def pytest_configure(config: pytest.Config) -> None:
                                isolate=False)  # `python -m pytest`, as the user ran it
     capman.start_global_capturing()  # no exec happened (no OpenBLAS, or fix disabled)
 
+
+# The tiers, fastest first: `python -m pytest -q` reports a broken unit before it starts
+# the minutes of model and end-to-end runs. Within a tier, files keep their order.
+TIER_ORDER = {"unit": 0, "model": 1, "e2e": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+
+    def tier(item: pytest.Item) -> int:
+        parts = Path(item.path).relative_to(tests).parts
+        return TIER_ORDER.get(parts[0], 0) if len(parts) > 1 else 0
+
+    items.sort(key=tier)
+
+
 REPO = Path(__file__).resolve().parents[1]
+
 # MLX_TUNE_TEST_MODEL points the suite at another build of the tiny model.
 TINY = Path(os.environ.get("MLX_TUNE_TEST_MODEL")
             or Path(mlx_tune.__file__).parent / "assets" / "tiny-mistral")
