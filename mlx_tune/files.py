@@ -20,10 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
+from mlx_tune.errors import UserError
 from mlx_tune.exit_codes import EXIT_USAGE
 
 
-class WriteRefused(ValueError):
+class WriteRefused(UserError, ValueError):
     """A path we were asked to write holds something that is not ours to replace."""
 
     exit_code = EXIT_USAGE
