@@ -185,7 +185,10 @@ def add_morning_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="the morning report of a run: terminal summary "
                             "and a self-contained HTML page with plots")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html)")
+    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html); an existing "
+                        "file is replaced only if it is an mlx-tune report")
+    report.add_argument("--force", action="store_true",
+                        help="replace the --html file even if it is not an mlx-tune report")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -232,8 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
         log = Path.cwd() / "mlx-tune-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        try:
+            log.write_text(traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError as write_error:  # a read-only working directory: still one line
+            where = f"no traceback saved: {log}: {write_error.strerror or write_error}"
+        print(f"mlx-tune: error: {type(e).__name__}: {e} ({where})", file=sys.stderr)
         return EXIT_ERROR
 
 

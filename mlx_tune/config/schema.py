@@ -169,7 +169,7 @@ class Spec:
                                   "num_epochs)", low=1)
     num_epochs: Optional[float] = _f(None, "passes over the training data, instead of "
                                      "max_steps (steps = epochs x records // batch_size)",
-                                     low=0)
+                                     low=0, high=1e6)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd", "adafactor"))
     learning_rate: float = _f(2e-4, "peak learning rate", low=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (adamw) or L2 (sgd)", low=0)
