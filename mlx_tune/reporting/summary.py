@@ -29,6 +29,7 @@ class History:
     starts: list[dict] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     fuses: list[dict] = field(default_factory=list)
+    supervisor: list[dict] = field(default_factory=list)  # restarts, adaptations, cooldowns
     torn_lines: int = 0
 
 
@@ -51,6 +52,7 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    supervisor: list[str] = field(default_factory=list)  # one line per supervisor event
 
 
 def load_history(run_dir: Path) -> History:
@@ -59,7 +61,8 @@ def load_history(run_dir: Path) -> History:
         raise ReportError(f"{run_dir}: no metrics.jsonl (is this a run's output_dir?)")
     h = History()
     kinds = {"train": h.train, "eval": h.evals, "checkpoint": h.checkpoints, "stop": h.stops,
-             "start": h.starts, "message": h.messages, "fuse": h.fuses}
+             "start": h.starts, "message": h.messages, "fuse": h.fuses,
+             "supervisor": h.supervisor}
     records, h.torn_lines = read_metrics(path)
     for record in records:
         if record.get("type") in kinds:
@@ -159,7 +162,8 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_val_loss=best["val_loss"] if best else None,
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
-        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses])
+        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        supervisor=[f"{r.get('event')}: {r.get('reason')}" for r in h.supervisor])
 
 
 def panels(h: History) -> list[Panel]:

@@ -21,10 +21,11 @@ from mlx_tune.checkpoint.rundir import RunLock, check_is_run_dir
 from mlx_tune.config.schema import Spec, to_dict
 from mlx_tune.config.spec import require, with_epochs
 from mlx_tune.data import content_fingerprint
-from mlx_tune.distributed.decisions import barrier, share_resume_point
+from mlx_tune.distributed.decisions import any_rank, barrier, share_resume_point
 from mlx_tune.distributed.peers import guard_run
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
+from mlx_tune.supervise import STATUS_ENV
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
 from mlx_tune.training.loop import RunResult, Trainer
@@ -83,6 +84,7 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
     faults.install(manager)
 
     run.load()
+    faults.install_step(backend)
     info, data = run.info, run.data
     if is_main:
         write_spec(spec, output_dir)
@@ -96,7 +98,7 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                       run.accumulation, log=log)
     trainer.fingerprint = current
     if loaded is not None:
-        loaded = _restore(trainer, manager, loaded, backend.world_size, log)
+        loaded = _restore(trainer, manager, loaded, run, output_dir)
         log(f"resumed from {loaded.path} at step {loaded.step}")
     # Logs continue from the resume step; a start from scratch supersedes whatever an
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
@@ -113,7 +115,8 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": loaded.step if loaded else None,
-                            "output_dir": str(output_dir)})
+                            "output_dir": str(output_dir), "accumulation": run.accumulation,
+                            **supervisor_status()})
         # A dead or hung peer: one line, exit 8. One signal policy from the first step to
         # the last byte: a SIGTERM/SIGHUP during the final checkpoint or the adapter write
         # is noted, not fatal.
@@ -141,6 +144,13 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
         release(keepawake)
 
 
+def supervisor_status() -> dict:
+    """Under --supervise, the supervisor's line (restarts, micro-batch) for the start record
+    and the dashboard."""
+    status = os.environ.get(STATUS_ENV)
+    return {"supervisor": status} if status else {}
+
+
 def _check_loaded(loaded) -> None:
     Trainer.check_state(loaded.meta)
     if loaded.meta["step"] != loaded.step:
@@ -148,27 +158,32 @@ def _check_loaded(loaded) -> None:
                                 f"{loaded.step}")
 
 
-def _restore(trainer: Trainer, manager, loaded, world_size: int, log):
+def _restore(trainer: Trainer, manager, loaded, run: Setup, output_dir: Path):
     """Restore ``loaded``; a checkpoint whose tensors do not fit the backend (a missing
     optimizer tensor, a wrong shape) is skipped for the previous valid one, like a bad
-    checksum. Only single-process runs fall back: every rank must restore the same one."""
+    checksum. Distributed runs agree: when any rank cannot load it, every rank falls back
+    to the checkpoint rank 0 picks next (broadcast as the first one was)."""
+    backend, log = run.backend, run.log
     while True:
         try:
             trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
-            return loaded
+            error = None
         except Exception as e:  # noqa: BLE001 - any failure to load means "unusable"
-            reason = f"{loaded.path}: its state does not load ({describe_error(e)})"
-            if world_size > 1 or manager is None:
-                raise CheckpointError(reason) from None
-            log(f"skipping {reason}")
-            step = loaded.step
-            del loaded
-            loaded = manager.latest_valid(log, check=_check_loaded, below=step)
-            if loaded is None:
-                # The backend may hold part of the rejected state: do not train on it.
-                raise CheckpointError(
-                    f"no checkpoint in {manager.root} loads into this run ({reason}); "
-                    "use --force-fresh to move the run aside and start over") from None
+            error = describe_error(e)
+        if not any_rank(error is not None, backend):
+            return loaded
+        reason = f"{loaded.path}: its state does not load ({error or 'on another rank'})"
+        log(f"skipping {reason}")
+        step = loaded.step
+        del loaded
+        below = (manager.latest_valid(log, check=_check_loaded, below=step)
+                 if manager is not None else None)
+        loaded = share_resume_point(backend, below, output_dir, run.spec, log)
+        if loaded is None:
+            # The backend may hold part of the rejected state: do not train on it.
+            raise CheckpointError(
+                f"no checkpoint in {output_dir / 'checkpoints'} loads into this run "
+                f"({reason}); use --force-fresh to move the run aside and start over")
 
 
 def _write_adapters(backend, spec: Spec, output_dir: Path, trainer: Trainer,
