@@ -32,8 +32,7 @@ def summary_lines(s: Summary) -> list[tuple[str, str]]:
     for f in s.fuses:
         rows.append(("fused", f))
     if s.supervisor:  # --supervise: what the night took (supervise/night.py)
-        n = {e: sum(line.startswith(e + ":") for line in s.supervisor)
-             for e in ("restart", "adaptation", "cooldown", "gave_up")}
+        n = s.supervisor_counts
         rows.append(("supervisor", f"{n['restart']} restart(s), {n['adaptation']} "
                      f"adaptation(s), {n['cooldown']} cooldown(s)"
                      + ("; gave up" if n["gave_up"] else "")))

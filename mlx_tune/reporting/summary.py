@@ -53,6 +53,7 @@ class Summary:
     warnings: list[str]
     fuses: list[str]
     supervisor: list[str] = field(default_factory=list)  # one line per supervisor event
+    supervisor_counts: dict = field(default_factory=dict)  # event -> how many
 
 
 def load_history(run_dir: Path) -> History:
@@ -163,7 +164,26 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
         fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
-        supervisor=[f"{r.get('event')}: {r.get('reason')}" for r in h.supervisor])
+        supervisor=[supervisor_line(r) for r in h.supervisor],
+        supervisor_counts={e: sum(r.get("event") == e for r in h.supervisor)
+                           for e in ("restart", "adaptation", "cooldown", "gave_up")})
+
+
+def supervisor_line(r: dict) -> str:
+    """One supervisor record (supervise/night.py) as a line of the report."""
+    event, step = r.get("event"), r.get("step")
+    when = "before the first report" if step is None else f"after step {step}"
+    if event == "restart":
+        return f"restart {r.get('restart')}: {r.get('cause')} {when}"
+    if event == "adaptation":
+        evidence = str(r.get("evidence") or "")
+        evidence = evidence[evidence.find("["):] if "[" in evidence else evidence
+        batch, before = r.get("batch_size"), r.get("accumulation_from")
+        was = batch // before if isinstance(batch, int) and isinstance(before, int) else "?"
+        return (f"adaptation: micro-batch {was} -> {r.get('micro_batch')} "
+                f"(gradient_accumulation_steps {before} -> "
+                f"{r.get('accumulation_to')}) after {r.get('cause')} {when}: {evidence[:90]}")
+    return f"{str(event).replace('_', ' ')}: {r.get('reason')}"
 
 
 def panels(h: History) -> list[Panel]:

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from mlx_tune.checkpoint.rundir import RUN_MARKERS
-from mlx_tune.config.schema import Spec
+from mlx_tune.config.schema import Spec, SpecError
+from mlx_tune.distributed.launch import launched_world
 from mlx_tune.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_SUPERVISOR_GAVE_UP
 from mlx_tune.reporting.text import append_record
 from mlx_tune.supervise import STATUS_ENV
@@ -39,6 +40,11 @@ POLL_S = 0.1
 
 def supervise(spec: Spec, argv: Sequence[str]) -> int:
     """`mlx-tune train ... --supervise`: the whole night; returns the exit code."""
+    ranks, launcher = launched_world()
+    if ranks > 1:  # one parent per rank would restart each rank on its own
+        raise SpecError(f"--supervise runs one training process, but this is one of {ranks} "
+                        f"ranks started by {launcher}; supervise the launcher instead, or "
+                        "drop --supervise")
     return Supervisor(spec, child_command(argv)).run()
 
 

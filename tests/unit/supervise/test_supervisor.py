@@ -20,6 +20,8 @@ from mlx_tune.checkpoint.faults import METAL_OOM
 from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import (EXIT_BAD_DATA, EXIT_INTERRUPTED, EXIT_OVER_MEMORY_BUDGET,
                                  EXIT_PLATEAU, EXIT_SUPERVISOR_GAVE_UP)
+from mlx_tune.reporting.summary import load_history, summarize
+from mlx_tune.reporting.text import JsonlReporter
 from mlx_tune.supervise.crashes import judge
 from mlx_tune.supervise.night import Supervisor
 from mlx_tune.supervise.policy import Policy, next_accumulation
@@ -123,7 +125,7 @@ if action in ("wait", "slow"):
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
     signal.signal(signal.SIGINT, lambda s, f: got.append(s))
     (out / f"ready-{n}").write_text("")
-    deadline = time.time() + (4 if action == "slow" else 60)
+    deadline = time.time() + (1.5 if action == "slow" else 60)
     while not got and time.time() < deadline:
         time.sleep(0.05)
     (out / f"signals-{n}").write_text(json.dumps(got))
@@ -179,6 +181,22 @@ def test_a_metal_out_of_memory_abort_halves_the_micro_batch_once(tmp_path):
     assert events[0]["micro_batch"] == 4 and "Insufficient Memory" in events[0]["evidence"]
     assert "micro-batch 4 (halved 1x" in made[1]["status"]
     assert METAL_OOM in (tmp_path / "stderr.txt").read_text()  # the child's log passed on
+    summary = summarize(out, load_history(out))  # the morning report tells the night
+    assert summary.supervisor_counts == {"restart": 1, "adaptation": 1, "cooldown": 0,
+                                         "gave_up": 0}
+    assert summary.supervisor[0].startswith(
+        "adaptation: micro-batch 8 -> 4 (gradient_accumulation_steps 1 -> 2) after aborted "
+        "(SIGABRT) after step 5: [METAL] Command buffer execution failed")
+    assert summary.supervisor[1] == "restart 1: aborted (SIGABRT) after step 5"
+
+
+def test_a_resumed_run_keeps_the_supervisor_records_past_its_resume_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    night = [{"type": "train", "step": 4}, {"type": "train", "step": 9},
+             {"type": "supervisor", "event": "restart", "step": 9}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in night))
+    JsonlReporter(path, resume_step=4).close()  # what the restarted run does on opening
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [night[0], night[2]]
 
 
 def test_the_same_startup_failure_gives_up_after_max_restarts(tmp_path):
@@ -265,3 +283,14 @@ def test_a_kill_9_of_the_parent_leaves_the_child_running_to_its_end(tmp_path):
         assert time.time() < deadline
         time.sleep(0.05)
     assert json.loads((out / "signals-0").read_text()) == []
+
+
+def test_supervise_on_a_rank_of_a_distributed_launch_is_refused(monkeypatch, tmp_path):
+    from mlx_tune.cli import main
+
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([["127.0.0.1:5000"], ["127.0.0.1:5001"]]))
+    monkeypatch.setenv("MLX_RANK", "0")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
+    monkeypatch.setenv("MLX_TUNE_NO_BLAS_FIX", "1")
+    assert main(["train", "--model", "m", "--data", str(tmp_path), "--supervise"]) == 2
