@@ -7,12 +7,12 @@ import math
 
 import pytest
 
+from mlx_tune.exit_codes import StopDecision
 from mlx_tune.training.monitors import (
     EarlyStopping,
     EarlyStoppingConfig,
     MemoryHealth,
     MovingAverage,
-    StopDecision,
     ThroughputMeter,
 )
 
