@@ -8,8 +8,9 @@ crash evidence from. A pipe would not do: a parent killed with -9 would leave th
 writing into a broken pipe. With the file, the child finishes its run (or stops cleanly
 on its own signals) and the run lock, held by the child, keeps a second trainer out.
 
-Restarts pass ``--supervisor-restart`` (resume from the newest checkpoint without
-asking) and, after an out-of-memory crash, ``--gradient-accumulation-steps N``.
+Once a run of the night has started training, restarts pass ``--supervisor-restart``
+(resume from the newest checkpoint without asking, whatever --force-fresh the command
+had); after an out-of-memory crash, ``--gradient-accumulation-steps N`` too.
 """
 
 from __future__ import annotations
@@ -89,22 +90,26 @@ class Supervisor:
                 signal.signal(sig, handler)
 
     def _night(self) -> int:
-        restart = False
+        restart_resumes = False
         while True:
             before = read_progress(self.output_dir)
-            segment = self._run_child(restart)
+            segment = self._run_child(restart_resumes)
             if self.user_signal is not None:
                 # The user asked the run to stop: its answer is the night's answer.
                 code = segment.returncode
                 return 128 - code if code < 0 else code
             after = read_progress(self.output_dir)
-            if after.accumulation is not None and after.starts > before.starts:
-                self.policy.accumulation = after.accumulation  # 'auto' resolved by the run
+            if after.starts > before.starts:  # it got past its resume decision and trained
+                # From now on the run's checkpoints are this night's: restarts resume them.
+                # Until then a restart repeats the user's own choice (--force-fresh, or a
+                # question a run without a terminal refuses to guess).
+                restart_resumes = True
+                if after.accumulation is not None:
+                    self.policy.accumulation = after.accumulation  # 'auto' as resolved
             ending = judge(segment.returncode, segment.log_tail, segment.oom_killed)
             if self._cooling and segment.returncode in (EXIT_INTERRUPTED, -signal.SIGTERM):
                 if not self._cooldown(after.step):
                     return EXIT_INTERRUPTED
-                restart = True
                 continue
             if ending.kind != "crash":
                 if ending.kind == "finished" and (self.policy.restarts or self.cooldowns):
@@ -114,7 +119,6 @@ class Supervisor:
                 return ending.code
             if not self._after_crash(ending, after.step):
                 return EXIT_SUPERVISOR_GAVE_UP if self.user_signal is None else EXIT_INTERRUPTED
-            restart = True
 
     def _after_crash(self, ending: Ending, step: int | None) -> bool:
         """Record the crash and wait out the backoff; False: give up (or stopped)."""
@@ -146,9 +150,9 @@ class Supervisor:
         return self._wait(seconds)
 
     # -- one child ------------------------------------------------------------------
-    def _run_child(self, restart: bool) -> Segment:
+    def _run_child(self, resume: bool) -> Segment:
         command = list(self.command)
-        if restart:
+        if resume:
             command.append("--supervisor-restart")
         if self.policy.adaptations:
             command += ["--gradient-accumulation-steps", str(self.policy.accumulation)]

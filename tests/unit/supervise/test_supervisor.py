@@ -107,10 +107,13 @@ n = len(calls.read_text().splitlines()) if calls.exists() else 0
 with open(calls, "a") as fh:
     fh.write(json.dumps({"argv": sys.argv[3:], "pid": os.getpid(),
                          "status": os.environ.get("MLX_TUNE_SUPERVISOR")}) + "\n")
+action = plan[min(n, len(plan) - 1)]
+if action == "early":  # dies before training: no start record
+    (out / ".mlx-tune.lock").write_text("")
+    sys.exit(1)
 with open(out / "metrics.jsonl", "a") as fh:
     fh.write(json.dumps({"type": "start", "step": 10 * n, "info": {"accumulation": 1}}) + "\n")
     fh.write(json.dumps({"type": "train", "step": 10 * n + 5}) + "\n")
-action = plan[min(n, len(plan) - 1)]
 if action == "kill9":
     os.kill(os.getpid(), signal.SIGKILL)
 if action == "metal":
@@ -165,6 +168,15 @@ def test_crashes_are_restarted_with_auto_resume_and_recorded(tmp_path):
     assert [e["event"] for e in events] == ["restart", "restart"]
     assert events[0]["cause"] == "killed by SIGKILL" and events[0]["step"] == 5
     assert events[1]["cause"] == "exit 1" and "same startup failure" in events[1]["evidence"]
+
+
+def test_restarts_repeat_the_users_choice_until_a_run_has_trained(tmp_path):
+    supervisor, out = stand_in(tmp_path, ["early", "kill9", "ok"], backoff_s=0)
+    supervisor.command.append("--force-fresh")
+    assert supervisor.run() == 0
+    made = calls(out)
+    assert "--supervisor-restart" not in made[1]["argv"]  # nothing of this night to resume
+    assert "--supervisor-restart" in made[2]["argv"]  # the second one trained
 
 
 def test_a_metal_out_of_memory_abort_halves_the_micro_batch_once(tmp_path):
