@@ -306,3 +306,20 @@ def test_supervise_on_a_rank_of_a_distributed_launch_is_refused(monkeypatch, tmp
     monkeypatch.setenv("MLX_HOSTFILE", str(hosts))
     monkeypatch.setenv("MLX_TUNE_NO_BLAS_FIX", "1")
     assert main(["train", "--model", "m", "--data", str(tmp_path), "--supervise"]) == 2
+
+
+def test_the_dashboard_shows_the_supervisors_line_under_its_header():
+    from rich.console import Console
+
+    from mlx_tune.reporting.dashboard import RichDashboard
+
+    console = Console(record=True, width=120, force_terminal=False)
+    board = RichDashboard(8, console=console)
+    board._info = {"model": "tiny", "supervisor": "supervised: restart 2 of at most 5, "
+                   "micro-batch 2 (halved 1x after running out of memory)"}
+    console.print(board.render())
+    text = console.export_text()
+    assert "supervised: restart 2 of at most 5, micro-batch 2 (halved 1x" in text
+    board._info = {"model": "tiny"}  # an unsupervised run shows no such line
+    console.print(board.render())
+    assert console.export_text().count("supervised:") == 0
