@@ -15,9 +15,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A spec that cannot run; the message is one line meant for the user."""
+from mlx_tune.backends import registry
+from mlx_tune.errors import SpecError
 
 
 def _f(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -115,6 +114,21 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class SuperviseSpec:
+    enabled: bool = _f(False, "run training as a child of a small supervisor that restarts it "
+                       "with --auto-resume after a crash, and halves the micro-batch after "
+                       "an out-of-memory one", flag="supervise")
+    max_restarts: int = _f(5, "crashes the supervisor recovers from before it gives up "
+                           "(exit 14)", low=0)
+    backoff_s: float = _f(10.0, "seconds before a restart; doubled for each crash in a row "
+                          "that made no progress (at most 16x)", low=0)
+    cooldown_every_h: Optional[float] = _f(None, "pause every this many hours of training: "
+                                           "checkpoint, exit, wait cooldown_s, resume "
+                                           "(unset or 0: never)", low=0)
+    cooldown_s: float = _f(300.0, "length of each cooldown pause in seconds", low=0)
+
+
+@dataclass(frozen=True)
 class CurriculumStage:
     until_epoch: int = _f(1, "this stage applies to epochs < until_epoch", low=1)
     max_tokens: Optional[int] = _f(None, "keep records of at most this many tokens", low=1)
@@ -126,8 +140,8 @@ class CurriculumStage:
 class Spec:
     # -- model ---------------------------------------------------------------
     model: Optional[str] = _f(None, "Hugging Face id, local directory, or alias from configs/models.yaml")
-    backend: str = _f("auto", "training backend (auto: mlx where MLX imports, else torch)",
-                      choices=("auto", "mlx", "torch"))
+    backend: str = _f("auto", "training backend (auto: the first registered one whose "
+                      "framework imports: mlx, else torch)", choices=("auto", *registry.names()))
     fine_tune_type: str = _f("lora", "what is trained", choices=("lora", "dora", "full"))
     quantize: Optional[int] = _f(None, "quantize the base on load to this many bits (QLoRA)",
                                  choices=(None, 4, 8))
@@ -170,7 +184,7 @@ class Spec:
                                   "num_epochs)", low=1)
     num_epochs: Optional[float] = _f(None, "passes over the training data, instead of "
                                      "max_steps (steps = epochs x records // batch_size)",
-                                     low=0)
+                                     low=0, high=1e6)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd", "adafactor"))
     learning_rate: float = _f(2e-4, "peak learning rate", low=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (adamw) or L2 (sgd)", low=0)
@@ -220,6 +234,7 @@ class Spec:
     tensorboard: Optional[bool] = _f(None, "shorthand for report_to: true adds tensorboard, "
                                            "false removes it (unset: report_to decides)")
     allow_sleep: bool = _f(False, "on macOS, let the machine idle-sleep during the run")
+    supervise: SuperviseSpec = field(default_factory=SuperviseSpec)
     # -- torch backend -------------------------------------------------------
     torch_compile: bool = _f(False, "torch: compile the model with torch.compile")
     torch_threads: Optional[int] = _f(None, "torch: CPU threads (default: half the physical cores; a busy machine runs 1 thread faster than 2)", low=1)
