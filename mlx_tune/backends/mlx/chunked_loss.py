@@ -19,10 +19,12 @@ inputs, so a trained head gets its gradient too (as mlx-lm's ``grad_checkpoint``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 CHUNK_LOGITS = 1 << 23  # logits elements per chunk: 32 MB in float32
 # mlx-lm model types whose forward is exactly ``head(body(inputs))``: no logit scaling
@@ -73,31 +75,81 @@ def token_logps(hidden: mx.array, head: OutputHead, targets: mx.array, *,
     vocabulary of log p [B, T] (the label-smoothing term); else None.
 
     ``hidden`` [B, T, H] are the final hidden states, ``targets`` [B, T] the next tokens.
+    A frozen head (LoRA, QLoRA, DoRA) takes ``_direct_chunk``: the gradient with respect
+    to the hidden states is computed with the forward, nothing is recomputed. A trained
+    head (full fine-tuning) takes ``_checkpointed_chunk``, which also gives its gradient.
     """
     B, T, H = hidden.shape
     n = B * T
     size = chunk or chunk_positions(head.vocab)
-    params = head.module.trainable_parameters()
-
-    def one_chunk(params, h, y):
-        head.module.update(params)
-        logits = head(h).astype(mx.float32)
-        lse = mx.logsumexp(logits, axis=-1)
-        y = mx.stop_gradient(y)  # integer targets: no gradient (checkpoint would ask)
-        logp = mx.take_along_axis(logits, y[:, None], axis=-1).squeeze(-1) - lse
-        return (logp, logits.mean(axis=-1) - lse) if smooth else (logp,)
-
-    step = mx.checkpoint(one_chunk)
     points = _chunks(n, size)
     # split (not slicing): its gradient is one concatenation, where each slice's would be
     # a full-size array of zeros per chunk.
     hs = mx.split(hidden.reshape(n, H), points, axis=0)
-    ys = mx.split(targets.reshape(n), points, axis=0)
-    outs = [step(params, h, y) for h, y in zip(hs, ys)]
+    ys = mx.split(mx.stop_gradient(targets).reshape(n), points, axis=0)
+    params = head.module.trainable_parameters()
+    if tree_flatten(params):
+        step = mx.checkpoint(partial(_checkpointed_chunk, head, smooth))
+        outs = [step(params, h, y) for h, y in zip(hs, ys)]
+    else:
+        step = _direct_chunk(head, smooth)
+        outs = [step(h, y) for h, y in zip(hs, ys)]
     logp = mx.concatenate([o[0] for o in outs]).reshape(B, T)
     if not smooth:
         return logp, None
     return logp, mx.concatenate([o[1] for o in outs]).reshape(B, T)
+
+
+def _logits(head: OutputHead, h: mx.array) -> mx.array:
+    return head(h).astype(mx.float32)
+
+
+def _checkpointed_chunk(head: OutputHead, smooth: bool, params: dict, h: mx.array,
+                        y: mx.array) -> tuple[mx.array, ...]:
+    head.module.update(params)
+    y = mx.stop_gradient(y)  # integer targets: the checkpoint would ask for their gradient
+    logits = _logits(head, h)
+    lse = mx.logsumexp(logits, axis=-1)
+    logp = mx.take_along_axis(logits, y[:, None], axis=-1).squeeze(-1) - lse
+    return (logp, logits.mean(axis=-1) - lse) if smooth else (logp,)
+
+
+def _direct_chunk(head: OutputHead, smooth: bool) -> Callable[..., tuple[mx.array, ...]]:
+    """A chunk whose backward needs no logits: d log p(y) / dz = onehot(y) - softmax(z),
+    so the forward also takes it through the head's own input gradient (``mx.vjp``: plain,
+    quantized or tied, the module's backward) and keeps only that [positions, hidden]
+    result, hidden/vocab of the logits' size. The backward scales it by the
+    incoming per-token cotangent. (No recomputation: under ``mx.compile`` a recomputed
+    head product could be merged with the forward's and keep its logits alive after all.)
+    """
+
+    @mx.custom_function
+    def chunk(h: mx.array, y: mx.array):
+        logits = _logits(head, h)
+        lse = mx.logsumexp(logits, axis=-1, keepdims=True)
+        probs = mx.exp(logits - lse)
+        logp = mx.take_along_axis(logits, y[:, None], axis=-1).squeeze(-1) - lse.squeeze(-1)
+        onehot = (mx.arange(head.vocab)[None] == y[:, None]).astype(mx.float32)
+        grad_of = partial(mx.vjp, partial(_logits, head), [h])
+        outs = (logp, grad_of([onehot - probs])[1][0])
+        if smooth:
+            mean_logp = logits.mean(axis=-1) - lse.squeeze(-1)
+            outs += (mean_logp, grad_of([1.0 / head.vocab - probs])[1][0])
+        return tuple(mx.stop_gradient(o) for o in outs)
+
+    @chunk.vjp
+    def chunk_vjp(primals, cotangents, outputs):
+        h, y = primals
+        dh = cotangents[0][:, None] * outputs[1]
+        if smooth:
+            dh = dh + cotangents[2][:, None] * outputs[3]
+        return dh.astype(h.dtype), mx.zeros_like(y)
+
+    def logps(h: mx.array, y: mx.array) -> tuple[mx.array, ...]:
+        outs = chunk(h, y)
+        return (outs[0], outs[2]) if smooth else (outs[0],)
+
+    return logps
 
 
 def token_eval_stats(hidden: mx.array, head: OutputHead, targets: mx.array, *,
