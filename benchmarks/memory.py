@@ -71,6 +71,7 @@ MATRIX = [
     replace(ONE, steps=2), replace(ONE, steps=2, chunked=True),
     replace(BASE, steps=1),
     replace(ONE, length=1024), replace(ONE, length=1024, chunked=True),
+    replace(ONE, length=1024, checkpointing=True),
     replace(ONE, length=1024, checkpointing=True, chunked=True),
     replace(ONE, fine_tune="dora"),
     replace(ONE, dtype="bfloat16", length=64),
@@ -169,7 +170,7 @@ def child(c: Config, model_dir: Path) -> dict:
 # -- the parent: predictions, children, the table -------------------------------------
 
 def prediction(model_dir: Path, c: Config) -> float:
-    from mlx_tune.commands.plan import ModelShape, estimate
+    from mlx_tune.training.planner import ModelShape, estimate
     from mlx_tune.config.spec import build_spec
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     spec = build_spec(overrides={"model": str(model_dir), "dtype": c.dtype,
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[],
                         help="run the configurations whose name contains this (repeatable)")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="leave out the configurations whose name contains this")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) /
                         "mlx-tune-bench-models", help="where the generated models are kept")
     parser.add_argument("--output", type=Path, help="append each result as a JSON line")
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.kernels:  # in a child: the BLAS the product preloads
         return subprocess.run([sys.executable, __file__, "--kernels-child"], env=env).returncode
-    configs = [c for c in MATRIX if not args.only or any(o in c.name for o in args.only)]
+    configs = [c for c in MATRIX if (not args.only or any(o in c.name for o in args.only))
+               and not any(s in c.name for s in args.skip)]
     if args.list:
         print("\n".join(c.name for c in configs))
         return 0
