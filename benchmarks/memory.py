@@ -69,14 +69,14 @@ ONE = replace(BASE, layers=1, steps=1)
 # per-token terms; speed pairs run two steps and time the second.
 MATRIX = [
     replace(ONE, steps=2), replace(ONE, steps=2, chunked=True),
-    replace(BASE, steps=1),
     replace(ONE, length=1024), replace(ONE, length=1024, chunked=True),
+    replace(BASE, steps=1),
+    replace(ONE, shape="llama3", length=256), replace(ONE, shape="llama3", length=256, chunked=True),
+    replace(ONE, dtype="bfloat16", quantize=4, length=64),
+    replace(ONE, dtype="bfloat16", length=64),
+    replace(ONE, fine_tune="dora"),
     replace(ONE, length=1024, checkpointing=True),
     replace(ONE, length=1024, checkpointing=True, chunked=True),
-    replace(ONE, fine_tune="dora"),
-    replace(ONE, dtype="bfloat16", length=64),
-    replace(ONE, dtype="bfloat16", quantize=4, length=64),
-    replace(ONE, shape="llama3", length=256), replace(ONE, shape="llama3", length=256, chunked=True),
 ]
 
 

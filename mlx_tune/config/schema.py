@@ -115,6 +115,15 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class MemorySpec:
+    chunked_loss: Optional[bool] = _f(
+        None, "cross-entropy over chunks of positions: full-vocabulary logits of the whole "
+        "micro-batch never exist at once (null = auto: on for MLX with a frozen output head, "
+        "where it recomputes nothing; off on torch and for full fine-tuning, where it "
+        "recomputes the head)")
+
+
+@dataclass(frozen=True)
 class CurriculumStage:
     until_epoch: int = _f(1, "this stage applies to epochs < until_epoch", low=1)
     max_tokens: Optional[int] = _f(None, "keep records of at most this many tokens", low=1)
@@ -181,6 +190,7 @@ class Spec:
     label_smoothing: float = _f(0.0, "label smoothing epsilon", low=0, high=0.99)
     gradient_noise: GradientNoiseSpec = field(default_factory=GradientNoiseSpec)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    memory: MemorySpec = field(default_factory=MemorySpec)
     ema: EmaSpec = field(default_factory=EmaSpec)
     # -- schedule ------------------------------------------------------------
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup",

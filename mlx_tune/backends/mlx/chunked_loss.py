@@ -44,13 +44,22 @@ class OutputHead:
         return self.module.as_linear(hidden) if self.tied else self.module(hidden)
 
 
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "args", None), "model_type", None) or \
+        getattr(model, "model_type", None)
+
+
+def supports(model: nn.Module) -> bool:
+    """Whether ``split_model`` knows where this model's logits come from."""
+    return model_type(model) in PLAIN_HEAD_MODELS
+
+
 def split_model(model: nn.Module) -> tuple[Callable[..., mx.array], OutputHead]:
     """(body, head) of an mlx-lm causal LM: ``body(inputs, cache)`` returns the final
     (normed) hidden states and ``head`` maps them to logits, as ``model(inputs)`` does."""
     args = getattr(model, "args", None)
-    model_type = getattr(args, "model_type", None) or getattr(model, "model_type", None)
-    if model_type not in PLAIN_HEAD_MODELS:
-        raise ValueError(f"memory.chunked_loss: model type '{model_type}' is not supported "
+    if not supports(model):
+        raise ValueError(f"memory.chunked_loss: model type '{model_type(model)}' is not supported "
                          f"(expected one of {', '.join(sorted(PLAIN_HEAD_MODELS))}); "
                          "set memory.chunked_loss: false")
     tied = bool(getattr(args, "tie_word_embeddings", False))
