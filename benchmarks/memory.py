@@ -189,7 +189,7 @@ def _chunk_override(c: Config) -> dict:
 
 def run_config(c: Config, models: Path, env: dict) -> dict:
     model_dir = write_model(c.shape, c.layers, models / f"{c.shape}-{c.layers}l")
-    cmd = ["nice", sys.executable, __file__, "--child", json.dumps(asdict(c)),
+    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(c)),
            "--model-dir", str(model_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:

@@ -63,6 +63,16 @@ def step_config(spec: Spec, world_size: int, backend: str = "mlx") -> StepConfig
                       chunked_loss=chunked_loss(spec, backend))
 
 
+CHUNK_LOGITS = 1 << 23  # logits elements per chunk of the chunked loss: 32 MB in float32
+
+
+def chunk_positions(vocab: int, chunk_logits: int = CHUNK_LOGITS) -> int:
+    """Positions per chunk of the chunked loss: ~``chunk_logits`` logits, at least one.
+    Larger chunks re-read the output head fewer times (once per chunk and pass: what
+    bounds its speed on a GPU with a 128k vocabulary); smaller ones hold less."""
+    return max(1, chunk_logits // vocab)
+
+
 def chunked_loss(spec: Spec, backend: str) -> bool:
     """memory.chunked_loss as given, else (auto) on where it costs no recomputation: MLX
     with a frozen output head (LoRA, QLoRA, DoRA), whose chunks compute the hidden-state

@@ -4,16 +4,27 @@ The loss of a micro-batch needs, per target token, log p(target) (and, for label
 smoothing, the mean over the vocabulary of log p). Computed the plain way, the output
 head writes B x T x vocab float32 logits, and the backward pass holds several arrays of
 that size: with a 32k vocabulary at 4 x 2048 tokens that is 1 GB each, often the largest
-item of a LoRA step. Here the final hidden states are split into chunks of positions;
-each chunk's logits are reduced to per-token scalars at once, and ``mx.checkpoint``
-recomputes them in the backward pass instead of keeping them. The price is one more
-forward of the output head (a small share of a deep model's step: see
-``benchmarks/memory.py``); the chunk size bounds the logits alive to ~``CHUNK_LOGITS``
-elements. The results equal the unchunked computation up to float rounding (tests).
+item of a LoRA step. Here the final hidden states are split into chunks of positions
+(~``CHUNK_LOGITS`` logits each) and each chunk's logits are reduced to per-token scalars
+at once, two ways:
 
-The head is the model's own module (``lm_head``, LoRA-wrapped or quantized, or the tied
-embedding's ``as_linear``): its trainable parameters pass through the checkpoint as
-inputs, so a trained head gets its gradient too (as mlx-lm's ``grad_checkpoint`` does).
+* a frozen head (LoRA, QLoRA, DoRA; the default path): the chunk also computes its
+  hidden-state gradient (onehot - softmax through the head's own backward) and keeps
+  only that, so the backward pass recomputes nothing and costs what the unchunked one
+  does;
+* a trained head (full fine-tuning): ``mx.checkpoint`` per chunk, which recomputes the
+  head's product in the backward pass and gives the head its gradient. Under
+  ``mx.compile`` the compiler merges that recomputation with the forward's product, so
+  about one copy of the logits stays alive (measured: tests/model); still a quarter of
+  the unchunked loss's copies.
+
+MLX runs ahead of the arrays it frees, so some chunks overlap: the measured peak of the
+loss is about twice the full logits for a few chunks and ~17 chunks' logits for many
+(tests/model/test_chunked_loss_memory.py, the planner's chunked term). The results equal
+the unchunked computation up to float rounding (tests/unit/backends).
+
+The head is the model's own module (``lm_head``, quantized, or the tied embedding's
+``as_linear``), so whatever its backward is, the chunks use it.
 """
 
 from __future__ import annotations
@@ -26,7 +37,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-CHUNK_LOGITS = 1 << 23  # logits elements per chunk: 32 MB in float32
+from mlx_tune.backends.common import CHUNK_LOGITS, chunk_positions  # noqa: F401
+
 # mlx-lm model types whose forward is exactly ``head(body(inputs))``: no logit scaling
 # or soft-capping after the head, so the chunked loss sees the logits the model returns.
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
@@ -65,11 +77,6 @@ def split_model(model: nn.Module) -> tuple[Callable[..., mx.array], OutputHead]:
     tied = bool(getattr(args, "tie_word_embeddings", False))
     module = model.model.embed_tokens if tied else model.lm_head
     return model.model, OutputHead(module, tied, int(args.vocab_size))
-
-
-def chunk_positions(vocab: int, chunk_logits: int = CHUNK_LOGITS) -> int:
-    """Positions per chunk: ~``chunk_logits`` logits, at least one position."""
-    return max(1, chunk_logits // vocab)
 
 
 def _chunks(n: int, size: int) -> list[int]:

@@ -18,15 +18,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_LOGITS = 1 << 23  # logits elements per chunk: 32 MB in float32
+from mlx_tune.backends.common import CHUNK_LOGITS, chunk_positions  # noqa: F401
+
 # transformers model types whose logits are exactly ``lm_head(decoder(...))``: no scaling
 # or soft-capping after the head.
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
-
-
-def chunk_positions(vocab: int, chunk_logits: int = CHUNK_LOGITS) -> int:
-    """Positions per chunk: ~``chunk_logits`` logits, at least one position."""
-    return max(1, chunk_logits // vocab)
 
 
 class HiddenTap:
