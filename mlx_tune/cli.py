@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from mlx_tune import __version__
+from mlx_tune.backends import registry
 from mlx_tune.config.schema import Spec, SpecError, leaf_fields, to_yaml
 from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tools", metavar="FILE.json",
                      help="JSON list of function specs, passed to the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--backend", default="auto", choices=("auto", "mlx", "torch"))
+    gen.add_argument("--backend", default="auto", choices=("auto", *registry.names()))
 
     lr = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
     lr.add_argument("--config", "-c")
@@ -183,7 +184,10 @@ def add_morning_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="the morning report of a run: terminal summary "
                             "and a self-contained HTML page with plots")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html)")
+    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html); an existing "
+                        "file is replaced only if it is an mlx-tune report")
+    report.add_argument("--force", action="store_true",
+                        help="replace the --html file even if it is not an mlx-tune report")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -195,8 +199,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mlx_tune.export import ExportError
     from mlx_tune.reporting.summary import ReportError
     from mlx_tune.checkpoint.rundir import RunDirError
+    from mlx_tune.files import WriteRefused
     return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
-            ReportError, RunDirError)
+            ReportError, RunDirError, WriteRefused)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -242,8 +247,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_USAGE
             return getattr(e, "exit_code", EXIT_ERROR)
         log = Path.cwd() / "mlx-tune-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        try:
+            log.write_text(traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError as write_error:  # a read-only working directory: still one line
+            where = f"no traceback saved: {log}: {write_error.strerror or write_error}"
+        print(f"mlx-tune: error: {type(e).__name__}: {e} ({where})", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -14,10 +14,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
+from mlx_tune.backends import registry
+from mlx_tune.backends.select import select_backend
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
-from mlx_tune.reporting.text import append_record
-from mlx_tune.export.fuse import adapter_from_checkpoint, checkpoint_dir, run_spec
+from mlx_tune.reporting.text import append_record_or_warn
+from mlx_tune.export.fuse import (adapter_from_checkpoint, check_adapter, checkpoint_dir,
+                                   run_spec)
 from mlx_tune.training.testset import TestResult, find_test_file, score_test
 
 
@@ -35,8 +38,10 @@ def test_data(spec, data: str | None):
 
 
 def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
-                 log: Callable[[str], None] = print) -> TestResult:
-    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl."""
+                 log: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = print) -> TestResult:
+    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl (a
+    run directory that cannot take it gets a ``warn`` line instead: the score stands)."""
     from mlx_tune.training.setup import resolve_accumulation, setup
 
     run_dir = Path(run_dir)
@@ -45,19 +50,23 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
     path = test_data(spec, data)  # before minutes of model loading
     # What is scored is the adapter named, never a swap to EMA weights; no new EMA either.
     spec = replace(spec, ema=replace(spec.ema, enabled=False))
-    full_torch = spec.fine_tune_type == "full" and spec.backend == "torch"
-    if full_torch and which != "final":
-        raise ExportError("a torch full fine-tune keeps whole models only in RUN_DIR/adapters: "
-                          "evaluate --checkpoint final")
-    if full_torch:  # the saved whole model is the base
+    whole_model = (spec.fine_tune_type == "full"
+                   and registry.get(select_backend(spec.backend)).full_saves_model)
+    if whole_model and which != "final":
+        raise ExportError(f"a {spec.backend} full fine-tune keeps whole models only in "
+                          "RUN_DIR/adapters: evaluate --checkpoint final")
+    if whole_model:  # the saved whole model is the base
         spec = replace(spec, model=str(source))
     run = setup(spec, log)
     backend = run.backend
-    backend.load(run.spec, run.model_path)
-    if not full_torch:
-        with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+        adapter = None
+        if not whole_model:  # checked before minutes of model loading
             adapter = source if which == "final" else adapter_from_checkpoint(
                 source, run.spec, Path(run.model_path), Path(tmp) / "adapter")
+            check_adapter(adapter, run.spec, Path(run.model_path))
+        backend.load(run.spec, run.model_path)
+        if adapter is not None:
             try:
                 backend.load_adapter(adapter)
             except (ValueError, OSError) as e:
@@ -66,7 +75,7 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
                                         run.backend.world_size, log)
     result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
                         log=log, path=path, weights=which)
-    append_record(run_dir / "metrics.jsonl", {"type": "test", **asdict(result),
-                                              "checkpoint": which, "source": str(source),
-                                              "wall_time": time.time()})
+    append_record_or_warn(run_dir / "metrics.jsonl", {
+        "type": "test", **asdict(result), "checkpoint": which, "source": str(source),
+        "wall_time": time.time()}, warn)
     return result

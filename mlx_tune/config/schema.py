@@ -15,9 +15,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A spec that cannot run; the message is one line meant for the user."""
+from mlx_tune.backends import registry
+from mlx_tune.errors import SpecError
 
 
 def _f(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -135,8 +134,8 @@ class CurriculumStage:
 class Spec:
     # -- model ---------------------------------------------------------------
     model: Optional[str] = _f(None, "Hugging Face id, local directory, or alias from configs/models.yaml")
-    backend: str = _f("auto", "training backend (auto: mlx where MLX imports, else torch)",
-                      choices=("auto", "mlx", "torch"))
+    backend: str = _f("auto", "training backend (auto: the first registered one whose "
+                      "framework imports: mlx, else torch)", choices=("auto", *registry.names()))
     fine_tune_type: str = _f("lora", "what is trained", choices=("lora", "dora", "full"))
     quantize: Optional[int] = _f(None, "quantize the base on load to this many bits (QLoRA)",
                                  choices=(None, 4, 8))
@@ -179,7 +178,7 @@ class Spec:
                                   "num_epochs)", low=1)
     num_epochs: Optional[float] = _f(None, "passes over the training data, instead of "
                                      "max_steps (steps = epochs x records // batch_size)",
-                                     low=0)
+                                     low=0, high=1e6)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd", "adafactor"))
     learning_rate: float = _f(2e-4, "peak learning rate", low=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (adamw) or L2 (sgd)", low=0)

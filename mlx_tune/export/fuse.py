@@ -1,7 +1,8 @@
 """`mlx-tune fuse`: a run's adapter merged into its base, saved in Hugging Face format.
 
-The merging is the libraries' own: on MLX, mlx-lm's ``fuse()`` of each LoRA/DoRA layer
-(what ``mlx_lm fuse`` does); on torch, peft's ``merge_and_unload``. The adapter comes
+The merging is the libraries' own, found through the backend registry: on MLX, mlx-lm's
+``fuse()`` of each LoRA/DoRA layer (what ``mlx_lm fuse`` does); on torch, peft's
+``merge_and_unload``. The adapter comes
 from the run directory: ``final`` is ``adapters/`` as written at the end of training,
 ``best`` and ``step-N`` are rebuilt from a checkpoint's ``trainable/...`` arrays into
 the backend's adapter format first. GGUF goes through mlx-lm's converter, for the
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_tune.export import ExportError
+from mlx_tune.files import check_new_dir
 from mlx_tune.export.adapters import Adapter, collect, num_blocks, save_peft, write_mlx
-from mlx_tune.reporting.text import append_record, read_metrics
+from mlx_tune.reporting.text import append_record_or_warn, read_metrics
 
 GGUF_TYPES = ("llama", "mistral", "mixtral")  # mlx_lm.gguf's supported architectures
 RECORD = "fused_from.json"
@@ -77,26 +79,31 @@ def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:
 
 
 def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Path:
-    """The checkpoint's trainable arrays as an adapter in the backend's own format."""
+    """The checkpoint's trainable arrays as an adapter in the format of the backend that
+    wrote it (read with that backend's own codec)."""
     import mlx.core as mx
+    import numpy as np
+    from mlx_tune.backends import registry
     from mlx_tune.backends.common import TRAINABLE, with_prefix
-    from mlx_tune.backends.mlx.codec import MlxCodec
     from mlx_tune.checkpoint.manager import CheckpointManager
 
-    arrays, _ = CheckpointManager(path.parent, MlxCodec(), log=lambda m: None).load(path)
-    trainable = with_prefix(arrays, TRAINABLE)
+    entry = registry.get(spec.backend)
+    arrays, _ = CheckpointManager(path.parent, entry.make_codec(), log=lambda m: None).load(path)
+    # The converter's arrays are MLX's (export/adapters.py); trained adapters are float32.
+    trainable = {k: v if isinstance(v, mx.array) else mx.array(np.asarray(v))
+                 for k, v in with_prefix(arrays, TRAINABLE).items()}
     if not trainable:
         raise ExportError(f"{path}: the checkpoint holds no trainable/ arrays")
+    fmt = entry.adapter_format
     if spec.fine_tune_type == "full":
-        if spec.backend != "mlx":
-            raise ExportError("a torch full fine-tune is a whole model already: use "
+        if entry.full_saves_model or fmt != "mlx":
+            raise ExportError(f"a {spec.backend} full fine-tune is a whole model already: use "
                               "RUN_DIR/adapters, or fuse --checkpoint final")
         dst.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(dst / "adapters.safetensors"), trainable, metadata={"format": "mlx"})
         (dst / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full",
                                                              "num_layers": -1}))
         return dst
-    fmt = "mlx" if spec.backend == "mlx" else "peft"
     a, b, m = collect(trainable, fmt, path)
     ad = Adapter(spec.fine_tune_type, spec.lora.rank, spec.lora.scale, spec.lora.dropout,
                  a, b, m, spec.model, {"quantize": spec.quantize, "model": str(model_dir)})
@@ -107,9 +114,23 @@ def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Pat
     return dst
 
 
+def check_adapter(adapter: Path, spec, model_dir: Path) -> None:
+    """The adapter about to be fused or evaluated, checked before any library loads it:
+    its files readable, its modules the base's (one ExportError naming file and key)."""
+    from mlx_tune.export.adapters import load_tensors, read_adapter
+    from mlx_tune.export.fit import check_fits_base
+    if spec.fine_tune_type != "full":
+        ad = read_adapter(adapter)
+        check_fits_base(ad.a, ad.b, model_dir, adapter, strict=False)
+    elif (adapter / "adapters.safetensors").is_file():  # an MLX full fine-tune's weights
+        load_tensors(adapter / "adapters.safetensors")
+
+
 def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = False,
-             gguf: bool = False, log: Callable[[str], None] = print) -> FuseResult:
+             gguf: bool = False, log: Callable[[str], None] = print,
+             warn: Callable[[str], None] = print) -> FuseResult:
     run_dir, output = Path(run_dir), Path(output)
+    check_new_dir(output, "fuse --output")
     spec = run_spec(run_dir)
     source, step = checkpoint_dir(run_dir, which)
     from mlx_tune.models.hub import resolve_model
@@ -120,30 +141,27 @@ def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = Fals
         raise ExportError(f"GGUF export supports {', '.join(GGUF_TYPES)} models (mlx-lm's "
                           f"converter); this base is {model_type!r}. The Hugging Face "
                           "output can be converted with llama.cpp's convert_hf_to_gguf.py")
-    if output.exists() and any(output.iterdir()):
-        raise ExportError(f"{output}: exists and is not empty; choose a new --output")
     with tempfile.TemporaryDirectory(prefix="mlx-tune-fuse-") as tmp:
         adapter = source if which == "final" else adapter_from_checkpoint(
             source, spec, Path(model_dir), Path(tmp) / "adapter")
-        if spec.backend == "mlx":
-            from mlx_tune.export.fuse_mlx import fuse_mlx
-            fuse_mlx(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf)
-        else:
-            from mlx_tune.export.fuse_torch import fuse_torch
-            fuse_torch(Path(model_dir), adapter, output, spec, log)
+        check_adapter(adapter, spec, Path(model_dir))
+        from mlx_tune.backends import registry
+        fuse = registry.get(spec.backend).load("fuse")
+        fuse(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf, log=log)
     gguf_path = None
     if gguf:
-        from mlx_tune.export.fuse_mlx import write_gguf
+        from mlx_tune.export.gguf import write_gguf
         gguf_path = str(write_gguf(output))
     result = FuseResult(output, which, step, str(source), spec.backend, spec.model, gguf_path)
-    record(run_dir, result)
+    record(run_dir, result, warn)
     return result
 
 
-def record(run_dir: Path, result: FuseResult) -> None:
+def record(run_dir: Path, result: FuseResult, warn: Callable[[str], None]) -> None:
     """Which weights were fused: next to the model, and in the run's metrics.jsonl (so
     ``mlx-tune report`` lists exports with the rest of the run's history)."""
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     entry["fused_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (result.output / RECORD).write_text(json.dumps(entry, indent=2))
-    append_record(run_dir / "metrics.jsonl", {"type": "fuse", **entry, "wall_time": time.time()})
+    append_record_or_warn(run_dir / "metrics.jsonl",
+                          {"type": "fuse", **entry, "wall_time": time.time()}, warn)

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.records import LEVELS, EvalReport, NullReporter, TrainReport
@@ -194,17 +194,24 @@ def _parse_complete(raw: bytes) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The complete records of a metrics.jsonl, and how many lines were unreadable (a
-    torn line from a run killed mid-write is skipped, never fatal)."""
+def numbered_metrics(path: Path) -> tuple[list[tuple[int, dict]], int]:
+    """The complete records of a metrics.jsonl with their 1-based line numbers, and how
+    many lines were unreadable (a torn line from a run killed mid-write is skipped, never
+    fatal)."""
     records, torn = [], 0
-    for raw in Path(path).read_bytes().splitlines():
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
         rec = _parse_complete(raw)
         if rec is None:
             torn += bool(raw.strip())
         else:
-            records.append(rec)
+            records.append((number, rec))
     return records, torn
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The complete records of a metrics.jsonl, and how many lines were unreadable."""
+    numbered, torn = numbered_metrics(path)
+    return [rec for _, rec in numbered], torn
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -222,6 +229,19 @@ def append_record(path: Path, record: dict) -> None:
         pass
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
+
+
+def append_record_or_warn(path: Path, record: dict, warn: Callable[[str], None]) -> bool:
+    """append_record for a command whose result is already made (evaluate, fuse): a run
+    directory that cannot take the record (read-only, full disk) costs the record, not the
+    result; ``warn`` gets one line saying so. True when the record was appended."""
+    try:
+        append_record(path, record)
+        return True
+    except OSError as e:
+        warn(f"mlx-tune: warning: could not append the {record.get('type')} record to {path} "
+             f"({e.strerror or e}); the result above is not in the run's history")
+        return False
 
 
 def repair_jsonl(path: Path, resume_step: int | None) -> int:

@@ -5,28 +5,29 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mlx_tune.cli import main
-from mlx_tune.config.spec import build_spec
 from mlx_tune.data.records import read_records
 from mlx_tune.data.testing import write_jsonl
 from mlx_tune.data.tokenize import make_example
 from mlx_tune.training.recipe import train
 
 
+# Checkpoints at steps 2 and 4, a learning rate that moves the adapter in 4 steps.
+EVALUATED_RUN = {"max_steps": 4, "checkpoint_interval": 2, "learning_rate": 3e-3}
+
+
 @pytest.fixture(scope="module")
-def run(tiny_model, recipe_slice, tmp_path_factory):
+def run(tiny_spec, recipe_slice, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     data = recipe_slice(tmp / "d")
-    spec = build_spec(overrides={
-        "model": str(tiny_model), "data": str(data), "output_dir": str(tmp / "r"),
-        "batch_size": 4, "max_length": 128, "max_steps": 4, "eval_steps": 4, "val_batches": 1,
-        "checkpoint_interval": 2, "warmup_steps": 1, "learning_rate": 3e-3, "num_samples": 0,
-        "lora.dropout": 0.0, "prefetch": 0, "dashboard": "plain", "tensorboard": False})
+    spec = tiny_spec(EVALUATED_RUN, data=data, output_dir=tmp / "r")
     assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
     return tmp / "r", data
 
@@ -108,7 +109,7 @@ def test_one_line_errors(run, tmp_path, capsys):
         assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
+def test_torch_run_matches_peft(tiny_model, tiny_spec, recipe_slice, tmp_path, capsys):
     """The torch backend's adapters (peft's format) and checkpoints, checked against
     transformers + peft's own loader and cross-entropy by hand."""
     torch = pytest.importorskip("torch")
@@ -119,12 +120,8 @@ def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
 
     data = recipe_slice(tmp_path / "d", train=8, test=4)
     run_dir = tmp_path / "r"
-    spec = build_spec(overrides={
-        "model": str(tiny_model), "data": str(data), "output_dir": str(run_dir),
-        "backend": "torch", "torch_threads": 1, "batch_size": 4, "max_length": 128,
-        "max_steps": 4, "eval_steps": 4, "val_batches": 1, "checkpoint_interval": 2, "warmup_steps": 1,
-        "learning_rate": 3e-3, "num_samples": 0, "lora.dropout": 0.0, "prefetch": 0,
-        "dashboard": "plain", "tensorboard": False})
+    spec = tiny_spec(EVALUATED_RUN, data=data, output_dir=run_dir, backend="torch",
+                     torch_threads=1)
     assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     model = PeftModel.from_pretrained(
@@ -154,3 +151,57 @@ def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
     assert main(["evaluate", str(run_dir), "--checkpoint", "step-2"]) == 0
     record = last_record(run_dir)
     assert record["checkpoint"] == "step-2" and math.isclose(record["loss"], loss(), rel_tol=1e-4)
+    capsys.readouterr()
+    check_refusals(run_dir, "adapter_model.safetensors", tmp_path, capsys)  # peft's files
+
+
+def test_a_directory_holding_only_test_jsonl_is_scored(run, tiny_model, tmp_path):
+    run_dir, data = run
+    only = tmp_path / "only-test"
+    only.mkdir()
+    shutil.copy(data / "test.jsonl", only / "test.jsonl")  # no train.jsonl: none is needed
+    assert main(["evaluate", str(run_dir), "--data", str(only)]) == 0
+    record = last_record(run_dir)
+    want, count = reference_loss(tiny_model, run_dir, only / "test.jsonl")
+    assert record["path"] == str(only / "test.jsonl") and record["tokens"] == count
+    assert math.isclose(record["loss"], want, rel_tol=1e-4)
+
+
+def damage_cases(adapters, weights):
+    """(what it does to an adapter directory, the culprit the one line must name)."""
+    config = adapters / "adapter_config.json"
+    return [
+        (lambda: os.truncate(adapters / weights, os.path.getsize(adapters / weights) - 64),
+         f"{adapters / weights}: not a readable safetensors file"),
+        (lambda: config.write_text(config.read_text()[:30]), f"{config}:"),
+        (lambda: config.write_text("[]"), f"{config}: expected a JSON object")]
+
+
+def check_refusals(run_dir, weights, tmp_path, capsys):
+    """evaluate and fuse refuse each damaged adapter in one line naming it, write nothing."""
+    pristine = tmp_path / "pristine"
+    shutil.copytree(run_dir / "adapters", pristine)
+    for i, (damage, culprit) in enumerate(damage_cases(run_dir / "adapters", weights)):
+        damage()
+        before = (run_dir / "metrics.jsonl").read_text()
+        for argv in (["evaluate", str(run_dir)],
+                     ["fuse", str(run_dir), "--output", str(tmp_path / f"fused{i}")]):
+            assert main(argv) == 1, argv
+            err = capsys.readouterr().err.strip()
+            assert culprit in err and "\n" not in err and "Traceback" not in err, err
+        assert (run_dir / "metrics.jsonl").read_text() == before
+        assert not (tmp_path / f"fused{i}").exists()
+        shutil.rmtree(run_dir / "adapters")
+        shutil.copytree(pristine, run_dir / "adapters")
+
+
+def test_damaged_adapters_are_one_line_errors(run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    check_refusals(run_dir, "adapters.safetensors", tmp_path, capsys)
+    # An adapter for modules this base does not have: named, before the model loads.
+    weights = mx.load(str(run_dir / "adapters" / "adapters.safetensors"))
+    mx.save_safetensors(str(run_dir / "adapters" / "adapters.safetensors"),
+                        {k.replace("q_proj", "qkv_proj"): v for k, v in weights.items()})
+    assert main(["evaluate", str(run_dir)]) == 1
+    assert "self_attn.qkv_proj, which the base" in capsys.readouterr().err
