@@ -13,12 +13,13 @@ only when it is absent or empty, and a link is never written through.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterator, TextIO
 
 from mlx_tune.errors import UserError
 from mlx_tune.exit_codes import EXIT_USAGE
@@ -52,6 +53,25 @@ def check_replaceable(path: str | Path, is_ours: Callable[[bytes], bool], *, wha
         raise WriteRefused(f"{path}: exists and was not written by {what}; choose another "
                            "path, or pass --force to replace it")
     return path
+
+
+def open_append(path: str | Path) -> TextIO:
+    """``path`` opened for appending text (created if absent), never through a link and
+    only when it is a regular file: a link or FIFO planted at a log's name (metrics.jsonl)
+    is refused with WriteRefused instead of being appended to."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO):  # ENXIO: a FIFO nobody reads
+            raise
+        fd = None
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise WriteRefused(f"{path}: is a symbolic link or not a regular file; mlx-tune "
+                           "appends only to files it created (remove it)")
+    return open(fd, "a", encoding="utf-8")
 
 
 def check_new_dir(path: str | Path, what: str) -> Path:

@@ -103,6 +103,8 @@ def _save_plot(out_dir: Path, name: str, png: bytes, console) -> bool:
     copies (the page embeds every plot), with a warning."""
     from mlx_tune.files import atomic_write
     try:
+        if out_dir.is_symlink():  # planted: the plots would land wherever it points
+            raise OSError(f"{out_dir} is a symbolic link, not a folder report made")
         out_dir.mkdir(exist_ok=True)
         atomic_write(out_dir / name, png)
         return True

@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from mlx_tune.files import atomic_write
+from mlx_tune.files import WriteRefused, atomic_write, open_append
 from mlx_tune.reporting.records import LEVELS, EvalReport, NullReporter, TrainReport
 
 
@@ -220,15 +220,12 @@ def append_record(path: Path, record: dict) -> None:
     one unreadable line that readers skip, rather than swallowing this record; the file is
     never rewritten."""
     line = json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
-    try:
+    with open_append(path) as out:  # a regular file from here on: reading it cannot block
         with open(path, "rb") as fh:
             fh.seek(0, 2)
             if fh.tell() and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
                 line = "\n" + line
-    except FileNotFoundError:
-        pass
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
+        out.write(line)
 
 
 def append_record_or_warn(path: Path, record: dict, warn: Callable[[str], None]) -> bool:
@@ -238,9 +235,10 @@ def append_record_or_warn(path: Path, record: dict, warn: Callable[[str], None])
     try:
         append_record(path, record)
         return True
-    except OSError as e:
+    except (OSError, WriteRefused) as e:
         warn(f"mlx-tune: warning: could not append the {record.get('type')} record to {path} "
-             f"({e.strerror or e}); the result above is not in the run's history")
+             f"({getattr(e, 'strerror', None) or e}); the result above is not in the run's "
+             "history")
         return False
 
 
@@ -284,10 +282,11 @@ class JsonlReporter(NullReporter):
     def __init__(self, path: Path | str, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dropped = repair_jsonl(self.path, resume_step) if self.path.exists() else 0
+        open_append(self.path).close()  # a link or FIFO at the name is refused before use
+        self.dropped = repair_jsonl(self.path, resume_step)
         self._step = resume_step or 0
         self._resume_step = resume_step
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._fh: TextIO | None = open_append(self.path)
 
     def _append(self, record: dict) -> None:
         if self._fh is None:

@@ -58,3 +58,27 @@ def test_a_new_directory_is_only_new_or_empty(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "empty")
     with pytest.raises(WriteRefused, match="symbolic link"):
         check_new_dir(tmp_path / "link", "x")
+
+
+def test_metrics_are_never_appended_through_a_link_or_to_a_fifo(tmp_path):
+    from mlx_tune.reporting.text import JsonlReporter, append_record, append_record_or_warn
+    victim = tmp_path / "victim.txt"
+    victim.write_text(NOTES)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(WriteRefused, match="symbolic link or not a regular file"):
+        append_record(run / "metrics.jsonl", {"type": "test"})
+    warnings = []
+    assert not append_record_or_warn(run / "metrics.jsonl", {"type": "test"}, warnings.append)
+    assert "could not append the test record" in warnings[0]
+    with pytest.raises(WriteRefused):
+        JsonlReporter(run / "metrics.jsonl")
+    assert victim.read_text() == NOTES
+    (run / "metrics.jsonl").unlink()
+    os.mkfifo(run / "metrics.jsonl")  # would block a reader or writer forever
+    with pytest.raises(WriteRefused):
+        append_record(run / "metrics.jsonl", {"type": "test"})
+    (run / "metrics.jsonl").unlink()
+    append_record(run / "metrics.jsonl", {"type": "test", "step": 1})
+    assert (run / "metrics.jsonl").read_text() == '{"type": "test", "step": 1}\n'

@@ -95,3 +95,16 @@ def test_report_survives_randomly_damaged_metrics(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code in (EXIT_OK, EXIT_ERROR) and "Traceback" not in err
         assert "traceback in" not in err, (trial, err)
+
+
+def test_report_never_writes_plots_through_a_planted_link(tmp_path, capsys):
+    run = tmp_path / "run"
+    write_metrics(run, night())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / "report").symlink_to(elsewhere)
+    assert main(["report", str(run)]) == EXIT_OK
+    assert not list(elsewhere.iterdir())
+    page = (run / "report.html").read_text()
+    assert "data:image/png;base64," in page  # the plots are still in the page
+    assert "is a symbolic link" in " ".join(capsys.readouterr().out.split())
