@@ -41,6 +41,7 @@ SECTIONS = {
                                       "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
     "reporting": ("report_every", "dashboard", "report_to", "tensorboard", "allow_sleep"),
+    "supervision (--supervise)": ("supervise",),
     "torch backend": ("torch_compile", "torch_threads"),
 }
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume from the newest valid checkpoint without asking")
     resume.add_argument("--force-fresh", action="store_true",
                         help="start over; the old run directory is moved aside, nothing deleted")
+    # Given by the supervisor to the runs it restarts: resume without asking, whatever
+    # --force-fresh the first run was started with.
+    train.add_argument("--supervisor-restart", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--accept-changes", action="store_true",
                        help="resume even though settings that change what the checkpoint "
                             "means (lora.alpha, batch_size, data content...) differ")
@@ -220,8 +224,12 @@ def run_command(args: argparse.Namespace) -> int:
         if args.print_config:
             print(to_yaml(spec), end="")
             return EXIT_OK
+        if spec.supervise.enabled:
+            from mlx_tune.supervise.night import supervise
+            return supervise(spec, getattr(args, "argv", None) or sys.argv[1:])
         from mlx_tune.training.recipe import train
-        mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
+        restarted = getattr(args, "supervisor_restart", False)
+        mode = "auto" if args.auto_resume or restarted else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode, accept_changes=args.accept_changes).exit_code
     if args.command == "lr-find":
         from mlx_tune.commands.lr_find import lr_find_cli
@@ -235,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlx_tune.system.blas import maybe_reexec_with_openblas
     maybe_reexec_with_openblas(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor starts its runs with the same command line
     try:
         return run_command(args)
     except KeyboardInterrupt:
