@@ -32,7 +32,7 @@ SECTIONS = {
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
-                     "ema"),
+                     "memory", "ema"),
     "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
                  "onecycle"),
     "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",

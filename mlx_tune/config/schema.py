@@ -114,6 +114,15 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class MemorySpec:
+    chunked_loss: Optional[bool] = _f(
+        None, "cross-entropy over chunks of positions: full-vocabulary logits of the whole "
+        "micro-batch never exist at once (null = auto: on for MLX with a frozen output head, "
+        "where it recomputes nothing; off on torch and for full fine-tuning, where it "
+        "recomputes the head)")
+
+
+@dataclass(frozen=True)
 class SuperviseSpec:
     enabled: bool = _f(False, "run training as a child of a small supervisor that restarts it "
                        "with --auto-resume after a crash, and halves the micro-batch after "
@@ -195,6 +204,7 @@ class Spec:
     label_smoothing: float = _f(0.0, "label smoothing epsilon", low=0, high=0.99)
     gradient_noise: GradientNoiseSpec = field(default_factory=GradientNoiseSpec)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    memory: MemorySpec = field(default_factory=MemorySpec)
     ema: EmaSpec = field(default_factory=EmaSpec)
     # -- schedule ------------------------------------------------------------
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup",
