@@ -33,7 +33,7 @@ SECTIONS = {
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
-                     "ema"),
+                     "memory", "ema"),
     "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
                  "onecycle"),
     "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",
@@ -42,6 +42,7 @@ SECTIONS = {
                                       "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
     "reporting": ("report_every", "dashboard", "report_to", "tensorboard", "allow_sleep"),
+    "supervision (--supervise)": ("supervise",),
     "torch backend": ("torch_compile", "torch_threads"),
 }
 
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume from the newest valid checkpoint without asking")
     resume.add_argument("--force-fresh", action="store_true",
                         help="start over; the old run directory is moved aside, nothing deleted")
+    # Given by the supervisor to the runs it restarts: resume without asking, whatever
+    # --force-fresh the first run was started with.
+    train.add_argument("--supervisor-restart", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--accept-changes", action="store_true",
                        help="resume even though settings that change what the checkpoint "
                             "means (lora.alpha, batch_size, data content...) differ")
@@ -207,8 +211,12 @@ def run_command(args: argparse.Namespace) -> int:
         if args.print_config:
             print(to_yaml(spec), end="")
             return EXIT_OK
+        if spec.supervise.enabled:
+            from mlx_tune.supervise.night import supervise
+            return supervise(spec, getattr(args, "argv", None) or sys.argv[1:])
         from mlx_tune.training.recipe import train
-        mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
+        restarted = getattr(args, "supervisor_restart", False)
+        mode = "auto" if args.auto_resume or restarted else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode, accept_changes=args.accept_changes).exit_code
     if args.command == "lr-find":
         from mlx_tune.commands.lr_find import lr_find_cli
@@ -223,6 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # notice before them. Every command then runs on OpenBLAS where the fix applies; the
     # notice says so once, for the runs whose speed it is about (train, lr-find).
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor starts its runs with the same command line
     from mlx_tune.system.blas import maybe_reexec_with_openblas
     maybe_reexec_with_openblas(argv, notice=args.command in ("train", "lr-find"))
     try:

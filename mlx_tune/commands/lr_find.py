@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mlx_tune.checkpoint.rundir import RunLock
 from mlx_tune.config.schema import Spec, SpecError
 from mlx_tune.files import atomic_write, check_replaceable
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
@@ -217,13 +218,25 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     plot = check_plot_target(args.plot or Path(spec.output_dir) / "lr_find.png",
                              getattr(args, "force", False))
     run = setup(spec)
-    run.load()
-    spec, backend, data = run.spec, run.backend, run.data
+    # The sweep writes into output_dir like a run does: one process at a time holds it
+    # (a second lr-find, or a train, is refused with exit 9 before any model loads).
+    lock = RunLock(spec.output_dir).acquire() if run.is_main else None
     try:
-        result = run_lr_find(spec, backend, data, start, end, steps,
-                             accumulation=run.accumulation)
+        run.load()
+        spec, backend, data = run.spec, run.backend, run.data
+        try:
+            result = run_lr_find(spec, backend, data, start, end, steps,
+                                 accumulation=run.accumulation)
+        finally:
+            data.close()
+        return _report(result, plot, args)
     finally:
-        data.close()
+        if lock is not None:
+            lock.release()
+
+
+def _report(result: LRFindResult, plot: Path, args: Any) -> int:
+    """Print the plot and the suggestion; write the PNG and the CSV beside it."""
     print(text_plot(result.lrs, result.smoothed, result.suggestion_index))
     png = plot
     table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools

@@ -31,6 +31,12 @@ def summary_lines(s: Summary) -> list[tuple[str, str]]:
     rows.append(("checkpoints", ", ".join(s.checkpoints) or "none"))
     for f in s.fuses:
         rows.append(("fused", f))
+    if s.supervisor:  # --supervise: what the night took (supervise/night.py)
+        n = s.supervisor_counts
+        rows.append(("supervisor", f"{n['restart']} restart(s), {n['adaptation']} "
+                     f"adaptation(s), {n['cooldown']} cooldown(s)"
+                     + ("; gave up" if n["gave_up"] else "")))
+        rows.extend(("  *", line) for line in s.supervisor)
     rows.append(("warnings", "none" if not s.warnings else str(len(s.warnings))))
     rows.extend(("  -", w) for w in s.warnings)
     return rows

@@ -31,6 +31,7 @@ class History:
     starts: list[dict] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     fuses: list[dict] = field(default_factory=list)
+    supervisor: list[dict] = field(default_factory=list)  # restarts, adaptations, cooldowns
     torn_lines: int = 0
     damaged: list[str] = field(default_factory=list)  # "file:line: what is wrong"
 
@@ -54,6 +55,8 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    supervisor: list[str] = field(default_factory=list)  # one line per supervisor event
+    supervisor_counts: dict = field(default_factory=dict)  # event -> how many
 
 
 # What the report reads from each record type, by field: a record whose fields do not
@@ -61,7 +64,8 @@ class Summary:
 # never a TypeError in the middle of the report.
 INT, NUMBER, TEXT, MAPPING = "an integer", "a number", "text", "a mapping"
 REQUIRED = {"train": ("step",), "eval": ("step",), "checkpoint": ("step",),
-            "start": ("wall_time",), "stop": (), "message": (), "fuse": ()}
+            "start": ("wall_time",), "stop": (), "message": (), "fuse": (),
+            "supervisor": ("event",)}
 FIELDS = {"step": INT, "exit_code": INT, "total_steps": INT, "skipped_steps": INT,
           "trained_tokens": NUMBER, "wall_time": NUMBER, "loss": NUMBER, "val_loss": NUMBER,
           "learning_rate": NUMBER, "grad_norm": NUMBER, "tokens_per_second": NUMBER,
@@ -101,7 +105,8 @@ def load_history(run_dir: Path) -> History:
         raise ReportError(f"{run_dir}: no metrics.jsonl (is this a run's output_dir?)")
     h = History()
     kinds = {"train": h.train, "eval": h.evals, "checkpoint": h.checkpoints, "stop": h.stops,
-             "start": h.starts, "message": h.messages, "fuse": h.fuses}
+             "start": h.starts, "message": h.messages, "fuse": h.fuses,
+             "supervisor": h.supervisor}
     try:
         records, h.torn_lines = numbered_metrics(path)
     except OSError as e:
@@ -216,7 +221,28 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_val_loss=best["val_loss"] if best else None,
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
-        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses])
+        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        supervisor=[supervisor_line(r) for r in h.supervisor],
+        supervisor_counts={e: sum(r.get("event") == e for r in h.supervisor)
+                           for e in ("restart", "adaptation", "cooldown", "gave_up")})
+
+
+def supervisor_line(r: dict) -> str:
+    """One supervisor record (supervise/night.py) as a line of the report."""
+    event, step = r.get("event"), r.get("step")
+    when = "before the first report" if step is None else f"after step {step}"
+    if event == "restart":
+        return f"restart {r.get('restart')}: {r.get('cause')} {when}"
+    if event == "adaptation":
+        evidence = str(r.get("evidence") or "")
+        evidence = evidence[evidence.find("["):] if "[" in evidence else evidence
+        batch, before = r.get("batch_size"), r.get("accumulation_from")
+        was = (batch // before if isinstance(batch, int) and isinstance(before, int) and before > 0
+               else "?")
+        return (f"adaptation: micro-batch {was} -> {r.get('micro_batch')} "
+                f"(gradient_accumulation_steps {before} -> "
+                f"{r.get('accumulation_to')}) after {r.get('cause')} {when}: {evidence[:90]}")
+    return f"{str(event).replace('_', ' ')}: {r.get('reason')}"
 
 
 def panels(h: History) -> list[Panel]:

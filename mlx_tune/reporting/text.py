@@ -246,7 +246,8 @@ def repair_jsonl(path: Path, resume_step: int | None) -> int:
     """Keep only complete JSON records (and, when resuming, those with step <= resume_step).
 
     Rewrites the file atomically only when something is dropped; returns how many lines
-    were dropped. Records without a ``step`` are kept (they cannot be placed in time).
+    were dropped. Records without a ``step`` are kept (they cannot be placed in time), and
+    so are ``supervisor`` records (supervise/night.py).
     """
     data = path.read_bytes()
     raw_lines = data.split(b"\n")
@@ -258,7 +259,10 @@ def repair_jsonl(path: Path, resume_step: int | None) -> int:
         if rec is None:
             continue
         step = rec.get("step")
-        if resume_step is not None and isinstance(step, (int, float)) and step > resume_step:
+        # The supervisor's records tell of the night (a crash at step 40 before a resume
+        # from 30): they stay when the steps after the resume point are redone.
+        if (resume_step is not None and isinstance(step, (int, float)) and step > resume_step
+                and rec.get("type") != "supervisor"):
             continue
         keep.append(raw + b"\n")
     dropped = len(complete) - len(keep) + (1 if tail else 0)
