@@ -25,7 +25,8 @@ from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAG
 # Which top-level fields go under which heading in `mlx-tune train --help`.
 SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
-              "trust_remote_code", "lora"),
+              "trust_remote_code", "lora", "init_adapter"),
+    "objective": ("objective", "preference"),
     "data": ("data", "data_split", "data_fields", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
              "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",

@@ -37,8 +37,8 @@ def train(step: int = 900, **kw) -> TrainReport:
 
 def evalr(step: int = 900, **kw) -> EvalReport:
     base = dict(
-        step=step, val_loss=2.91, perplexity=18.36, accuracy=0.412, confidence=0.37,
-        entropy=2.1, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
+        step=step, val_loss=2.91, metrics={"perplexity": 18.36, "accuracy": 0.412,
+                                           "confidence": 0.37, "entropy": 2.1}, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
         samples=[{"prompt": "Say hi [bold]", "text": "Hello there,\nfriend. " + "x" * 500,
                   "metrics": {}}],
     )
@@ -73,7 +73,7 @@ def test_render_shows_the_key_fields():
         "6h 30m",  # eta
         "14051 MB", "peak 15020 MB", "+245 MB", LEAK_MARK,  # memory
         "-150 steps", "runs/x/checkpoints/step-0000750",  # checkpoint
-        "2.91", "ppl 18.4", "2.85 @ 750",  # validation
+        "2.91", "val perplexity", "18.36", "2.85 @ 750",  # validation
         "plateau 1", "non-finite in a row 2",  # early stopping counters
         "Say hi [bold]", "Hello there,\\nfriend.",  # latest sample, markup not interpreted
     ):

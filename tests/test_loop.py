@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, StepResult
+from mlx_tune.backends.base import EvalResult, StepResult
 from mlx_tune.backends.common import EMA, OPTIMIZER, TRAINABLE, weights_swapped, with_prefix
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.format import NumpyCodec
@@ -128,13 +128,13 @@ class FakeBackend:
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         per_token = self.val_loss(int(self.opt["t"])) + float(self.w.sum())
-        sums = dict.fromkeys(EVAL_FIELDS, 0.0)
+        total = EvalResult()
         for b in batches:
             n = b.n_targets
-            sums.update(loss_sum=sums["loss_sum"] + per_token * n, tokens=sums["tokens"] + n,
-                        correct=sums["correct"] + n / 2, confidence_sum=sums["confidence_sum"] + n / 4,
-                        entropy_sum=sums["entropy_sum"] + n)
-        return EvalResult.from_sums([sums[f] for f in EVAL_FIELDS])
+            total = total + EvalResult(per_token * n, n, {"accuracy": (n / 2, n),
+                                                          "confidence": (n / 4, n),
+                                                          "entropy": (n, n)})
+        return total
 
     def to_floats(self, values: Sequence[Any]) -> list[float]:
         return [v._value if isinstance(v, Lazy) else float(v) for v in values]

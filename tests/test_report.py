@@ -40,8 +40,14 @@ def check_report(out, capsys) -> str:
     page = (out / "report.html").read_text()
     for series in SERIES:
         assert series in page, series
-    assert page.count("data:image/png;base64,") == len(PLOTS)
-    for name in PLOTS:
+    # One more panel per metric the evaluations carried (sft: perplexity, accuracy, ...).
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+               if x.strip()]
+    metrics = {n for r in records if r.get("type") == "eval" for n in r["metrics"]}
+    assert metrics == {"perplexity", "accuracy", "confidence", "entropy"}
+    plots = PLOTS + tuple(f"metric_{n}" for n in metrics)
+    assert page.count("data:image/png;base64,") == len(plots)
+    for name in plots:
         with Image.open(out / "report" / f"{name}.png") as img:
             img.load()
             assert img.format == "PNG" and img.size == (800, 360)

@@ -48,8 +48,8 @@ def train(step: int = 900, **kw) -> TrainReport:
 
 def evalr(step: int = 900, **kw) -> EvalReport:
     base = dict(
-        step=step, val_loss=2.91, perplexity=18.36, accuracy=0.412, confidence=0.37,
-        entropy=2.1, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
+        step=step, val_loss=2.91, metrics={"perplexity": 18.36, "accuracy": 0.412,
+                                           "confidence": 0.37, "entropy": 2.1}, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
         samples=[{"prompt": "Say hi", "text": "hi\nthere", "metrics": {"len": 2.0}}],
     )
     base.update(kw)
@@ -85,7 +85,8 @@ def test_dec_format():
 
 def test_eval_line():
     assert format_eval_line(evalr()) == (
-        "eval step 900 | val_loss=2.91 | ppl=18.4 | acc=0.412 | conf=0.37 | entropy=2.1 | best=2.85@750"
+        "eval step 900 | val_loss=2.91 | perplexity=18.36 | accuracy=0.412 | confidence=0.37"
+        " | entropy=2.1 | best=2.85@750"
     )
 
 

@@ -114,6 +114,26 @@ class EarlyStoppingSpec:
     warmup: int = _f(50, "steps during which no rule triggers", low=0)
 
 
+OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "simpo", "kto")
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own)."""
+
+    beta: Optional[float] = _f(None, "dpo/orpo/kto: strength of the reference (or odds) "
+                               "term; simpo: reward scale (default 0.1; simpo 2.0)", low=0)
+    loss_type: str = _f("sigmoid", "dpo: sigmoid, ipo or hinge",
+                        choices=("sigmoid", "ipo", "hinge"))
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin", low=0)
+    desirable_weight: float = _f(1.0, "kto: weight of desirable examples", low=0)
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", low=0)
+    reference: str = _f("adapter_off", "dpo/kto reference policy: adapter_off (the model with "
+                        "the adapter switched off) or precomputed (log-probs computed once "
+                        "before step 0; needed for full fine-tuning and init_adapter)",
+                        choices=("adapter_off", "precomputed"))
+
+
 @dataclass(frozen=True)
 class CurriculumStage:
     until_epoch: int = _f(1, "this stage applies to epochs < until_epoch", low=1)
@@ -136,6 +156,12 @@ class Spec:
                     choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = _f(False, "let the tokenizer/model run code shipped with the model")
     lora: LoraSpec = field(default_factory=LoraSpec)
+    init_adapter: Optional[str] = _f(None, "start from this trained adapter directory "
+                                     "(mlx-tune's final/ or adapters/ output)")
+    # -- objective -----------------------------------------------------------
+    objective: str = _f("sft", "what is optimized: sft, or preferences: dpo, orpo, simpo, kto",
+                        choices=OBJECTIVE_NAMES)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     # -- data ----------------------------------------------------------------
     data: Optional[str] = _f(None, "directory with train.jsonl (+ valid.jsonl or val.jsonl), "
                              "or a Hugging Face dataset: a Hub id or a dataset directory")

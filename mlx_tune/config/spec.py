@@ -235,6 +235,26 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def check_objective(spec: Spec, where: str) -> None:
+    """What a preference objective cannot combine with, said before anything loads."""
+    if spec.objective == "sft":
+        return
+    if spec.packing:
+        raise SpecError(f"{where}: 'packing' is for sft only: a preference objective "
+                        f"({spec.objective}) scores each completion as a whole row next to "
+                        "its pair, which packing would mix with other examples; turn it off")
+    needs_reference = spec.objective in ("dpo", "kto")
+    if needs_reference and spec.preference.reference == "adapter_off":
+        if spec.fine_tune_type == "full":
+            raise SpecError(f"{where}: '{spec.objective}' with fine_tune_type: full has no "
+                            "adapter to switch off for the reference policy; set "
+                            "'preference.reference: precomputed'")
+        if spec.init_adapter:
+            raise SpecError(f"{where}: '{spec.objective}' from init_adapter needs that adapter "
+                            "as its reference, not the base model; set "
+                            "'preference.reference: precomputed'")
+
+
 def finalize(spec: Spec) -> Spec:
     """Cross-field checks and derived defaults (min_lr, curriculum stages)."""
     where = "spec"
@@ -249,6 +269,7 @@ def finalize(spec: Spec) -> Spec:
         else spec.max_steps
     if spec.packing and spec.streaming:
         raise SpecError(f"{where}: 'packing' does not support 'streaming' yet; turn one off")
+    check_objective(spec, where)
     min_lr = spec.learning_rate / 10 if spec.min_lr is None else spec.min_lr
     if min_lr > spec.learning_rate:
         raise SpecError(f"{where}: 'min_lr' ({min_lr}) must not exceed 'learning_rate' "

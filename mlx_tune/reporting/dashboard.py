@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -209,6 +209,13 @@ def _header(info: dict) -> Text:
     return Text(" · ".join(parts), style="dim")
 
 
+def metric_rows(row: Callable[..., None], prefix: str, metrics: dict[str, float]) -> None:
+    """The objective's metrics, two to a row, by name."""
+    items = [(prefix + name, fmt_dec(value, 4)) for name, value in metrics.items()]
+    for i in range(0, len(items), 2):
+        row(*items[i], *(items[i + 1] if i + 1 < len(items) else ()))
+
+
 def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
     """Pure function of a snapshot: everything the live view shows."""
     t, e = s.train, s.eval
@@ -261,6 +268,7 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
             shapes = Text(f"{t.compiled_shapes}" + (f" of {t.shape_bound}" if t.shape_bound else ""),
                           style="bold red" if over else "")
             row("compiled shapes", shapes)
+        metric_rows(row, "", t.metrics)
 
     trend = None
     if len(s.losses) > 1:  # its own full-width grid: the 4-column one would truncate it
@@ -273,14 +281,12 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
             trend.add_row("val points", points)
 
     if e is not None:
-        best_ppl = math.exp(min(e.best_val_loss, 700.0)) if math.isfinite(e.best_val_loss) else e.best_val_loss
-        val = Text(f"{fmt_dec(e.val_loss, 4)}  (ppl {fmt_fixed(e.perplexity, 1)})  @ step {e.step}")
+        val = Text(f"{fmt_dec(e.val_loss, 4)}  @ step {e.step}")
         if e.is_best:
             val.append("  ★ best", style="bold green")
-        row("val loss", val, "best", f"{fmt_dec(e.best_val_loss, 4)} @ {e.best_step}"
-            f"  (ppl {fmt_fixed(best_ppl, 1)})")
-        row("val acc", f"{fmt_dec(e.accuracy, 3)}  conf {fmt_dec(e.confidence, 3)}"
-            f"  entropy {fmt_dec(e.entropy, 3)}", "eval time", fmt_duration(e.seconds))
+        row("val loss", val, "best", f"{fmt_dec(e.best_val_loss, 4)} @ {e.best_step}")
+        metric_rows(row, "val ", e.metrics)
+        row("eval time", fmt_duration(e.seconds))
 
     parts: list[RenderableType] = [_header(s.info), bar, grid] + ([trend] if trend else [])
     if s.sample is not None:

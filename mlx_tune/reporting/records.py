@@ -52,6 +52,9 @@ class TrainReport:
     early_stopping: dict[str, int]  # EarlyStopping.counters(): {"plateau_counter": 1, ...}
     compiled_shapes: int = 0  # distinct input shapes the backend's compiled step has seen
     shape_bound: int = 0  # how many it should see at most (the run's widths); 0 = unknown
+    # The objective's metrics over the interval (e.g. "rewards/accuracies"), each its sum
+    # over the interval divided by its own count. Reporters write them by name, generically.
+    metrics: dict[str, float] = field(default_factory=dict)
     wall_time: float = field(default_factory=time.time)
 
 
@@ -59,10 +62,9 @@ class TrainReport:
 class EvalReport:
     step: int
     val_loss: float
-    perplexity: float
-    accuracy: float
-    confidence: float
-    entropy: float
+    # Everything else the evaluation measured, by name (sft: perplexity, accuracy,
+    # confidence, entropy; a preference objective: its rewards/... and logps/... metrics).
+    metrics: dict[str, float]
     best_val_loss: float
     best_step: int
     is_best: bool

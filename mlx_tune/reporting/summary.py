@@ -51,6 +51,8 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    # Each evaluation metric by name: (first, at the best step, last) validation value.
+    val_metrics: dict[str, tuple] = field(default_factory=dict)
 
 
 def load_history(run_dir: Path) -> History:
@@ -159,7 +161,16 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_val_loss=best["val_loss"] if best else None,
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
-        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses])
+        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        val_metrics={name: (h.evals[0].get("metrics", {}).get(name),
+                            best.get("metrics", {}).get(name) if best else None,
+                            h.evals[-1].get("metrics", {}).get(name))
+                     for name in metric_names(h.evals)})
+
+
+def metric_names(records: list[dict]) -> list[str]:
+    """Every metric name the records carry, in the order first seen."""
+    return list(dict.fromkeys(n for r in records for n in (r.get("metrics") or {})))
 
 
 def panels(h: History) -> list[Panel]:
@@ -180,4 +191,11 @@ def panels(h: History) -> list[Panel]:
               [Series("tokens/s", steps, col("tokens_per_second"))]),
         Panel("memory", "Memory", "MB", [Series("memory", steps, col("memory_mb")),
                                          Series("peak memory", steps, col("peak_memory_mb"))])]
+    for name in metric_names(h.train + h.evals):  # one panel per metric, train and validation
+        def values(records: list[dict], name: str = name) -> tuple[list, list]:
+            kept = [r for r in records if name in (r.get("metrics") or {})]
+            return [r["step"] for r in kept], [r["metrics"][name] for r in kept]
+        stem = "metric_" + "".join(c if c.isalnum() else "_" for c in name)
+        out.append(Panel(stem, name, name, [Series(f"train {name}", *values(h.train)),
+                                            Series(f"validation {name}", *values(h.evals), "o-")]))
     return [p for p in out if any(s.steps for s in p.series)]

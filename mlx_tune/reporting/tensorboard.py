@@ -1,7 +1,8 @@
 """TensorBoard event files via tensorboardX (no TensorFlow, no tensorboard needed to write).
 
-Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``,
-``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory}`` (MB),
+Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``, ``val/loss``,
+``train/<metric>``, ``val/<metric>`` and ``test/<metric>`` for every metric a report
+carries (sft: perplexity, accuracy, ...; dpo: rewards/accuracies, ...), ``system/{memory,peak_memory}`` (MB),
 text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
 under ``<tag>/text_summary``).
 
@@ -54,6 +55,13 @@ def _sample_markdown(sample: dict) -> str:
     return "\n".join(parts)
 
 
+def test_scalars(score: Any) -> dict[str, float]:
+    """A test score's numbers by name: its loss, perplexity (sft) and metrics."""
+    out = {"loss": score.loss, **({"perplexity": score.perplexity}
+                                  if score.perplexity is not None else {})}
+    return {**out, **score.metrics}
+
+
 class TensorBoardReporter(NullReporter):
     def __init__(self, logdir: Path | str, resume_step: int | None = None, *,
                  flush_secs: int = 60) -> None:
@@ -85,6 +93,8 @@ class TensorBoardReporter(NullReporter):
         add("train/learning_rate", r.learning_rate, step, wt)
         add("train/grad_norm", r.grad_norm, step, wt)
         add("train/tokens_per_second", r.tokens_per_second, step, wt)
+        for name, value in r.metrics.items():
+            add(f"train/{name}", value, step, wt)
         add("system/memory", r.memory_mb, step, wt)
         add("system/peak_memory", r.peak_memory_mb, step, wt)
 
@@ -92,17 +102,15 @@ class TensorBoardReporter(NullReporter):
         self._step = max(self._step, r.step)
         add, step = self.writer.add_scalar, r.step
         add("val/loss", r.val_loss, step)
-        add("val/perplexity", r.perplexity, step)
-        add("val/accuracy", r.accuracy, step)
-        add("val/confidence", r.confidence, step)
-        add("val/entropy", r.entropy, step)
+        for name, value in r.metrics.items():
+            add(f"val/{name}", value, step)
         for i, sample in enumerate(r.samples):
             self.writer.add_text(f"samples/{i}", _sample_markdown(sample), step)
         self.writer.flush()  # evals are rare and the moment people look at the board
 
     def on_test(self, score) -> None:
-        for name in ("loss", "perplexity", "accuracy"):
-            self.writer.add_scalar(f"test/{name}", getattr(score, name), score.step)
+        for name, value in test_scalars(score).items():
+            self.writer.add_scalar(f"test/{name}", value, score.step)
         self.writer.flush()
 
     def on_checkpoint(self, step: int, path: str) -> None:

@@ -11,6 +11,7 @@ Plain line format (``format_train_line``), fields always in this order:
 - ckpt: steps since the last checkpoint as a negative number (``ckpt=0`` right after one)
 - mem_delta: signed integer MB (growth since the start of the run)
 - non-finite numbers print as nan / inf / -inf
+- `` | name=value`` for each of the objective's metrics (4 decimals), in its order
 - `` | shapes=N/B``: distinct input shapes the compiled step has seen / the run's bound
   (``shapes=N/B OVER`` past it: each shape is a compiled trace a long run keeps)
 - suffixes appear only when they carry news: `` | skipped=N`` once steps were skipped,
@@ -97,6 +98,7 @@ def format_train_line(r: TrainReport) -> str:
         f" | eta_h={eta} | ckpt={ckpt}"
         f" | mem_mb={fmt_int(r.memory_mb)} | mem_delta={fmt_int(r.memory_delta_mb, signed=True)}"
     )
+    line += named_metrics(r.metrics)
     if r.compiled_shapes:
         line += f" | shapes={r.compiled_shapes}"
         if r.shape_bound:
@@ -108,12 +110,14 @@ def format_train_line(r: TrainReport) -> str:
     return line
 
 
+def named_metrics(metrics: dict[str, float]) -> str:
+    """`` | name=value`` for each metric, in the order the objective gives them."""
+    return "".join(f" | {name}={fmt_dec(value, 4)}" for name, value in metrics.items())
+
+
 def format_eval_line(r: EvalReport) -> str:
-    return (
-        f"eval step {r.step} | val_loss={fmt_dec(r.val_loss, 4)} | ppl={fmt_fixed(r.perplexity, 1)}"
-        f" | acc={fmt_dec(r.accuracy, 3)} | conf={fmt_dec(r.confidence, 3)}"
-        f" | entropy={fmt_dec(r.entropy, 3)} | best={fmt_dec(r.best_val_loss, 4)}@{r.best_step}"
-    )
+    return (f"eval step {r.step} | val_loss={fmt_dec(r.val_loss, 4)}{named_metrics(r.metrics)}"
+            f" | best={fmt_dec(r.best_val_loss, 4)}@{r.best_step}")
 
 
 def format_sample_line(i: int, sample: dict, limit: int = 300) -> str:

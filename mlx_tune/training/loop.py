@@ -50,9 +50,10 @@ class Interval:
     exactly the numbers an uninterrupted one would)."""
 
     loss_sum: float = 0.0
-    tokens: float = 0.0
+    tokens: float = 0.0  # the loss's denominator (target tokens for sft, pairs...)
     steps: int = 0
     grad_norm: float = 0.0
+    metrics: dict = field(default_factory=dict)  # name -> [sum, count]
 
 
 @dataclass
@@ -64,6 +65,14 @@ class LoopState:
     last_val_loss: float | None = None
     last_checkpoint: str | None = None
     last_checkpoint_step: int = 0
+
+
+def step_values(r: StepResult) -> list:
+    """The values of a step the loop reads at report time, in the order ``flush`` reads
+    them: loss, tokens, grad norm, finite, count, then each metric's sum and count."""
+    count = r.tokens if r.count is None else r.count
+    return [r.loss, r.tokens, r.grad_norm, r.finite, count,
+            *(v for pair in r.metrics.values() for v in pair)]
 
 
 def _or_nan(value: float | None) -> float:
@@ -207,8 +216,10 @@ class Trainer:
                              else [b])]
         with (self.backend.ema_weights() if use_ema else nullcontext()):
             result = self.backend.evaluate(self._beating(batches))
-        tokens = max(result.tokens, 1.0)
-        val_loss = result.loss_sum / tokens
+        val_loss = result.loss_sum / max(result.tokens, 1.0)
+        metrics = result.means()
+        if self.spec.objective == "sft":  # token cross-entropy: its exponential means something
+            metrics = {"perplexity": math.exp(min(val_loss, 50.0)), **metrics}
         s = self.state
         if s.first_val_loss is None:
             s.first_val_loss = val_loss
@@ -216,9 +227,8 @@ class Trainer:
         decision = self.stopper.observe_eval(s.step, val_loss)
         samples = run_samples(self.backend, self.spec, self.data) if self.rank == 0 else []
         self.reporters.on_eval(EvalReport(
-            step=s.step, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50.0)),
-            accuracy=result.correct / tokens, confidence=result.confidence_sum / tokens,
-            entropy=result.entropy_sum / tokens, best_val_loss=self.stopper.best_val_loss,
+            step=s.step, val_loss=val_loss, metrics=metrics,
+            best_val_loss=self.stopper.best_val_loss,
             best_step=self.stopper.best_step, is_best=self.stopper.is_new_best,
             seconds=time.perf_counter() - tic, samples=samples))
         if self.stopper.is_new_best and s.step > 0:
@@ -236,16 +246,21 @@ class Trainer:
         Returns a stop decision or None."""
         if not pending:
             return None
-        flat = [v for _, r, _, _ in pending for v in (r.loss, r.tokens, r.grad_norm, r.finite)]
-        values = self.backend.to_floats(flat)
+        flat = [v for _, r, _, _ in pending for v in step_values(r)]
+        values = iter(self.backend.to_floats(flat))
         decision, s = None, self.state
-        for i, (step, _, lr, wall) in enumerate(pending):
-            loss, tokens, norm, finite = values[4 * i: 4 * i + 4]
+        for step, result, lr, wall in pending:
+            loss, tokens, norm, finite, count = (next(values) for _ in range(5))
+            sums = {name: (next(values), next(values)) for name in result.metrics}
             ok = bool(finite) and math.isfinite(loss)
             if ok:
-                s.interval.loss_sum += loss * tokens
-                s.interval.tokens += tokens
+                s.interval.loss_sum += loss * count
+                s.interval.tokens += count
                 s.trained_tokens += int(tokens)
+                for name, (total, n) in sums.items():
+                    acc = s.interval.metrics.setdefault(name, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += n
             s.interval.steps += 1
             s.interval.grad_norm = norm
             self.throughput.update(step, wall, tokens)
@@ -300,7 +315,9 @@ class Trainer:
             steps_since_checkpoint=s.step - s.last_checkpoint_step,
             last_checkpoint=s.last_checkpoint, skipped_steps=self.stopper.skipped_steps,
             early_stopping=self.stopper.counters(),
-            compiled_shapes=shapes, shape_bound=bound))
+            compiled_shapes=shapes, shape_bound=bound,
+            metrics={name: total / n if n else float("nan")
+                     for name, (total, n) in iv.metrics.items()}))
         s.interval = Interval()
 
     # -- the loop -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult, match_targets
+from mlx_tune.backends.base import EvalResult, ModelInfo, StepResult, match_targets
 from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
                                       framework_dtypes, optimizer_args, refuse_full_quantized,
                                       step_config, weights_swapped, with_prefix)
@@ -51,10 +51,10 @@ def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path
     }
 
 
-def arrays_of(batch: Batch) -> tuple[mx.array, ...]:
-    """(tokens, mask), plus segments for a packed batch."""
-    out = (mx.array(batch.tokens), mx.array(batch.mask))
-    return out if batch.segments is None else (*out, mx.array(batch.segments))
+def arrays_of(batch: Batch) -> dict[str, mx.array]:
+    """The batch's arrays by name: tokens, mask, and segments (packed) or ref_logps
+    (precomputed reference) when it has them."""
+    return {name: mx.array(value) for name, value in batch.arrays().items()}
 
 
 def set_leaf(tree: Any, dotted: str, value: Any) -> None:
@@ -131,19 +131,25 @@ class MLXBackend(MlxCollectives):
     # -- training ----------------------------------------------------------------
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
         arrays = [arrays_of(b) for b in micro_batches]
-        loss, ntok, norm, finite = self.step_fn(arrays, lr, noise_std)
-        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
+        loss, ntok, norm, finite, count, sums = self.step_fn(arrays, lr, noise_std)
+        metrics = {name: (sums[2 * i], sums[2 * i + 1])
+                   for i, name in enumerate(self.step_fn.metric_names)}
+        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
+                          metrics=metrics)
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         self.model.eval()
         try:
-            total = mx.zeros((len(EVAL_FIELDS),))
+            total = None
             for b in batches:
-                total = total + self.step_fn.eval_batch(*arrays_of(b))
+                vector = self.step_fn.eval_batch(arrays_of(b))
+                total = vector if total is None else total + vector
                 mx.eval(total)  # bound the graph: one batch of activations at a time
+            if total is None:
+                total = mx.zeros((2 + 2 * len(self.step_fn.eval_names),))
             if self.world_size > 1:
                 total = mx.distributed.all_sum(total, stream=mx.cpu)
-            return EvalResult.from_sums(total.tolist())
+            return EvalResult.from_vector(total.tolist(), self.step_fn.eval_names)
         finally:
             self.model.train()
 

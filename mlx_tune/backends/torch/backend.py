@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult
+from mlx_tune.backends.base import EvalResult, ModelInfo, StepResult
 from mlx_tune.backends.common import (EMA, RNG, TRAINABLE, adapted_layers, optimizer_args,
                                       refuse_full_quantized, step_config, weights_swapped,
                                       with_prefix)
@@ -104,7 +104,7 @@ class TorchBackend(TorchCollectives):
         self.step_fn = TorchStep(
             self.forward, self.params, self.optimizer, step_config(spec, self.world_size),
             self.device, autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if cuda_amp else nullcontext)
+            if cuda_amp else nullcontext, model=model)
         model.train()
         total = sum(stored_numel(p) for p in model.parameters())
         trainable = sum(p.numel() for p in self.params.values())
@@ -112,17 +112,21 @@ class TorchBackend(TorchCollectives):
 
     # -- training ----------------------------------------------------------------
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
-        loss, ntok, norm, finite = self.step_fn(micro_batches, lr, noise_std)
-        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
+        loss, ntok, norm, finite, count, metrics = self.step_fn(micro_batches, lr, noise_std)
+        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
+                          metrics=metrics)
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         with self.guard.inference(self.model):
-            total = torch.zeros(len(EVAL_FIELDS), device=self.device)
+            total, names = None, self.step_fn.eval_names
             for b in batches:
-                total += self.step_fn.eval_batch(b)
+                vector, names = self.step_fn.eval_batch(b)
+                total = vector if total is None else total + vector
+            if total is None:
+                total = torch.zeros(2 + 2 * len(names), device=self.device)
             if self.world_size > 1:
                 dist.all_reduce(total)
-            return EvalResult.from_sums(total.tolist())
+            return EvalResult.from_vector(total.tolist(), names)
 
     def to_floats(self, values: Sequence[Any]) -> list[float]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
