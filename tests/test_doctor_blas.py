@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from mlx_tune.system import blas
+from mlx_tune.system import blas, blas_choice
 
 from mlx_tune.commands import doctor
 from mlx_tune.commands.doctor import Check, run_doctor
@@ -63,24 +63,13 @@ def run_probe(tmp_path: Path, *args: str, **env: str) -> tuple[dict, str]:
 def test_find_openblas_returns_a_loadable_library():
     assert OPENBLAS and "openblas" in OPENBLAS.path
     if os.path.isabs(OPENBLAS.path):
-        assert blas._elf_matches(OPENBLAS.path)
-
-
-def test_find_openblas_override(monkeypatch, tmp_path):
-    # Any ELF of this architecture passes the header check: the running interpreter is one.
-    elf = os.path.realpath("/proc/self/exe") if LINUX else "/nonexistent"
-    monkeypatch.setenv(blas.OVERRIDE, elf)
-    assert blas.find_openblas() == (blas.OpenBlas(elf, blas.OVERRIDE) if LINUX else None)
-    not_elf = tmp_path / "libopenblas.so.0"
-    not_elf.write_text("not a library")
-    monkeypatch.setenv(blas.OVERRIDE, str(not_elf))
-    assert blas.find_openblas() is None
+        assert blas_choice._elf_matches(OPENBLAS.path)
 
 
 def test_ilp64_builds_are_skipped(monkeypatch):
-    monkeypatch.setattr(blas.glob, "glob", lambda pattern: ["/usr/lib64/libopenblas64_.so.0",
-                                                            "/usr/lib64/libopenblasp.so.0"])
-    assert "/usr/lib64/libopenblas64_.so.0" not in blas._candidates()
+    monkeypatch.setattr(blas_choice.glob, "glob", lambda pattern: [
+        "/usr/lib64/libopenblas64_.so.0", "/usr/lib64/libopenblasp.so.0"])
+    assert "/usr/lib64/libopenblas64_.so.0" not in blas_choice._candidates()
 
 
 # -- the real re-exec, in subprocesses -------------------------------------------------
@@ -139,8 +128,8 @@ def fake_exec(monkeypatch):
     monkeypatch.setattr(blas.os, "execve", execve)
     monkeypatch.setattr(blas.sys, "platform", "linux")
     monkeypatch.setattr(blas, "_mlx_cpu_wheel", lambda: True)
-    monkeypatch.setattr(blas, "find_openblas", lambda: blas.OpenBlas("/opt/libopenblas.so.0",
-                                                                      "system"))
+    monkeypatch.setattr(blas, "choose_openblas", lambda: blas_choice.BlasChoice(
+        blas.OpenBlas("/opt/libopenblas.so.0", "system")))
     for var in ("LD_PRELOAD", blas.MARKER, blas.DISABLE):
         # set-then-delete so teardown also removes what the code under test writes
         monkeypatch.setenv(var, "")
@@ -178,7 +167,7 @@ def test_no_exec_when_it_does_not_apply(fake_exec, monkeypatch, capsys, setup):
 
 
 def test_no_openblas_prints_the_hint_once(fake_exec, monkeypatch, capsys):
-    monkeypatch.setattr(blas, "find_openblas", lambda: None)
+    monkeypatch.setattr(blas, "choose_openblas", lambda: blas_choice.BlasChoice(None))
     blas.maybe_reexec_with_openblas([])
     blas.maybe_reexec_with_openblas([])
     err = capsys.readouterr().err

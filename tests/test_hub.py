@@ -153,6 +153,7 @@ def fake_hub(tmp_path, monkeypatch):
 
     state: dict = {"cached": None, "calls": calls}  # cached=None: every repo resolves
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(hub, "hub_answers", lambda *a: None)  # the Hub "answers"
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

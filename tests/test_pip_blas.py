@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_tune.system import blas, pip_openblas
+from mlx_tune.system import blas, blas_choice, pip_openblas
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LINUX = sys.platform.startswith("linux")
@@ -103,15 +103,16 @@ def test_a_library_that_cannot_compute_is_not_used(tmp_path, monkeypatch):
 
 
 def test_pip_override_skips_the_system_search(monkeypatch):
-    monkeypatch.setattr(blas, "system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(blas_choice, "system_openblases", lambda: ["/usr/lib/libopenblas.so.0"])
+    monkeypatch.setattr(pip_openblas, "check", lambda lib, lib_dir: None)  # every one "works"
     pip = blas.OpenBlas("/site/libopenblas.so.0", "pip (cmeel-openblas 1)", "/c/blas-x")
-    monkeypatch.setattr(blas, "pip_installed_openblas", lambda: pip)
+    monkeypatch.setattr(blas_choice, "pip_installed_openblas", lambda: (pip, []))
     monkeypatch.delenv(blas.OVERRIDE, raising=False)
     assert blas.find_openblas().source == "system"   # the order: system first...
     monkeypatch.setenv(blas.OVERRIDE, "pip")
     assert blas.find_openblas() == pip                  # ...unless pip is asked for
     monkeypatch.delenv(blas.OVERRIDE)
-    monkeypatch.setattr(blas, "system_openblas", lambda: None)
+    monkeypatch.setattr(blas_choice, "system_openblases", lambda: [])
     assert blas.find_openblas() == pip                  # ...and pip when there is none
     env = blas.preload_env(pip, {"LD_LIBRARY_PATH": "/opt/x"})
     assert env["LD_PRELOAD"] == "/site/libopenblas.so.0"
@@ -188,7 +189,7 @@ def train_losses(tmp_path: Path, name: str, spec: Path, **env: str) -> tuple[lis
 @pytest.mark.slow
 @needs_pip_openblas
 def test_pip_openblas_trains_to_the_system_openblas_losses(tmp_path, tiny_model, recipes):
-    system = blas.system_openblas()
+    system = next(iter(blas_choice.system_openblases()), None)
     if not system:
         pytest.skip("no system OpenBLAS to compare with")
     spec = tmp_path / "spec.yaml"
