@@ -69,6 +69,13 @@ class StepResult:
     count: Any = None  # the loss's denominator (target tokens for sft, pairs...); None = tokens
     metrics: Metrics = field(default_factory=dict)  # the objective's, as (sum, count)
 
+    def values(self) -> list[Any]:
+        """What the loop reads at report time, in this order: loss, tokens, grad norm,
+        finite, count, then each metric's sum and count."""
+        count = self.tokens if self.count is None else self.count
+        return [self.loss, self.tokens, self.grad_norm, self.finite, count,
+                *(v for pair in self.metrics.values() for v in pair)]
+
 
 @dataclass
 class EvalResult:

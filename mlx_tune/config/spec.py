@@ -243,6 +243,9 @@ def check_objective(spec: Spec, where: str) -> None:
         raise SpecError(f"{where}: 'packing' is for sft only: a preference objective "
                         f"({spec.objective}) scores each completion as a whole row next to "
                         "its pair, which packing would mix with other examples; turn it off")
+    if spec.augmentation.enabled:
+        raise SpecError(f"{where}: 'augmentation' rewrites sft prompts only; turn it off for "
+                        f"'{spec.objective}'")
     needs_reference = spec.objective in ("dpo", "kto")
     if needs_reference and spec.preference.reference == "adapter_off":
         if spec.fine_tune_type == "full":

@@ -235,8 +235,13 @@ def make_example(record: Record, tokenizer, mask_prompt: bool, max_length: int,
                  counts: Optional[Truncation] = None) -> Optional[Example]:
     """Tokenize and truncate one record (keep the first max_length tokens).
 
-    Returns None when no target token is left, counting why in ``counts``.
+    Returns None when no target token is left, counting why in ``counts``. A preference
+    record becomes a ``PairExample`` (data/preference.py), counted in a ``PairCounts``.
     """
+    if record.kind == "preference":
+        from mlx_tune.data.preference import PairCounts, make_pair
+        return make_pair(record, tokenizer, max_length,
+                         counts if isinstance(counts, PairCounts) else None)
     ids, mask = encode_record(record, tokenizer, mask_prompt)
     if counts is not None:
         counts.seen += 1
@@ -259,10 +264,12 @@ def make_example(record: Record, tokenizer, mask_prompt: bool, max_length: int,
 def tokenize_all(records: Iterable[Record], tokenizer, mask_prompt: bool, max_length: int,
                  name: str, log: Callable[[str], None]) -> list[Example]:
     """Tokenize a dataset; one summary line for truncated and dropped records."""
-    counts = Truncation(name, max_length)
+    from mlx_tune.data.preference import PairCounts
+    counts, pairs = Truncation(name, max_length), PairCounts(name, max_length)
     out = [ex for r in records
-           if (ex := make_example(r, tokenizer, mask_prompt, max_length, counts)) is not None]
-    message = counts.message()
-    if message:
-        log(message)
+           if (ex := make_example(r, tokenizer, mask_prompt, max_length,
+                                  pairs if r.kind == "preference" else counts)) is not None]
+    for message in (counts.message(), pairs.message()):
+        if message:
+            log(message)
     return out

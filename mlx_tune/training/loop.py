@@ -23,6 +23,7 @@ from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointManager, Ch
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
+from mlx_tune.training.guard import TrainingGuard
 from mlx_tune.training.signals import SignalGuard
 from mlx_tune.training.monitors import EarlyStopping, StopDecision, MemoryHealth, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
@@ -67,14 +68,6 @@ class LoopState:
     last_checkpoint_step: int = 0
 
 
-def step_values(r: StepResult) -> list:
-    """The values of a step the loop reads at report time, in the order ``flush`` reads
-    them: loss, tokens, grad norm, finite, count, then each metric's sum and count."""
-    count = r.tokens if r.count is None else r.count
-    return [r.loss, r.tokens, r.grad_norm, r.finite, count,
-            *(v for pair in r.metrics.values() for v in pair)]
-
-
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
@@ -104,6 +97,7 @@ class Trainer:
         self.manager, self.schedule, self.accumulation, self.log = manager, schedule, accumulation, log
         es = spec.early_stopping
         self.stopper = EarlyStopping.from_spec(es)
+        self.guard = TrainingGuard(backend)  # "is it actually training?" (training/guard.py)
         self.throughput = ThroughputMeter(window=50)
         self.memory = MemoryHealth()
         self.state = LoopState()
@@ -167,6 +161,7 @@ class Trainer:
         s.interval = Interval(**meta["interval"])
         s.first_val_loss, s.last_val_loss = meta["first_val_loss"], meta["last_val_loss"]
         s.last_checkpoint, s.last_checkpoint_step = path, s.step
+        self.guard.done = s.step > 0  # judged in the session that took the first steps
         self.data.train.load_state_dict(meta["data"])
         self.stopper.load_state_dict(meta["early_stopping"])
         self.memory.load_state_dict(meta["memory"])
@@ -246,7 +241,7 @@ class Trainer:
         Returns a stop decision or None."""
         if not pending:
             return None
-        flat = [v for _, r, _, _ in pending for v in step_values(r)]
+        flat = [v for _, r, _, _ in pending for v in r.values()]
         values = iter(self.backend.to_floats(flat))
         decision, s = None, self.state
         for step, result, lr, wall in pending:
@@ -264,7 +259,8 @@ class Trainer:
             s.interval.steps += 1
             s.interval.grad_norm = norm
             self.throughput.update(step, wall, tokens)
-            decision = decision or self.stopper.observe_step(step, loss, norm, ok)
+            decision = (decision or self.stopper.observe_step(step, loss, norm, ok)
+                        or self.guard.observe(step, lr, norm, ok))
         pending.clear()
         self._last_lr = lr
         if self.world_size > 1:  # rank 0's decision, and any rank's signal, for every rank
@@ -344,6 +340,7 @@ class Trainer:
                     batch = batch.split(self.world_size)[self.rank]
                 lr = self.schedule(s.step)
                 noise = gradient_noise_std(s.step, spec.gradient_noise.eta, spec.gradient_noise.gamma)
+                self.guard.before_step(lr)
                 result = self.backend.step(batch.split(self.accumulation), lr, noise)
                 self.heartbeat()
                 s.step += 1

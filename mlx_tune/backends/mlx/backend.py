@@ -6,6 +6,7 @@ module wires them to the backend Protocol (see base.py) and keeps the arrays.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_tune.backends.base import EvalResult, ModelInfo, StepResult, match_targets
@@ -165,6 +167,14 @@ class MLXBackend(MlxCollectives):
     def compiled_shapes(self) -> int:
         """Distinct input shapes the compiled step and evaluation have been called with."""
         return len(self.step_fn.shapes)
+
+    def trainable_digest(self) -> str:
+        """A hash of the trainable weights' bytes (the not-training guard compares two)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, value in tree_flatten(self.model.trainable_parameters()):
+            h.update(name.encode())
+            h.update(memoryview(np.array(mx.view(value, mx.uint8))))
+        return h.hexdigest()
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:

@@ -10,6 +10,7 @@ StepResult, EvalResult, checkpoint arrays) is the same as on MLX. The pieces aro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -146,6 +147,15 @@ class TorchBackend(TorchCollectives):
         """Distinct input shapes the model's forward has been called with in steps and
         evaluation (torch.compile, like mx.compile, specialises on them)."""
         return len(self.step_fn.shapes)
+
+    @torch.no_grad()
+    def trainable_digest(self) -> str:
+        """A hash of the trainable weights' bytes (the not-training guard compares two)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, p in self.params.items():
+            h.update(name.encode())
+            h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        return h.hexdigest()
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:
