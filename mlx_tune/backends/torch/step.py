@@ -92,7 +92,10 @@ class TorchStep:
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
                 with self.autocast():
                     terms, n = objective_terms(self.forward, self.model, self.config, arrays)
-                terms.loss_sum.backward()
+                # A loss cut off from the weights has no graph: its gradient is zero, which
+                # the not-training guard reports by name instead of autograd's error.
+                if terms.loss_sum.requires_grad:
+                    terms.loss_sum.backward()
             loss_sum += terms.loss_sum.detach()
             count += as_tensor(terms.count, self.device)
             ntok += n.detach()
