@@ -13,8 +13,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
 from mlx_tune.config.schema import Spec
+from mlx_tune.config.spec import preference_settings
 from mlx_tune.objectives import get_objective
-from mlx_tune.objectives.base import PreferenceSettings
 
 # Checkpoint array names: "<prefix><name in the framework's own tree>".
 TRAINABLE = "trainable/"  # the trainable weights (LoRA/DoRA adapters, or all of them)
@@ -56,17 +56,6 @@ def optimizer_args(spec: Spec) -> dict[str, Any]:
     """The keyword arguments of both backends' ``make_optimizer``."""
     return {"learning_rate": spec.learning_rate, "weight_decay": spec.weight_decay,
             "betas": spec.betas, "eps": spec.eps, "momentum": spec.momentum}
-
-
-def preference_settings(spec: Spec) -> PreferenceSettings:
-    """The spec's preference settings under TRL's names; beta defaults as TRL's do
-    (0.1, but 2.0 for simpo, CPOTrainer's simpo default)."""
-    p = spec.preference
-    beta = p.beta if p.beta is not None else (2.0 if spec.objective == "simpo" else 0.1)
-    return PreferenceSettings(beta=beta, loss_type=p.loss_type,
-                              label_smoothing=spec.label_smoothing, simpo_gamma=p.simpo_gamma,
-                              desirable_weight=p.desirable_weight,
-                              undesirable_weight=p.undesirable_weight)
 
 
 def step_config(spec: Spec, world_size: int) -> StepConfig:

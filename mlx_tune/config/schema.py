@@ -121,10 +121,11 @@ OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "simpo", "kto")
 class PreferenceSpec:
     """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own)."""
 
-    beta: Optional[float] = _f(None, "dpo/orpo/kto: strength of the reference (or odds) "
-                               "term; simpo: reward scale (default 0.1; simpo 2.0)", low=0)
-    loss_type: str = _f("sigmoid", "dpo: sigmoid, ipo or hinge",
-                        choices=("sigmoid", "ipo", "hinge"))
+    beta: float = _f(0.1, "dpo/kto: strength of the pull toward the reference; orpo: weight "
+                     "of the odds-ratio term; simpo: reward scale (the SimPO paper tunes "
+                     "2-10)", low=0)
+    loss_type: Optional[str] = _f(None, "dpo: sigmoid (default), ipo, hinge or robust",
+                                  choices=(None, "sigmoid", "ipo", "hinge", "robust"))
     simpo_gamma: float = _f(0.5, "simpo: target reward margin", low=0)
     desirable_weight: float = _f(1.0, "kto: weight of desirable examples", low=0)
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", low=0)

@@ -22,6 +22,8 @@ from mlx_tune.config.yaml_bounded import YamlTooLarge, compose_bounded, construc
 
 from mlx_tune.config import mlx_lm
 from mlx_tune.config.schema import DATA_FIELDS, DEFAULT_MAX_STEPS, CurriculumStage, Spec, SpecError, get, is_group, leaf_fields, type_hints
+from mlx_tune.objectives import get_objective
+from mlx_tune.objectives.base import PreferenceSettings
 
 
 
@@ -235,8 +237,28 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+PREFERENCE_KEYS = ("beta", "loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight")
+
+
+def preference_settings(spec: Spec) -> PreferenceSettings:
+    """The spec's settings for the objective, under TRL's names (label_smoothing is the
+    spec's own key: token smoothing for sft, the label-flip rate for dpo and simpo)."""
+    p = spec.preference
+    return PreferenceSettings(beta=p.beta, loss_type=p.loss_type,
+                              label_smoothing=spec.label_smoothing, simpo_gamma=p.simpo_gamma,
+                              desirable_weight=p.desirable_weight,
+                              undesirable_weight=p.undesirable_weight)
+
+
 def check_objective(spec: Spec, where: str) -> None:
-    """What a preference objective cannot combine with, said before anything loads."""
+    """What an objective cannot combine with, said before anything loads: settings it
+    would ignore (the objective's own check), packing, augmentation, a missing reference."""
+    try:
+        get_objective(spec.objective).check(preference_settings(spec))
+    except ValueError as e:
+        key = str(e).split(":")[0]
+        raise SpecError(f"{where}: " + ("preference." if key in PREFERENCE_KEYS else "")
+                        + str(e)) from None
     if spec.objective == "sft":
         return
     if spec.packing:

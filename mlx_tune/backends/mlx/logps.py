@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_tune.backends.base import StepConfig
-from mlx_tune.backends.mlx import ops
+from mlx_tune.backends.mlx.ops import MLX_OPS as ops
 from mlx_tune.objectives.base import LossTerms, RowLogps
 
 # Evaluation's token-level metrics (sft): argmax == target, probability of the argmax,

@@ -1,64 +1,57 @@
-"""``objectives.base.ArrayOps`` on MLX arrays (this module is the ops object)."""
+"""``ArrayOps`` for MLX: what the objectives (``mlx_tune/objectives``) compute with.
+
+Every op stays lazy and differentiable, so a loss built from them compiles into the
+step's graph like the cross-entropy it replaces.
+"""
 
 from __future__ import annotations
-
-from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 
-def log_sigmoid(x: Any) -> Any:
-    return nn.log_sigmoid(x)
+class MlxOps:
+    def float32(self, x: mx.array) -> mx.array:
+        return x.astype(mx.float32)
+
+    def log_sigmoid(self, x: mx.array) -> mx.array:
+        return nn.log_sigmoid(x)
+
+    def sigmoid(self, x: mx.array) -> mx.array:
+        return mx.sigmoid(x)
+
+    def relu(self, x: mx.array) -> mx.array:
+        return mx.maximum(x, 0.0)
+
+    def exp(self, x: mx.array) -> mx.array:
+        return mx.exp(x)
+
+    def log(self, x: mx.array) -> mx.array:
+        return mx.log(x)
+
+    def log1p(self, x: mx.array) -> mx.array:
+        return mx.log1p(x)
+
+    def expm1(self, x: mx.array) -> mx.array:
+        return mx.expm1(x)
+
+    def maximum(self, x: mx.array, value: float) -> mx.array:
+        return mx.maximum(x, value)
+
+    def minimum(self, x: mx.array, value: float) -> mx.array:
+        return mx.minimum(x, value)
+
+    def where(self, condition: mx.array, x: mx.array, y: mx.array) -> mx.array:
+        return mx.where(condition, x, y)
+
+    def sum(self, x: mx.array) -> mx.array:
+        return x.sum()
+
+    def ones_like(self, x: mx.array) -> mx.array:
+        return mx.ones_like(x)
+
+    def stop_gradient(self, x: mx.array) -> mx.array:
+        return mx.stop_gradient(x)
 
 
-def sigmoid(x: Any) -> Any:
-    return mx.sigmoid(x)
-
-
-def relu(x: Any) -> Any:
-    return mx.maximum(x, 0.0)
-
-
-def exp(x: Any) -> Any:
-    return mx.exp(x)
-
-
-def log(x: Any) -> Any:
-    return mx.log(x)
-
-
-def log1p(x: Any) -> Any:
-    return mx.log1p(x)
-
-
-def clip(x: Any, low: Optional[float], high: Optional[float]) -> Any:
-    return mx.clip(x, low, high)
-
-
-def where(cond: Any, a: Any, b: Any) -> Any:
-    return mx.where(cond, a, b)
-
-
-def sum(x: Any) -> Any:  # noqa: A001 - the Protocol's name
-    return mx.sum(x)
-
-
-def mean(x: Any) -> Any:
-    return mx.mean(x)
-
-
-def maximum(a: Any, b: Any) -> Any:
-    return mx.maximum(a, b)
-
-
-def stop_gradient(x: Any) -> Any:
-    return mx.stop_gradient(x)
-
-
-def zeros_like(x: Any) -> Any:
-    return mx.zeros_like(x)
-
-
-def float32(x: Any) -> Any:
-    return x.astype(mx.float32)
+MLX_OPS = MlxOps()

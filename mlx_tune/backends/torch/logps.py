@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from mlx_tune.backends.base import StepConfig
-from mlx_tune.backends.torch import ops
+from mlx_tune.backends.torch.ops import TORCH_OPS as ops
 from mlx_tune.objectives.base import LossTerms, RowLogps
 
 # Evaluation's token-level metrics (sft), as on MLX (backends/mlx/logps.py).

@@ -1,64 +1,53 @@
-"""``objectives.base.ArrayOps`` on torch tensors (this module is the ops object)."""
+"""``ArrayOps`` for PyTorch: what the objectives (``mlx_tune/objectives``) compute with."""
 
 from __future__ import annotations
-
-from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 
-def log_sigmoid(x: Any) -> Any:
-    return F.logsigmoid(x)
+class TorchOps:
+    def float32(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float32)
+
+    def log_sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(x)
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def relu(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.exp(x)
+
+    def log(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+    def log1p(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x)
+
+    def expm1(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.expm1(x)
+
+    def maximum(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.clamp(x, min=value)
+
+    def minimum(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.clamp(x, max=value)
+
+    def where(self, condition: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, x, y)
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+    def ones_like(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(x)
+
+    def stop_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
 
 
-def sigmoid(x: Any) -> Any:
-    return torch.sigmoid(x)
-
-
-def relu(x: Any) -> Any:
-    return torch.relu(x)
-
-
-def exp(x: Any) -> Any:
-    return torch.exp(x)
-
-
-def log(x: Any) -> Any:
-    return torch.log(x)
-
-
-def log1p(x: Any) -> Any:
-    return torch.log1p(x)
-
-
-def clip(x: Any, low: Optional[float], high: Optional[float]) -> Any:
-    return torch.clamp(x, low, high)
-
-
-def where(cond: Any, a: Any, b: Any) -> Any:
-    return torch.where(cond, a, b)
-
-
-def sum(x: Any) -> Any:  # noqa: A001 - the Protocol's name
-    return torch.sum(x)
-
-
-def mean(x: Any) -> Any:
-    return torch.mean(x)
-
-
-def maximum(a: Any, b: Any) -> Any:
-    return torch.maximum(a, torch.as_tensor(b, dtype=a.dtype, device=a.device))
-
-
-def stop_gradient(x: Any) -> Any:
-    return x.detach()
-
-
-def zeros_like(x: Any) -> Any:
-    return torch.zeros_like(x)
-
-
-def float32(x: Any) -> Any:
-    return x.float()
+TORCH_OPS = TorchOps()
