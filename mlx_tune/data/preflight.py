@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.messages import uses_tools
 from mlx_tune.data.hf import find_data
-from mlx_tune.data.preference import PairCounts, make_pair
+from mlx_tune.data.tokenize import PairCounts, make_pair
 from mlx_tune.data.records import DataError, Record, is_split, iter_records
 from mlx_tune.data.tokenize import check_tool_template, unwrap
 

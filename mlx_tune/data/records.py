@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
-                                    parse_tools)
+                                    parse_preference, parse_tools)
 
 FORMATS = ("chat", "completions", "text", "preference")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
@@ -201,7 +201,6 @@ def parse_line(text: Any, path: Any, line: int, expect: Optional[str] = None) ->
              "difficulty", "chosen", "rejected"}
     extra = {k: v for k, v in obj.items() if k not in known}
     if kind == "preference":
-        from mlx_tune.data.preference import parse_preference
         try:
             fields = parse_preference(obj)
         except MessageError as e:

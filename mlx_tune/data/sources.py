@@ -16,11 +16,10 @@ from mlx_tune.data.batch import Batch
 from mlx_tune.config.schema import CurriculumStage, QualitySpec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import Augmenter
-from mlx_tune.data.batching import bucket, pad_batch
+from mlx_tune.data.batching import bucket, pad_batch, pad_pairs
 from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import DataError, iter_lines, line_numbers, parse_line
-from mlx_tune.data.tokenize import Example, Truncation, make_example
-from mlx_tune.data.preference import PairExample, pad_pairs
+from mlx_tune.data.tokenize import Example, PairExample, Truncation, make_example
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, pack_rows
 

@@ -13,13 +13,12 @@ from typing import Any, Callable, Iterator, Optional
 from mlx_tune.data.batch import Batch
 from mlx_tune.config.schema import Spec
 from mlx_tune.data import seeding
-from mlx_tune.data.batching import bucket, pad_batch, pad_id_of
+from mlx_tune.data.batching import bucket, pad_batch, pad_id_of, pad_pairs
 from mlx_tune.data.records import (Record, first_format, is_split, iter_lines, iter_records,
                                    parse_line)
-from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
+from mlx_tune.data.tokenize import Example, PairExample, tokenize_all, unwrap
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, example_limit, pack_rows
-from mlx_tune.data.preference import PairExample, pad_pairs
 
 
 def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,

@@ -72,6 +72,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # and the command line sit on top.
 LAYERS = [
     {"mlx_tune", "exit_codes", "files", "errors"},
+    {"objectives"},  # the losses: framework-neutral, they know nothing of the run
     {"config"},
     {"system"},
     {"models"},
