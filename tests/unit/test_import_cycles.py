@@ -77,6 +77,7 @@ LAYERS = [
     {"system"},
     {"models"},
     {"data"},
+    {"objectives"},
     {"checkpoint"},
     {"backends"},
     {"distributed"},
