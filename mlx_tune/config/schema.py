@@ -119,7 +119,10 @@ OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "simpo", "kto")
 
 @dataclass(frozen=True)
 class PreferenceSpec:
-    """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own)."""
+    """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own).
+
+    dpo's reference policy is the model with its LoRA/DoRA adapter switched off (no second
+    model in memory), which is why dpo needs an adapter and a start from the base model."""
 
     beta: float = _f(0.1, "dpo/kto: strength of the pull toward the reference; orpo: weight "
                      "of the odds-ratio term; simpo: reward scale (the SimPO paper tunes "
@@ -129,10 +132,6 @@ class PreferenceSpec:
     simpo_gamma: float = _f(0.5, "simpo: target reward margin", low=0)
     desirable_weight: float = _f(1.0, "kto: weight of desirable examples", low=0)
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", low=0)
-    reference: str = _f("adapter_off", "dpo/kto reference policy: adapter_off (the model with "
-                        "the adapter switched off) or precomputed (log-probs computed once "
-                        "before step 0; needed for full fine-tuning and init_adapter)",
-                        choices=("adapter_off", "precomputed"))
 
 
 @dataclass(frozen=True)

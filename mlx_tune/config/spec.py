@@ -268,16 +268,22 @@ def check_objective(spec: Spec, where: str) -> None:
     if spec.augmentation.enabled:
         raise SpecError(f"{where}: 'augmentation' rewrites sft prompts only; turn it off for "
                         f"'{spec.objective}'")
-    needs_reference = spec.objective in ("dpo", "kto")
-    if needs_reference and spec.preference.reference == "adapter_off":
+    if spec.objective == "kto":
+        raise SpecError(f"{where}: objective 'kto' is not trainable yet: its unpaired batches "
+                        "(prompt/completion/label with mismatched KL rows) have no data path "
+                        "and step feed; use dpo, orpo or simpo")
+    if get_objective(spec.objective).needs_reference:
+        # The reference is the same model with its adapter off (backends/*/logps.py).
         if spec.fine_tune_type == "full":
             raise SpecError(f"{where}: '{spec.objective}' with fine_tune_type: full has no "
-                            "adapter to switch off for the reference policy; set "
-                            "'preference.reference: precomputed'")
+                            "adapter to switch off for its reference policy, and precomputed "
+                            "reference log-probs are not available; use lora or dora, or "
+                            "orpo/simpo (no reference)")
         if spec.init_adapter:
-            raise SpecError(f"{where}: '{spec.objective}' from init_adapter needs that adapter "
-                            "as its reference, not the base model; set "
-                            "'preference.reference: precomputed'")
+            raise SpecError(f"{where}: '{spec.objective}' from init_adapter would take the base "
+                            "model, not that adapter, as its reference (precomputed reference "
+                            "log-probs are not available); use orpo or simpo, which need no "
+                            "reference")
 
 
 def finalize(spec: Spec) -> Spec:
