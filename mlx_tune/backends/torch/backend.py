@@ -269,3 +269,11 @@ def process_memory() -> tuple[int, int]:
         return pages * os.sysconf("SC_PAGE_SIZE"), peak
     except (OSError, ValueError, IndexError):
         return peak, peak
+
+
+def make_backend() -> TorchBackend:
+    """The registry's constructor: under torchrun, join the process group before the
+    backend reads its rank."""
+    from mlx_tune.backends.torch.ddp import init_from_env
+    init_from_env()
+    return TorchBackend()
