@@ -1,20 +1,21 @@
 """What the MLX step differentiates: the forward, per-row log-probabilities of the
 target tokens, the reference pass, and the objective's sums.
 
-``row_logps`` is the one place per-token log-probabilities are computed from logits:
-swapping it (for a chunked cross-entropy, say) changes nothing else. Evaluation's
-token metrics (``eval_sums``) need the whole distribution and keep their own.
+``row_logps`` is the one place per-token log-probabilities are computed: from the whole
+logits, or chunk by chunk of positions (``chunked_loss.py``, memory.chunked_loss).
+Evaluation's token metrics (``eval_sums``) need the whole distribution and keep their own.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_tune.backends.base import StepConfig
+from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.ops import MLX_OPS as ops
 from mlx_tune.objectives.base import LossTerms, RowLogps
 
@@ -46,33 +47,45 @@ class SegmentMask:
         return keys, values
 
 
-def forward(model: nn.Module, inputs: mx.array, segments: mx.array | None) -> mx.array:
-    """Logits; with segments, under a block-diagonal causal mask [B, 1, T, T]."""
+def forward(model: nn.Module, inputs: mx.array, segments: mx.array | None,
+            call: Callable[..., mx.array] | None = None) -> mx.array:
+    """Logits (or, with ``call`` the model's body, its final hidden states); with
+    segments, under a block-diagonal causal mask [B, 1, T, T]."""
+    call = call or model
     if segments is None:
-        return model(inputs)
+        return call(inputs)
     i = mx.arange(inputs.shape[1])
     mask = (segments[:, None, :, None] == segments[:, None, None, :]) & (i[:, None] >= i[None])
-    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    return call(inputs, cache=[SegmentMask(mask)] * len(model.layers))
 
 
 def row_logps(model: nn.Module, tokens: mx.array, mask: mx.array,
-              segments: mx.array | None = None, smooth: bool = False) -> RowLogps:
+              segments: mx.array | None = None, smooth: bool = False,
+              chunked: bool = False) -> RowLogps:
     """Per row: the sum of log p(target) over the target tokens, their count, and (for
-    label smoothing) the sum over them of the mean log-probability of the vocabulary."""
+    label smoothing) the sum over them of the mean log-probability of the vocabulary.
+    ``chunked``: per-token log-probs over chunks of positions (chunked_loss.py), never
+    the whole micro-batch's logits."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     seg = None if segments is None else segments[:, :-1]
-    logits = forward(model, inputs, seg).astype(mx.float32)
-    lse = mx.logsumexp(logits, axis=-1)
-    target = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
-    mean = ((logits.mean(axis=-1) - lse) * weights).sum(axis=-1) if smooth else None
-    return RowLogps((target * weights).sum(axis=-1), weights.sum(axis=-1), mean)
+    if chunked:
+        body, head = chunked_loss.split_model(model)
+        target, mean = chunked_loss.token_logps(forward(model, inputs, seg, body), head,
+                                                targets, smooth=smooth)
+    else:
+        logits = forward(model, inputs, seg).astype(mx.float32)
+        lse = mx.logsumexp(logits, axis=-1)
+        target = mx.take_along_axis(logits, targets[..., None], axis=-1).squeeze(-1) - lse
+        mean = logits.mean(axis=-1) - lse if smooth else None
+    return RowLogps((target * weights).sum(axis=-1), weights.sum(axis=-1),
+                    None if mean is None else (mean * weights).sum(axis=-1))
 
 
 def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
-                    segments: mx.array | None = None,
-                    label_smoothing: float = 0.0) -> tuple[mx.array, mx.array]:
+                    segments: mx.array | None = None, label_smoothing: float = 0.0,
+                    chunked: bool = False) -> tuple[mx.array, mx.array]:
     """(sum of per-token cross-entropy over target tokens, number of target tokens)."""
-    rows = row_logps(model, tokens, mask, segments, smooth=label_smoothing > 0)
+    rows = row_logps(model, tokens, mask, segments, label_smoothing > 0, chunked)
     per_row = rows.logps if not label_smoothing else \
         (1 - label_smoothing) * rows.logps + label_smoothing * rows.smooth
     return -per_row.sum(), rows.tokens.sum()
@@ -102,13 +115,14 @@ def adapter_off(model: nn.Module) -> Iterator[None]:
                 layer.m = magnitude
 
 
-def reference_logps(model: nn.Module, arrays: dict[str, mx.array]) -> RowLogps:
+def reference_logps(model: nn.Module, arrays: dict[str, mx.array],
+                    chunked: bool = False) -> RowLogps:
     """The reference policy's row log-probs: precomputed ones carried by the batch, else
     the model with its adapter off; never differentiated."""
     if "ref_logps" in arrays:
         return RowLogps(arrays["ref_logps"], arrays["mask"][:, 1:].sum(axis=-1))
     with adapter_off(model):
-        ref = row_logps(model, arrays["tokens"], arrays["mask"])
+        ref = row_logps(model, arrays["tokens"], arrays["mask"], chunked=chunked)
     return RowLogps(mx.stop_gradient(ref.logps), ref.tokens)
 
 
@@ -116,8 +130,10 @@ def objective_terms(model: nn.Module, config: StepConfig,
                     arrays: dict[str, mx.array]) -> tuple[LossTerms, mx.array]:
     """The objective's sums for one micro-batch, and its target tokens."""
     smooth = config.label_smoothing > 0 and not config.objective.needs_reference
-    policy = row_logps(model, arrays["tokens"], arrays["mask"], arrays.get("segments"), smooth)
-    reference = reference_logps(model, arrays) if config.objective.needs_reference else None
+    policy = row_logps(model, arrays["tokens"], arrays["mask"], arrays.get("segments"), smooth,
+                       config.chunked_loss)
+    reference = reference_logps(model, arrays, config.chunked_loss) \
+        if config.objective.needs_reference else None
     terms = config.objective.loss(ops, policy, reference, config.settings)
     return terms, policy.tokens.sum()
 
@@ -142,11 +158,18 @@ def as_f32(value: Any) -> mx.array:
 
 
 def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
-              segments: mx.array | None = None) -> mx.array:
+              segments: mx.array | None = None, chunked: bool = False) -> mx.array:
     """sft's evaluation sums over target tokens, one vector: loss_sum, tokens, then
     (sum, tokens) of each of ``TOKEN_METRICS``."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     seg = None if segments is None else segments[:, :-1]
+    n = weights.sum()
+    if chunked:
+        body, head = chunked_loss.split_model(model)
+        stats = chunked_loss.token_eval_stats(forward(model, inputs, seg, body), head, targets)
+        return mx.stack([-(stats["logp"] * weights).sum(), n,
+                         *(v for key in ("correct", "confidence", "entropy")
+                           for v in ((stats[key] * weights).sum(), n))])
     logits = forward(model, inputs, seg).astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     probs = mx.exp(logprobs)
@@ -154,7 +177,6 @@ def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
     correct = (mx.argmax(logits, axis=-1) == targets).astype(mx.float32)
     confidence = mx.max(probs, axis=-1)
     entropy = -(probs * logprobs).sum(axis=-1)
-    n = weights.sum()
     return mx.stack([(ce * weights).sum(), n, (correct * weights).sum(), n,
                      (confidence * weights).sum(), n, (entropy * weights).sum(), n])
 

@@ -87,7 +87,8 @@ class CompiledStep:
         self.eval_names: tuple[str, ...] = TOKEN_METRICS
         if config.objective.name == "sft":
             self._eval = mx.compile(lambda a: eval_sums(model, a["tokens"], a["mask"],
-                                                        a.get("segments")),
+                                                        a.get("segments"),
+                                                        chunked=config.chunked_loss),
                                     inputs=[model.state])
         else:
             def evaluate(arrays):

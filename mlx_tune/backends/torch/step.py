@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from mlx_tune.data.batch import Batch
 from mlx_tune.backends.base import Metrics, StepConfig
 from mlx_tune.backends.common import OPTIMIZER
+from mlx_tune.backends.torch.chunked_loss import HiddenTap
 from mlx_tune.backends.torch.logps import (TOKEN_METRICS, as_tensor, causal_logits, eval_sums,
                                            objective_eval, objective_terms, row_logps,
                                            token_loss_sums)
@@ -65,10 +66,14 @@ class TorchStep:
     def __init__(self, forward: Callable, params: dict[str, torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device,
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
-                 model: Any = None):
+                 model: torch.nn.Module | None = None):
         self.forward, self.params, self.optimizer = forward, params, optimizer
         self.model = forward if model is None else model
         self.config, self.device, self.autocast = config, device, autocast
+        # The chunked loss reads the decoder's hidden states through a hook on ``model``
+        # (the unwrapped one: ``forward`` may be DDP or torch.compile around it).
+        self.tap = HiddenTap(model if model is not None else forward) \
+            if config.chunked_loss else None
         self.ema: dict[str, torch.Tensor] = {}
         if config.ema_decay is not None:
             self.ema = {k: p.detach().clone() for k, p in params.items()}
@@ -91,7 +96,8 @@ class TorchStep:
             last = i == len(micro_batches) - 1
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
                 with self.autocast():
-                    terms, n = objective_terms(self.forward, self.model, self.config, arrays)
+                    terms, n = objective_terms(self.forward, self.model, self.config, arrays,
+                                               self.tap)
                 # A loss cut off from the weights has no graph: its gradient is zero, which
                 # the not-training guard reports by name instead of autograd's error.
                 if terms.loss_sum.requires_grad:
@@ -170,9 +176,9 @@ class TorchStep:
         with torch.no_grad(), self.autocast():
             if self.config.objective.name == "sft":
                 return (eval_sums(self.forward, arrays["tokens"], arrays["mask"],
-                                  arrays.get("positions")), TOKEN_METRICS)
+                                  arrays.get("positions"), self.tap), TOKEN_METRICS)
             vector, self.eval_names = objective_eval(self.forward, self.model, self.config,
-                                                     arrays)
+                                                     arrays, self.tap)
             return vector, self.eval_names
 
 
