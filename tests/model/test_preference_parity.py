@@ -16,19 +16,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 mx = pytest.importorskip("mlx.core")
 
-from tests.model.test_parity import load_pair, make_spec  # noqa: E402
+from tests.model.test_parity import PARITY, load_pair  # noqa: E402
 
 pytestmark = pytest.mark.torch
 STEPS = 6
 PREFERENCE = __import__("pathlib").Path(__file__).resolve().parents[2] / "data" / "preference"
 
 
-@pytest.fixture(scope="module")
-def pair_batches(tiny_model):
+@pytest.fixture
+def pair_batches(tiny_model, tiny_spec):
     from mlx_tune.data import load_data
     from mlx_tune.models.tokenizer import load_tokenizer
 
-    spec = make_spec(tiny_model, PREFERENCE, objective="dpo")
+    spec = tiny_spec(PARITY, data=PREFERENCE, objective="dpo")
     bundle = load_data(spec, load_tokenizer(tiny_model), log=lambda m: None)
     try:
         return [bundle.train.next_batch() for _ in range(STEPS)]
@@ -47,9 +47,9 @@ def run(backend, batches, lr):
         {n: r[2 + 2 * k] / r[3 + 2 * k] for k, n in enumerate(names)} for r in rows]
 
 
-def test_dpo_steps_and_evaluation_agree(tiny_model, pair_batches):
+def test_dpo_steps_and_evaluation_agree(tiny_model, tiny_spec, pair_batches):
     assert all(b.paired and b.size == 4 for b in pair_batches)
-    spec = make_spec(tiny_model, PREFERENCE, objective="dpo", optimizer="adamw")
+    spec = tiny_spec(PARITY, data=PREFERENCE, objective="dpo", optimizer="adamw")
     m, t = load_pair(spec, tiny_model)
     em, et = m.evaluate(pair_batches[:2]), t.evaluate(pair_batches[:2])
     assert em.tokens == et.tokens == 8  # pairs
@@ -69,11 +69,12 @@ def test_dpo_steps_and_evaluation_agree(tiny_model, pair_batches):
 
 
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_the_adapter_off_reference_is_the_untrained_policy(tiny_model, pair_batches, backend):
+def test_the_adapter_off_reference_is_the_untrained_policy(tiny_model, tiny_spec, pair_batches,
+                                                           backend):
     from mlx_tune.backends.select import make_backend
 
     b = make_backend(backend)
-    b.load(make_spec(tiny_model, PREFERENCE, objective="dpo"), tiny_model)
+    b.load(tiny_spec(PARITY, data=PREFERENCE, objective="dpo"), tiny_model)
     result = b.evaluate(pair_batches[:1])
     assert result.tokens == 4
     assert result.loss_sum / result.tokens == pytest.approx(math.log(2), abs=1e-6)
