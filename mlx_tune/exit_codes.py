@@ -30,4 +30,5 @@ STOP_RULE_EXIT_CODES = {
     "val_plateau": EXIT_VAL_PLATEAU,
     "grad_spike": EXIT_GRAD_SPIKE,
     "nonfinite": EXIT_NONFINITE,
+    "memory_growth": EXIT_MEMORY_GROWTH,  # training/memory.py
 }

@@ -51,6 +51,7 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    memory: str | None = None  # peaks of active, cache and resident memory; the first-step check
 
 
 def load_history(run_dir: Path) -> History:
@@ -106,7 +107,7 @@ def _warnings(h: History) -> list[str]:
     if leaks:
         worst = max(h.train, key=lambda r: r.get("memory_delta_mb") or 0)
         out.append(f"memory growth: suspected leak from step {leaks[0]['step']} "
-                   f"(+{worst['memory_delta_mb']:.0f} MB by step {worst['step']})")
+                   f"(+{worst['memory_delta_mb']:.0f} MB over the baseline by step {worst['step']})")
     skipped = max((r.get("skipped_steps") or 0 for r in h.train), default=0)
     if skipped:
         first = next(r["step"] for r in h.train if r.get("skipped_steps"))
@@ -125,6 +126,31 @@ def _warnings(h: History) -> list[str]:
     if h.torn_lines:
         out.append(f"{h.torn_lines} unreadable line(s) in metrics.jsonl (a kill mid-write)")
     return out
+
+
+def _memory(h: History) -> str | None:
+    """Highest active, cache and resident figures of the reports, the cache bound and
+    the first-step check of the last session."""
+    def top(key: str) -> float | None:
+        values = [r[key] for r in h.train if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    info = h.starts[-1].get("info", {}) if h.starts else {}
+    parts = []
+    if (peak := top("peak_memory_mb")) is not None:
+        parts.append(f"peak {peak:,.0f} MB active")
+    if (cache := top("cache_memory_mb")) is not None:
+        limit = info.get("cache_limit_mb")
+        parts.append(f"cache up to {cache:,.0f} MB"
+                     + (f" (limit {limit:,.0f} MB)" if limit is not None else ""))
+    if (resident := top("resident_mb")) is not None:
+        parts.append(f"resident up to {resident:,.0f} MB")
+    first = info.get("first_step")
+    if first:
+        parts.append(f"first step at the widest batch {first['peak_mb']:,.0f} MB"
+                     + (f" (planned {first['predicted_mb']:,.0f} MB)"
+                        if first.get("predicted_mb") else ""))
+    return "; ".join(parts) or None
 
 
 def summarize(run_dir: Path, h: History) -> Summary:
@@ -159,7 +185,8 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_val_loss=best["val_loss"] if best else None,
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
-        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses])
+        fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        memory=_memory(h))
 
 
 def panels(h: History) -> list[Panel]:
@@ -179,5 +206,7 @@ def panels(h: History) -> list[Panel]:
         Panel("tokens_per_second", "Throughput", "tokens/s",
               [Series("tokens/s", steps, col("tokens_per_second"))]),
         Panel("memory", "Memory", "MB", [Series("memory", steps, col("memory_mb")),
-                                         Series("peak memory", steps, col("peak_memory_mb"))])]
+                                         Series("peak memory", steps, col("peak_memory_mb")),
+                                         Series("cache memory", steps, col("cache_memory_mb")),
+                                         Series("resident memory", steps, col("resident_mb"))])]
     return [p for p in out if any(s.steps for s in p.series)]

@@ -5,6 +5,7 @@ without loading a model is checked first."""
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from dataclasses import replace
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ from mlx_tune.distributed.peers import guard_run
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.system.keepawake import keep_awake, release
-from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
+from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK, EXIT_OVER_MEMORY_BUDGET
+from mlx_tune.system.gpu_watchdog import watchdog_status
+from mlx_tune.training.first_step import check_first_step
+from mlx_tune.training.memory import limits_for
 from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
@@ -108,12 +112,28 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
     trainer.log = lambda m: reporters.on_message(m)
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
                            log=log if sys.platform == "darwin" else None) if is_main else None
+    memory = ExitStack()  # the memory limits hold until the adapter is written
     try:
+        from mlx_tune.commands.plan import budget_bytes
+        budget = budget_bytes(spec, backend=spec.backend)[0]
+        applied = memory.enter_context(backend.memory_limits(limits_for(spec.memory, budget)))
+        first = check_first_step(backend, spec, data, run.accumulation, run.model_path,
+                                 budget) if spec.memory.first_step_check else None
         reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": loaded.step if loaded else None,
-                            "output_dir": str(output_dir)})
+                            "output_dir": str(output_dir), **applied.info(),
+                            "first_step": first.info() if first else None})
+        for note in applied.notes + ((watchdog_status()[1],) if sys.platform == "darwin" else ()):
+            reporters.on_message(note)
+        if first is not None:
+            reporters.on_message(first.line(), "info" if first.fits else "error")
+            # Every rank measured its own step: one over the budget stops them all.
+            if backend.all_sum_ints([int(not first.fits)])[0]:
+                reason = (f"{first.line()}: stopped before training; try {first.proposal}")
+                reporters.on_stop(reason, EXIT_OVER_MEMORY_BUDGET)
+                return RunResult(EXIT_OVER_MEMORY_BUDGET, reason, trainer.state.step)
         # A dead or hung peer: one line, exit 8. One signal policy from the first step to
         # the last byte: a SIGTERM/SIGHUP during the final checkpoint or the adapter write
         # is noted, not fatal.
@@ -136,6 +156,7 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
             barrier(backend)  # every rank reports success only once rank 0 has written it
         return result
     finally:
+        memory.close()
         reporters.close()
         data.close()
         release(keepawake)
