@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, run, tokens_per_second, train_command  # noqa: E402
 
-from mlx_tune.system import blas  # noqa: E402
+from mlx_tune.system import blas, blas_choice  # noqa: E402
 
 
 def blas_env(which: str) -> dict | None:
@@ -35,7 +35,7 @@ def blas_env(which: str) -> dict | None:
     elif which == "pip":
         env[blas.OVERRIDE] = "pip"
     else:
-        system = blas.system_openblas()
+        system = next(iter(blas_choice.system_openblases()), None)
         if not system:
             return None
         env[blas.OVERRIDE] = system

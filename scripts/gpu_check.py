@@ -16,7 +16,7 @@ timeout still leaves everything measured so far:
 
 ``--cpu`` runs the same steps with small shapes on the CPU (the 7B config scaled down, no
 4-bit), with MLX made unimportable so that the torch path is shown not to need it; that
-run is a test (tests/test_gpu_check.py). Nothing here imports mlx.
+run is a test (tests/e2e/test_gpu_check.py). Nothing here imports mlx.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main() -> int:
     if "cuda_tests" in args.steps:
         rc, text, wall = check.run("cuda_tests", [
             sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider",
-            "tests/test_torch_backend.py", "tests/test_cuda_resume.py"], timeout=240)
+            "tests/model/test_torch_backend.py", "tests/e2e/test_cuda_resume.py"], timeout=240)
         summary = next((ln for ln in reversed(text.splitlines()) if " in " in ln), "")
         check.record("cuda_tests", exit=rc, wall_s=round(wall, 1), summary=summary.strip())
         failed += rc not in (0, 5)

@@ -5,7 +5,7 @@ Everything the tests, the quickstart and the benchmarks train on comes out of
 this one script, so it is fully deterministic: a single fixed-seed
 ``random.Random`` per output file, no hash-ordered containers, no clock, no
 environment dependence.  Running it twice (or with ``--out`` pointing to a temp
-dir) gives byte-identical files; ``tests/test_tiny_model.py`` checks that.
+dir) gives byte-identical files; ``tests/unit/models/test_tiny_asset.py`` checks that.
 
 Design
 ------

@@ -211,12 +211,16 @@ def check_blas() -> list[Check]:
         + (f" ({lib})" if lib and lib != "Accelerate.framework" else "")
     if kind == "accelerate":
         return [Check("OK", "cpu blas", "Accelerate (macOS)")]
+    # Each library passed over (a bad MLX_TUNE_OPENBLAS, a system one that cannot be opened,
+    # a pip one without its private folder), named with its cause.
+    passed = [Check("WARN", "cpu blas", f"not using {line}") for line in s.get("passed_over", ())]
     if kind == "reference":
-        return [Check("WARN", "cpu blas", value + ": slow CPU matrix products", blas_advice(s))]
+        return passed + [Check("WARN", "cpu blas", value + ": slow CPU matrix products",
+                               blas_advice(s))]
     if kind == "unknown":
         return [Check("INFO", "cpu blas", "unknown (mlx is not the Linux CPU wheel; it uses "
                                           "the BLAS it was built with)")]
-    return [Check("OK", "cpu blas", value)]
+    return passed + [Check("OK", "cpu blas", value)]
 
 
 def check_dependencies(import_torch: bool = True) -> list[Check]:

@@ -22,6 +22,7 @@ from mlx_tune.data import seeding
 from mlx_tune.data.augment import make_augmenter
 from mlx_tune.data.batching import pad_id_of
 from mlx_tune.data.hf import describe, find_data
+from mlx_tune.data.packing import example_limit
 from mlx_tune.data.records import DataError, Record, content_hash, first_format, read_records
 from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
@@ -80,9 +81,11 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
         log(f"val_split={spec.val_split} ignored: validating on {files.valid}")
     widths = Widths.choose((), spec.max_length, mode=spec.bucket_widths)
     pack_length = (spec.pack_length or spec.max_length) if spec.packing else None
+    limit, setting = example_limit(spec)
     settings = Settings(
         tokenizer=tokenizer, seed=spec.seed, batch_size=spec.batch_size,
-        max_length=spec.max_length, mask_prompt=spec.mask_prompt, pad_id=pad_id_of(tokenizer),
+        max_length=limit, length_setting=setting, mask_prompt=spec.mask_prompt,
+        pad_id=pad_id_of(tokenizer),
         stages=[CurriculumStage(**s) if isinstance(s, dict) else s for s in spec.curriculum],
         quality=spec.quality,
         augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory),
@@ -107,8 +110,8 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
         if holdout:
             held = [r for r in records if seeding.held_out(spec.seed, r.line, holdout)]
             records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
-        examples = tokenize_all(records, tokenizer, spec.mask_prompt, spec.max_length,
-                                "train", log)
+        examples = tokenize_all(records, tokenizer, spec.mask_prompt, limit, "train", log,
+                                setting)
         chosen = Widths.choose([ex.length for ex in examples], spec.max_length,
                                mode=spec.bucket_widths,
                                origin=f"chosen from {len(examples)} training lengths")

@@ -20,6 +20,7 @@ memory-mapped and streamed row by row; with ``streaming: true`` the files are re
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -85,8 +86,18 @@ class HFSplit:
             yield index + 1, _strip_none(row)
 
     def content_hash(self) -> str:
-        """The datasets library's fingerprint of the split (it changes with the data)."""
-        return f"{self}:{getattr(self.dataset, '_fingerprint', None) or 'streamed'}"
+        """``<size>:<blake2b>`` of the files behind this split, read the same way whether
+        the split is streamed or loaded (the datasets library's fingerprint of a streamed
+        split does not follow its data, so a rewritten split would resume unnoticed)."""
+        h = hashlib.blake2b(digest_size=16)
+        size = 0
+        for path in self._source.split_files(self.split):
+            h.update(f"{path.name}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+                    size += len(chunk)
+        return f"{size}:{h.hexdigest()}"
 
     def line_numbers(self) -> Iterator[int]:
         """Row numbers without decoding rows, when the dataset knows its length."""
@@ -102,12 +113,25 @@ class DatasetSource:
     def __init__(self, name: str, fields: dict, streaming: bool):
         self.name, self.fields, self.streaming = name, dict(fields), streaming
         self._splits: Optional[dict] = None
+        self.folder: Optional[Path] = None  # the local directory or cached snapshot read
 
     def splits(self) -> dict:
         if self._splits is None:
-            self._splits = _load(self.name, self.streaming)
+            self.folder, self._splits = _load(self.name, self.streaming)
             self._check_fields()
         return self._splits
+
+    def split_files(self, split: str) -> list[Path]:
+        """The files a split is read from, in a stable order: the arrow files of a
+        save_to_disk directory, else the data files the datasets library resolves."""
+        self.splits()
+        folder = self.folder
+        if (folder / "dataset_dict.json").is_file():
+            return sorted((folder / split).glob("*.arrow"))
+        if (folder / "state.json").is_file():
+            return sorted(folder.glob("*.arrow"))
+        builder = _datasets().load_dataset_builder(str(folder))
+        return sorted(Path(f) for f in (builder.config.data_files or {}).get(split, []))
 
     def _check_fields(self) -> None:
         for split, ds in self._splits.items():
@@ -130,18 +154,15 @@ def _datasets() -> Any:
 
 
 def _snapshot(repo_id: str) -> Path:
-    """The dataset repo in the Hugging Face cache (fetched first when online)."""
-    import huggingface_hub
+    """The dataset repo in the Hugging Face cache (fetched first when the Hub answers)."""
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
 
-    from mlx_tune.models.hub import hf_cache_dir, hf_offline
+    from mlx_tune.models.hub import fetch_snapshot, hf_cache_dir, hf_offline
 
     offline = hf_offline()
     try:
-        folder = huggingface_hub.snapshot_download(repo_id, repo_type="dataset",
-                                                   allow_patterns=DATA_PATTERNS,
-                                                   local_files_only=offline)
+        folder = fetch_snapshot(repo_id, repo_type="dataset", allow_patterns=DATA_PATTERNS)
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         folder = "datasets--" + repo_id.replace("/", "--")
@@ -163,8 +184,9 @@ def _snapshot(repo_id: str) -> Path:
     return Path(folder)
 
 
-def _load(name: str, streaming: bool) -> dict:
-    """{split name: Dataset or IterableDataset} of a dataset id or directory."""
+def _load(name: str, streaming: bool) -> tuple[Path, dict]:
+    """(the folder read, {split name: Dataset or IterableDataset}) of a dataset id or
+    directory."""
     datasets = _datasets()
     datasets.disable_progress_bars()  # the run log says what is read; no bars in it
     local = Path(name).expanduser()
@@ -179,8 +201,8 @@ def _load(name: str, streaming: bool) -> dict:
         raise DataError(f"dataset {name}: cannot be read by the datasets library "
                         f"({type(e).__name__}: {first})") from None
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
-        return {"train": loaded}  # a single saved split
-    return dict(loaded)
+        return folder, {"train": loaded}  # a single saved split
+    return folder, dict(loaded)
 
 
 def _has_data_files(folder: Path) -> bool:

@@ -19,6 +19,15 @@ from mlx_tune.data.batch import Batch
 PACK_BUFFER = 1024  # examples considered together by best fit
 
 
+def example_limit(spec) -> tuple[int, str]:
+    """(the most tokens one example keeps, the setting that says so). Packed, an example
+    cannot outgrow its row: cutting it at tokenization, not when rows are filled, drops one
+    whose prompt fills the row (it would train on nothing) and counts it in the warning."""
+    if spec.packing and spec.pack_length and spec.pack_length < spec.max_length:
+        return spec.pack_length, "pack_length"
+    return spec.max_length, "max_length"
+
+
 def best_fit(lengths: Sequence[int], order: Sequence[int], pack_length: int,
              buffer: int = PACK_BUFFER) -> list[list[int]]:
     """Rows of example indices (taken in ``order``), each summing to <= pack_length

@@ -97,7 +97,7 @@ def _check_regular(path: Path) -> None:
 def content_hash(path: Any) -> str:
     """``<size>:<blake2b>`` of a file's bytes: a resume across changed training data is
     caught even when the record count stays the same (about 1 s per GB). A dataset split
-    gives the datasets library's fingerprint of its data."""
+    gives the same hash over the files behind it, streamed or not."""
     if is_split(path):
         return path.content_hash()
     h = hashlib.blake2b(digest_size=16)

@@ -46,6 +46,7 @@ class Settings:
     augmenter: Optional[Augmenter]
     widths: Widths  # shared with validation; a resume replaces its values in place
     pack_length: Optional[int] = None  # packing: rows of this many tokens
+    length_setting: str = "max_length"  # what max_length comes from (packing.example_limit)
 
     def example(self, record, counts: Optional[Truncation] = None) -> Optional[Example]:
         return make_example(record, self.tokenizer, self.mask_prompt, self.max_length, counts)
@@ -205,7 +206,7 @@ class StreamingSource:
         while True:
             resumed = consumed > 0
             f = epoch_filter(self.s.stages, self.s.quality, epoch)
-            counts = Truncation("train", self.s.max_length)
+            counts = Truncation("train", self.s.max_length, self.s.length_setting)
             stream = self.shuffled(epoch)
             for _ in range(consumed):  # replay to the saved position, parsing nothing
                 next(stream, None)

@@ -211,6 +211,7 @@ class Truncation:
 
     name: str
     max_length: int
+    limit: str = "max_length"  # the setting max_length comes from (pack_length when packed)
     seen: int = 0
     truncated: int = 0
     longest: int = 0
@@ -221,7 +222,7 @@ class Truncation:
         parts = []
         if self.truncated:
             text = (f"truncated {self.truncated} of {self.seen} {self.name} sequences to "
-                    f"max_length={self.max_length} tokens (longest {self.longest})")
+                    f"{self.limit}={self.max_length} tokens (longest {self.longest})")
             if self.dropped:
                 text += f"; dropped {self.dropped} left with no target tokens"
             parts.append(text)
@@ -257,9 +258,10 @@ def make_example(record: Record, tokenizer, mask_prompt: bool, max_length: int,
 
 
 def tokenize_all(records: Iterable[Record], tokenizer, mask_prompt: bool, max_length: int,
-                 name: str, log: Callable[[str], None]) -> list[Example]:
+                 name: str, log: Callable[[str], None], limit: str = "max_length"
+                 ) -> list[Example]:
     """Tokenize a dataset; one summary line for truncated and dropped records."""
-    counts = Truncation(name, max_length)
+    counts = Truncation(name, max_length, limit)
     out = [ex for r in records
            if (ex := make_example(r, tokenizer, mask_prompt, max_length, counts)) is not None]
     message = counts.message()

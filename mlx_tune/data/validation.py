@@ -18,7 +18,7 @@ from mlx_tune.data.records import (Record, first_format, is_split, iter_lines, i
                                    parse_line)
 from mlx_tune.data.tokenize import Example, tokenize_all, unwrap
 from mlx_tune.data.widths import Widths
-from mlx_tune.data.packing import batches_of, best_fit, pack_rows
+from mlx_tune.data.packing import batches_of, best_fit, example_limit, pack_rows
 
 
 def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: int,
@@ -82,8 +82,9 @@ class LazyValidation:
         """The fixed validation batches: the first ``val_batches`` (-1 = all)."""
         if self._batches is None:
             spec = self._spec
+            limit, setting = example_limit(spec)
             examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
-                                    spec.max_length, self.name, self._log)
+                                    limit, self.name, self._log, setting)
             if spec.packing:  # packed like training: the same single shape
                 batches = _packed(examples, spec.batch_size, pad_id_of(self._tokenizer),
                                   spec.pack_length or spec.max_length)

@@ -82,8 +82,18 @@ class Widths:
             return None
         if self.chooser is None and values == self._values and mode == self.mode:
             return None
+        saved_max = int(state.get("max_length", self.max_length))
         self.mode = mode
-        self.max_length = int(state.get("max_length", self.max_length))
+        if saved_max != self.max_length and (not values or values[-1] == saved_max):
+            # max_length changed on resume (--accept-changes): rows are now cut at the new
+            # length, so the widths must end there; the checkpoint's widths below it stay,
+            # so batches that fitted before keep their compiled shapes.
+            kept = [v for v in values if v < self.max_length][:MAX_WIDTHS - 1]
+            self.set(tuple(kept) + (self.max_length,) if mode == "auto" else (),
+                     f"re-planned: max_length {saved_max} in the checkpoint, "
+                     f"{self.max_length} now")
+            return f"resuming with {self.describe()}"
+        self.max_length = saved_max
         self.set(values, "restored from the checkpoint")
         return f"resuming with the checkpoint's {self.describe()}"
 

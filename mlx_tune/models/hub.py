@@ -101,6 +101,67 @@ def hf_offline() -> bool:
         or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
 
 
+# Seconds the Hub gets to answer its first request. huggingface_hub's own metadata calls
+# have no timeout, so a network that swallows packets (a captive portal, a dead proxy)
+# would hang the run before its first line; past this bound the cache is used instead.
+HUB_TIMEOUT_ENV = "MLX_TUNE_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 20.0
+
+
+def hub_timeout() -> float:
+    raw = os.environ.get(HUB_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_HUB_TIMEOUT
+    except ValueError:
+        value = DEFAULT_HUB_TIMEOUT
+    return value if value > 0 else DEFAULT_HUB_TIMEOUT
+
+
+def hub_answers(repo_id: str, repo_type: str | None, timeout: float) -> str | None:
+    """None when the Hub answered about ``repo_id`` within ``timeout`` seconds (even "not
+    found": snapshot_download then reports it), else why it did not, in a few words."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, timeout=timeout)
+    except HfHubHTTPError as e:  # an HTTP answer: the repo's own error (404, gated, ...)
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is None or status >= 500:
+            return f"the Hub answered with an error ({status or type(e).__name__})"
+        return None
+    except Exception as e:  # noqa: BLE001 - timeouts and network errors of the http stack
+        if "timeout" in type(e).__name__.lower():
+            return f"no answer within {timeout:g} s"
+        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return None
+
+
+def fetch_snapshot(repo_id: str, *, repo_type: str | None, allow_patterns: list[str],
+                   log: Callable[[str], None] = print) -> str:
+    """The local folder of a Hub repo's snapshot: fetched or updated when the Hub answers
+    within ``hub_timeout()``, else (and offline) the cached one. Raises huggingface_hub's
+    errors: ``LocalEntryNotFoundError`` when the Hub is out of reach and nothing is cached."""
+    import huggingface_hub
+
+    if hf_offline():
+        return huggingface_hub.snapshot_download(repo_id, repo_type=repo_type,
+                                                 allow_patterns=allow_patterns,
+                                                 local_files_only=True)
+    timeout = hub_timeout()
+    problem = hub_answers(repo_id, repo_type, timeout)
+    if problem is not None:
+        folder = huggingface_hub.snapshot_download(repo_id, repo_type=repo_type,
+                                                   allow_patterns=allow_patterns,
+                                                   local_files_only=True)
+        log(f"the Hugging Face Hub cannot be reached ({problem}): using the cached snapshot "
+            f"of '{repo_id}' ({HUB_TIMEOUT_ENV} sets the wait)")
+        return folder
+    return huggingface_hub.snapshot_download(repo_id, repo_type=repo_type,
+                                             allow_patterns=allow_patterns,
+                                             local_files_only=False, etag_timeout=timeout)
+
+
 def hf_cache_dir() -> str:
     """Where huggingface_hub keeps repos (HF_HUB_CACHE; default ~/.cache/huggingface/hub)."""
     from huggingface_hub import constants
@@ -118,18 +179,16 @@ def _not_cached(repo_id: str, offline: bool) -> ModelNotCachedError:
         "directory here and pass its path to --model")
 
 
-def _snapshot(repo_id: str, *, trust_remote_code: bool) -> Path:
+def _snapshot(repo_id: str, *, trust_remote_code: bool,
+              log: Callable[[str], None] = print) -> Path:
     """Locate (offline) or fetch (online) a repo snapshot; one-line ModelError on failure."""
-    import huggingface_hub
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     offline = hf_offline()
     patterns = _BASE_PATTERNS + (_REMOTE_CODE_PATTERNS if trust_remote_code else [])
     try:
-        # Read through the module attribute at call time so a patched function is honoured.
-        folder = huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns,
-                                                   local_files_only=offline)
+        folder = fetch_snapshot(repo_id, repo_type=None, allow_patterns=patterns, log=log)
     except LocalEntryNotFoundError as e:
         if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1.x only
             raise ModelNotCachedError(
@@ -240,7 +299,7 @@ def resolve_model(name: str, *, quantize: int | None, backend: str,
     if _looks_like_path(name):
         raise ModelError(f"model directory {local} does not exist")
     if "/" in name:
-        path = _snapshot(name, trust_remote_code=trust_remote_code)
+        path = _snapshot(name, trust_remote_code=trust_remote_code, log=log)
         return ResolvedModel(path=path, repo_id=name, alias=None,
                              prequantized_bits=_quantized_bits(path))
 
@@ -260,11 +319,11 @@ def resolve_model(name: str, *, quantize: int | None, backend: str,
     variant = entry.get(f"mlx_{quantize}bit") if quantize and backend == "mlx" else None
     if variant:
         try:
-            path = _snapshot(variant, trust_remote_code=trust_remote_code)
+            path = _snapshot(variant, trust_remote_code=trust_remote_code, log=log)
         except ModelNotCachedError as e:
             # Offline with only the original cached: quantizing on load still works.
             try:
-                path = _snapshot(repo, trust_remote_code=trust_remote_code)
+                path = _snapshot(repo, trust_remote_code=trust_remote_code, log=log)
             except ModelError:
                 raise e from None
             log(f"model: {variant} is not cached; using {repo} and quantizing to {quantize} "
@@ -276,7 +335,7 @@ def resolve_model(name: str, *, quantize: int | None, backend: str,
             "on load)")
         return ResolvedModel(path=path, repo_id=variant, alias=alias, prequantized_bits=bits)
 
-    path = _snapshot(repo, trust_remote_code=trust_remote_code)
+    path = _snapshot(repo, trust_remote_code=trust_remote_code, log=log)
     log(f"model: {alias} -> {repo}")
     return ResolvedModel(path=path, repo_id=repo, alias=alias,
                          prequantized_bits=_quantized_bits(path))

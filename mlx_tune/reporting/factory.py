@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from mlx_tune.reporting.records import Reporters
+from mlx_tune.reporting.records import Reporters, one_line
 from mlx_tune.reporting.text import JsonlReporter, PlainReporter
 
 
@@ -62,7 +62,23 @@ def make_reporters(
 
         out.append(TensorBoardReporter(output_dir / "tensorboard", resume_step))
     if "wandb" in report_to:
-        from mlx_tune.reporting.wandb_reporter import WandbReporter
-
-        out.append(WandbReporter(output_dir, config))
+        wandb = start_wandb(output_dir, config, out)
+        if wandb is not None:
+            out.append(wandb)
     return out
+
+
+def start_wandb(output_dir: Path, config: dict[str, Any] | None, others: Reporters) -> Any:
+    """The W&B reporter, or None after one warning: W&B trouble (an endpoint that does not
+    answer, a bad key, a full disk under wandb/) must never cost the night, so the run
+    trains on with the other trackers. wandb.init waits ``init_timeout`` (its own default
+    90 s, WANDB_INIT_TIMEOUT overrides) for the server, then raises."""
+    from mlx_tune.reporting.wandb_reporter import WandbReporter
+
+    try:
+        return WandbReporter(output_dir, config)
+    except Exception as exc:  # noqa: BLE001 - any wandb failure: warn, train on
+        kept = ", ".join(type(r).__name__ for r in others)
+        others.on_message(f"W&B could not start ({one_line(exc)}); training on without it "
+                          f"(still reporting to: {kept})", "warning")
+        return None

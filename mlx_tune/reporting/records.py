@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -115,6 +114,12 @@ class NullReporter:
         pass
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, for errors of libraries that write essays."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 class Reporters(list):
     """Fan-out: calls each reporter in turn.
 
@@ -140,8 +145,8 @@ class Reporters(list):
         if key in self._failed:
             return
         self._failed.add(key)
-        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        text = f"reporter {type(rep).__name__}.{method} failed (further failures silenced): {detail}"
+        name = getattr(rep, "label", type(rep).__name__)
+        text = f"reporter {name}.{method} failed (further failures silenced): {one_line(exc)}"
         print(text, file=sys.stderr, flush=True)
         for other in list(self):
             if other is rep:

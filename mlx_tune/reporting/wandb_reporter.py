@@ -49,6 +49,8 @@ def run_id_for(output_dir: Path) -> str:
 
 
 class WandbReporter(NullReporter):
+    label = "W&B"  # how failure lines name it
+
     def __init__(self, output_dir: Path | str, config: dict[str, Any] | None = None) -> None:
         import wandb
 

@@ -9,9 +9,9 @@ preload has to be in place before the process starts, hence a re-exec: the CLI c
 interpreter running ``mlx_tune`` with OpenBLAS preloaded. Nothing changes on macOS (MLX uses
 Accelerate) or when ``MLX_TUNE_NO_BLAS_FIX=1``.
 
-Which OpenBLAS, in order: ``MLX_TUNE_OPENBLAS`` (a path; ``pip`` picks the pip one even
-when the system has one), then the system library (Debian/Ubuntu, Fedora, Arch locations,
-then the linker cache), then the one pip installed with mlx-tune (``pip_openblas``).
+Which OpenBLAS: ``blas_choice`` (each candidate proven in a child process first). After the
+re-exec the process checks that the preload really provides ``cblas_sgemm`` and says so if
+not, rather than run 10x slower under a notice that claims OpenBLAS.
 
 The marker variable ``MLX_TUNE_BLAS`` records what was decided ("openblas" after the re-exec,
 "reference" after the install hint) so that neither happens twice in a process tree.
@@ -24,104 +24,25 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
-import platform
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlx_tune.system import pip_openblas
+from mlx_tune.system.blas_choice import (OVERRIDE, OpenBlas, choose_openblas,  # noqa: F401
+                                         find_openblas)  # re-exported: tests, scripts
 
 MARKER = "MLX_TUNE_BLAS"
 DISABLE = "MLX_TUNE_NO_BLAS_FIX"
-OVERRIDE = "MLX_TUNE_OPENBLAS"  # an explicit library path (conda, spack, a custom build), or "pip"
 
 APT_HINT = "sudo apt-get install libopenblas0-pthread"
 PIP_HINT = f"pip install {pip_openblas.DIST}"
 HINT = ("mlx-tune: MLX is using its bundled reference BLAS (about 30x slower); install "
         f"OpenBLAS: {PIP_HINT} (or {APT_HINT})")
 
-# ELF e_machine of this interpreter's architecture: a foreign-architecture library (multiarch
-# cross packages) would only make the loader print an error and be ignored.
-_ELF_MACHINE = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183}
-
-
-@dataclass(frozen=True)
-class OpenBlas:
-    """An OpenBLAS to preload: ``path`` goes on LD_PRELOAD, ``lib_dir`` (the pip one's
-    private libgfortran links) first on LD_LIBRARY_PATH; ``source`` says where it came from."""
-    path: str
-    source: str  # "MLX_TUNE_OPENBLAS" | "system" | "pip (ngsolve-openblas X.Y.Z)"
-    lib_dir: str | None = None
-
-    def describe(self) -> str:
-        return f"{self.source} OpenBLAS ({self.path})"
-
-
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def _elf_matches(path: str) -> bool:
-    """A 64-bit ELF shared object for this machine (read from the header, without loading it)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError:
-        return False
-    if len(head) < 20 or head[:4] != b"\x7fELF" or head[4] != 2:
-        return False
-    want = _ELF_MACHINE.get(platform.machine().lower())
-    return want is None or int.from_bytes(head[18:20], "little") == want
-
-
-def _candidates() -> list[str]:
-    machine = platform.machine().lower()
-    triplet = {"x86_64": "x86_64-linux-gnu", "amd64": "x86_64-linux-gnu",
-               "aarch64": "aarch64-linux-gnu", "arm64": "aarch64-linux-gnu"}.get(machine)
-    paths = []
-    if triplet:  # Debian / Ubuntu: the pthread flavour first, then whatever alternative is set
-        paths += [f"/usr/lib/{triplet}/openblas-pthread/libopenblas.so.0",
-                  f"/usr/lib/{triplet}/openblas-openmp/libopenblas.so.0",
-                  f"/usr/lib/{triplet}/libopenblas.so.0"]
-    # Fedora names the flavours libopenblasp (pthreads), libopenblaso (OpenMP), libopenblas
-    # (serial); Arch ships /usr/lib/libopenblas.so*.
-    for pattern in ("/usr/lib64/libopenblasp.so*", "/usr/lib64/libopenblaso.so*",
-                    "/usr/lib64/libopenblas*.so*", "/usr/lib/libopenblas*.so*"):
-        paths += sorted(glob.glob(pattern))
-    # The 64-bit-integer builds (libopenblas64_) export suffixed symbols MLX does not call.
-    return [p for p in paths if "64_" not in os.path.basename(p)]
-
-
-def system_openblas() -> str | None:
-    """A system OpenBLAS for this machine: a path, a soname from the linker cache, or None."""
-    for path in _candidates():
-        if os.path.isfile(path) and _elf_matches(path):
-            return path
-    return ctypes.util.find_library("openblas")  # e.g. "libopenblas.so.0"; the loader finds it
-
-
-def pip_installed_openblas() -> OpenBlas | None:
-    """The first pip-installed OpenBLAS that works on this CPU, with its private libgfortran
-    directory, or None."""
-    gfortran = pip_openblas.wheel_gfortran()
-    lib_dir = pip_openblas.private_lib_dir(gfortran) if gfortran else None
-    if lib_dir is None:
-        return None
-    for path, dist, version in pip_openblas.wheel_openblases():
-        if _elf_matches(path) and pip_openblas.works(path, lib_dir):
-            return OpenBlas(path, f"pip ({dist} {version})", str(lib_dir))
-    return None
-
-
-def find_openblas() -> OpenBlas | None:
-    """The OpenBLAS to preload: MLX_TUNE_OPENBLAS, else the system's, else pip's; or None."""
-    override = os.environ.get(OVERRIDE)
-    if override and override.strip().lower() != "pip":
-        return OpenBlas(override, OVERRIDE) if _elf_matches(override) else None
-    lib = None if override else system_openblas()
-    return OpenBlas(lib, "system") if lib else pip_installed_openblas()
 
 
 def preload_env(lib: OpenBlas, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -200,11 +121,17 @@ def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "
     if not sys.platform.startswith("linux") or not sys.executable:
         return
     env = os.environ
+    if env.get(MARKER) == "openblas":
+        _check_preload_in_use()
+        return
     if _truthy(env.get(DISABLE)) or env.get(MARKER) or "openblas" in env.get("LD_PRELOAD", ""):
         return
     if not _mlx_cpu_wheel():
         return
-    lib = find_openblas()
+    choice = choose_openblas()
+    for line in choice.passed_over:
+        print(f"mlx-tune: not using {line}", file=sys.stderr, flush=True)
+    lib = choice.lib
     if lib is None:
         env[MARKER] = "reference"  # children inherit it: the hint is printed once per run
         print(HINT, file=sys.stderr, flush=True)
@@ -219,6 +146,21 @@ def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "
         env[MARKER] = "reexec-failed"
         print(f"mlx-tune: could not restart with OpenBLAS ({e}); continuing with MLX's bundled "
               "BLAS", file=sys.stderr, flush=True)
+
+
+def _check_preload_in_use() -> None:
+    """After the re-exec: the preloaded library must be what provides cblas_sgemm here. The
+    candidate passed the same check in a child; this catches what differs in this process
+    (a changed LD_PRELOAD, a library replaced since), and says so rather than run 10x
+    slower under a notice that claims OpenBLAS."""
+    if os.environ.get("LD_PRELOAD") is None:
+        return
+    provider = _cblas_provider(_maps())
+    if provider is None or _classify(provider) != "openblas":
+        os.environ[MARKER] = "preload-missing"
+        print(f"mlx-tune: the preloaded OpenBLAS ({os.environ['LD_PRELOAD'].split(':')[0]}) is "
+              "not loaded in this process, so MLX uses its bundled reference BLAS (about 30x "
+              f"slower); `mlx-tune doctor` says why", file=sys.stderr, flush=True)
 
 
 # -- what is in use, for `mlx-tune doctor` ---------------------------------------------
@@ -272,19 +214,30 @@ def _source_of(path: str) -> str:
     return "system" if real.startswith(("/usr/", "/lib")) else "a preloaded library"
 
 
+def _cblas_provider(maps: list[tuple[int, int, str]]) -> str | None:
+    """The library whose cblas_sgemm is in the global symbol scope (the preload, or one
+    loaded with RTLD_GLOBAL): the one MLX binds to. None: MLX uses the one it links."""
+    try:
+        addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+    except (AttributeError, OSError):
+        return None
+    return next((p for lo, hi, p in maps if addr is not None and lo <= addr < hi), None)
+
+
 def blas_status() -> dict[str, Any]:
     """Which BLAS MLX's CPU backend calls in this process, and why.
 
     Keys: kind ("openblas" | "accelerate" | "mkl" | "blis" | "reference" | "unknown"),
     library (path or None), source (where an OpenBLAS in use came from), mapped (BLAS-like
     libraries mapped into the process), ld_preload, marker, fix_disabled, available (the
-    OpenBlas mlx-tune would preload, or None), mlx_cpu_wheel.
+    OpenBlas mlx-tune would preload, or None), passed_over (each candidate it would not
+    use, with the cause), mlx_cpu_wheel.
     """
     status: dict[str, Any] = {
         "kind": "unknown", "library": None, "source": None, "mapped": [],
         "ld_preload": os.environ.get("LD_PRELOAD"), "marker": os.environ.get(MARKER),
         "fix_disabled": _truthy(os.environ.get(DISABLE)),
-        "available": None, "mlx_cpu_wheel": False,
+        "available": None, "passed_over": [], "mlx_cpu_wheel": False,
     }
     if sys.platform == "darwin":
         status.update(kind="accelerate", library="Accelerate.framework")
@@ -293,14 +246,10 @@ def blas_status() -> dict[str, Any]:
     status["mapped"] = sorted({p for _, _, p in maps
                                if any(n in os.path.basename(p).lower() for n in _BLAS_NAMES)})
     status["mlx_cpu_wheel"] = _mlx_cpu_wheel()
-    status["available"] = find_openblas() if sys.platform.startswith("linux") else None
-    # A cblas_sgemm in the global symbol scope (the preload, or a library loaded with
-    # RTLD_GLOBAL) is the one MLX binds to; otherwise MLX uses the library it links itself.
-    try:
-        addr = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
-    except (AttributeError, OSError):
-        addr = None
-    provider = next((p for lo, hi, p in maps if addr is not None and lo <= addr < hi), None)
+    if sys.platform.startswith("linux"):
+        choice = choose_openblas()
+        status["available"], status["passed_over"] = choice.lib, list(choice.passed_over)
+    provider = _cblas_provider(maps)
     if provider:
         status.update(kind=_classify(provider), library=provider)
         if status["kind"] == "openblas":
@@ -316,6 +265,9 @@ def blas_advice(status: dict[str, Any]) -> str | None:
     if status["kind"] != "reference":
         return None
     lib: OpenBlas | None = status["available"]
+    if lib is None and status.get("passed_over"):
+        # Something is installed but unusable: installing it again would not help.
+        return "no installed OpenBLAS can be used: " + "; ".join(status["passed_over"])
     if lib is None:
         return f"install OpenBLAS ({PIP_HINT}, or {APT_HINT}); mlx-tune then preloads it by itself"
     if status["fix_disabled"]:

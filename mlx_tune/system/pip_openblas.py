@@ -105,12 +105,24 @@ def _is_ours(folder: Path, links: dict[str, str]) -> bool:
     """Owned by this user, writable by nobody else, and holding exactly the expected links:
     anything else on the loader's path could inject code into the training process."""
     try:
-        st = folder.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return False
-        return all(os.readlink(folder / name) == target for name, target in links.items())
+        return _own_dir_problem(folder) is None and all(
+            os.readlink(folder / name) == target for name, target in links.items())
     except OSError:
         return False
+
+
+def _own_dir_problem(folder: Path) -> str | None:
+    """None for a real directory (not a link) of this user's that nobody else can write."""
+    st = folder.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        return f"{folder} is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder} is not a directory"
+    if st.st_uid != os.getuid():
+        return f"{folder} belongs to another user"
+    if st.st_mode & 0o022:
+        return f"{folder} is writable by others"
+    return None
 
 
 def _roots() -> list[Path]:
@@ -121,18 +133,29 @@ def _roots() -> list[Path]:
     return [Path(cache) / "mlx-tune", Path(tempfile.gettempdir()) / f"mlx-tune-{os.getuid()}"]
 
 
-def private_lib_dir(gfortran: Path) -> Path | None:
-    """The private directory of loader-name links for ``gfortran`` (created once, atomically),
-    or None when no usable place can be had."""
+class PrivateDirError(OSError):
+    """No private folder for the loader-name links could be had; the message says why."""
+
+
+def make_private_lib_dir(gfortran: Path) -> Path:
+    """The private directory of loader-name links for ``gfortran`` (created once,
+    atomically). Each root is used only when it is a real directory of this user's that
+    nobody else can write: never through a link, so nothing is created outside it."""
     links = _links(gfortran)
     key = hashlib.sha256("\0".join(f"{k}={v}" for k, v in sorted(links.items()))
                          .encode()).hexdigest()[:16]
+    problems = []
     for root in _roots():
         folder = root / f"blas-{key}"
-        if _is_ours(folder, links):
-            return folder
         try:
-            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not os.path.lexists(root):
+                root.mkdir(parents=True, mode=0o700)
+            problem = _own_dir_problem(root)
+            if problem:
+                problems.append(problem)
+                continue
+            if _is_ours(folder, links):
+                return folder
             tmp = Path(tempfile.mkdtemp(prefix=".blas-", dir=root))  # mode 0700
             for name, target in links.items():
                 os.symlink(target, tmp / name)
@@ -141,20 +164,44 @@ def private_lib_dir(gfortran: Path) -> Path | None:
                 os.rename(tmp, folder)  # atomic; fails if a concurrent run got there first
             except OSError:
                 shutil.rmtree(tmp, ignore_errors=True)
-        except OSError:
+        except OSError as e:
+            problems.append(f"{root}: {e.strerror or e}")
             continue
         if _is_ours(folder, links):
             return folder
-    return None
+        problems.append(f"{folder} holds something else")
+    raise PrivateDirError("no private folder for its libgfortran links could be made ("
+                          + "; ".join(problems) + f"); set {PRIVATE_ENV} to a writable folder")
 
 
-_PROBE = ("import ctypes\n"
+def private_lib_dir(gfortran: Path) -> Path | None:
+    """``make_private_lib_dir``, or None when no usable place can be had."""
+    try:
+        return make_private_lib_dir(gfortran)
+    except OSError:
+        return None
+
+
+# Run in a child with the library preloaded: the preload must be what provides cblas_sgemm
+# (the loader only warns, and carries on without it, when a preload cannot be opened) and
+# must compute a right product. Prints the path of the library that provides it.
+_PROBE = ("import ctypes, sys\n"
           "n = 64\n"
           "a = (ctypes.c_float * (n * n))(*([1.0] * (n * n)))\n"
           "c = (ctypes.c_float * (n * n))()\n"
-          "ctypes.CDLL(None).cblas_sgemm(101, 111, 111, n, n, n, ctypes.c_float(1.0), a, n, "
-          "a, n, ctypes.c_float(0.0), c, n)\n"
-          "assert c[0] == n and c[n * n - 1] == n, c[0]\n")
+          "try:\n"
+          "    f = ctypes.CDLL(None).cblas_sgemm\n"
+          "except AttributeError:\n"
+          "    sys.exit('provides no cblas_sgemm')\n"
+          "f(101, 111, 111, n, n, n, ctypes.c_float(1.0), a, n, a, n, ctypes.c_float(0.0), c, n)\n"
+          "if not (c[0] == n and c[n * n - 1] == n):\n"
+          "    sys.exit('computed a wrong product')\n"
+          "addr = ctypes.cast(f, ctypes.c_void_p).value\n"
+          "for line in open('/proc/self/maps'):\n"
+          "    parts = line.split(maxsplit=5)\n"
+          "    lo, hi = (int(x, 16) for x in parts[0].split('-'))\n"
+          "    if lo <= addr < hi and len(parts) == 6:\n"
+          "        print(parts[5].strip())\n")
 
 
 def _cpu_key() -> str:
@@ -168,27 +215,57 @@ def _cpu_key() -> str:
     return model + flags
 
 
-def works(lib: str, lib_dir: Path) -> bool:
-    """Whether ``lib``, preloaded with ``lib_dir`` on the library path, computes a product
-    in a child process on this CPU (cached per library file and CPU in ``lib_dir``)."""
+def _loader_complaint(stderr: str) -> str | None:
+    """The dynamic loader's reason for ignoring a preload, e.g. "cannot open shared object
+    file", from its "object 'X' from LD_PRELOAD cannot be preloaded (...): ignored." line."""
+    for line in stderr.splitlines():
+        if "LD_PRELOAD cannot be preloaded" in line:
+            inner = line.split("cannot be preloaded", 1)[1]
+            return inner.strip(" :.").removesuffix("ignored").strip(" :.()") or "ignored"
+    return None
+
+
+def check(lib: str, lib_dir: Path | None) -> str | None:
+    """None when ``lib``, preloaded (``lib_dir`` first on the library path), is loaded and
+    computes a product in a child process on this CPU; else why not, in a few words. A
+    success is cached per library file and CPU in ``lib_dir``."""
+    mark = None
     try:
-        st = os.stat(lib)
-    except OSError:
-        return False
-    key = hashlib.sha256(f"{lib}|{st.st_size}|{st.st_mtime_ns}|{_cpu_key()}".encode())
-    mark = lib_dir / f"ok-{key.hexdigest()[:16]}"
-    if mark.exists():
-        return True
-    env = dict(os.environ, LD_PRELOAD=lib, LD_LIBRARY_PATH=str(lib_dir),
-               OPENBLAS_NUM_THREADS="1")
-    try:
-        ok = subprocess.run([sys.executable, "-S", "-c", _PROBE], env=env, timeout=60,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-    if ok:
+        st = os.stat(lib) if os.sep in lib else None
+    except OSError as e:
+        return e.strerror or "cannot be read"
+    if st is not None and lib_dir is not None:
+        key = hashlib.sha256(f"{lib}|{st.st_size}|{st.st_mtime_ns}|{_cpu_key()}".encode())
+        mark = lib_dir / f"ok-{key.hexdigest()[:16]}"
         try:
-            mark.touch()
+            if stat.S_ISREG(mark.lstat().st_mode):
+                return None
+        except OSError:
+            pass
+    env = dict(os.environ, LD_PRELOAD=lib, OPENBLAS_NUM_THREADS="1")
+    if lib_dir is not None:
+        env["LD_LIBRARY_PATH"] = str(lib_dir)
+    try:
+        done = subprocess.run([sys.executable, "-S", "-c", _PROBE], env=env, timeout=60,
+                              capture_output=True, text=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not be tried ({e})"
+    complaint = _loader_complaint(done.stderr)
+    if complaint:
+        return f"the loader cannot preload it ({complaint})"
+    if done.returncode < 0:
+        return f"crashed with signal {-done.returncode} (built for another CPU?)"
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return last
+    if mark is not None:
+        try:  # never through a link: the mark is created, not opened
+            os.close(os.open(mark, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
         except OSError:
             pass  # not cached: the check runs again next time
-    return ok
+    return None
+
+
+def works(lib: str, lib_dir: Path | None) -> bool:
+    """Whether ``lib`` passes ``check``."""
+    return check(lib, lib_dir) is None
