@@ -131,7 +131,9 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
             reporters.on_message(first.line(), "info" if first.fits else "error")
             # Every rank measured its own step: one over the budget stops them all.
             if backend.all_sum_ints([int(not first.fits)])[0]:
-                reason = (f"{first.line()}: stopped before training; try {first.proposal}")
+                reason = (f"{first.line()}: stopped before training; try {first.proposal}"
+                          if not first.fits else "another rank's first step at the widest "
+                          "batch does not fit the memory budget: stopped before training")
                 reporters.on_stop(reason, EXIT_OVER_MEMORY_BUDGET)
                 return RunResult(EXIT_OVER_MEMORY_BUDGET, reason, trainer.state.step)
         # A dead or hung peer: one line, exit 8. One signal policy from the first step to

@@ -275,6 +275,8 @@ def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
                 "train/tokens_per_second", "system/memory"):
         assert [s for s, _ in scalars(events, tag)] == [10, 20, 30, 40, 50], tag
     assert scalars(events, "system/memory")[0][1] == pytest.approx(14051.4)
+    assert scalars(events, "system/cache_memory")[0][1] == pytest.approx(512.3)
+    assert scalars(events, "system/resident_memory")[0][1] == pytest.approx(15220.1)
     for tag, value in (("val/loss", 2.91), ("val/perplexity", 18.36), ("val/accuracy", 0.412)):
         assert scalars(events, tag) == [(50, pytest.approx(value))]
     (sample,) = texts(events, "samples/0")
