@@ -7,6 +7,8 @@ return 0, 1 or 2 (and 130 on Ctrl-C).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 EXIT_OK = 0
 EXIT_ERROR = 1  # an error, or a command that could not do its job (lr-find: no suggestion)
 EXIT_USAGE = 2  # a bad spec or command line
@@ -24,7 +26,8 @@ EXIT_NOT_TRAINING = 13  # early stop: zero gradients or unchanged weights; check
 EXIT_SUPERVISOR_GAVE_UP = 14  # --supervise: the run kept crashing, max_restarts reached
 EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM (128 + SIGINT, the shell's convention)
 
-# Early-stopping rule name -> exit code (the rules live in training/monitors.py).
+# Early-stopping rule name -> exit code (the rules live in training/monitors.py; the
+# loop and the distributed decisions pass a StopDecision between them).
 STOP_RULE_EXIT_CODES = {
     "plateau": EXIT_PLATEAU,
     "val_plateau": EXIT_VAL_PLATEAU,
@@ -32,3 +35,18 @@ STOP_RULE_EXIT_CODES = {
     "nonfinite": EXIT_NONFINITE,
     "memory_growth": EXIT_MEMORY_GROWTH,  # training/memory.py
 }
+
+
+@dataclass(frozen=True)
+class StopDecision:
+    """Why and when a run should stop; ``reason`` is a complete sentence. Lives beside
+    the exit codes so that everything which decides or agrees on a stop (the monitors,
+    the loop, rank 0's broadcast) shares it without importing one another."""
+
+    rule: str
+    reason: str
+    step: int
+
+    @property
+    def exit_code(self) -> int:
+        return STOP_RULE_EXIT_CODES[self.rule]

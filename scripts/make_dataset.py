@@ -29,6 +29,10 @@ missing steps -- score low so a quality filter has something to remove) and
 turns).  A few detailed answers run to 400+ tokens so sequence truncation is
 exercised.
 
+``preference/{train,valid,test}.jsonl`` (prompt, chosen, rejected) and
+``kto/{train,valid,test}.jsonl`` (prompt, completion, label) come from
+``scripts/preference_data.py``: a faithful answer against one with a fact swapped.
+
 Also written: tiny ``samples/completions`` ({"prompt","completion"}) and
 ``samples/text`` ({"text"}) datasets for tests of the other input formats.
 
@@ -43,9 +47,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preference_data  # noqa: E402  (scripts/preference_data.py: the preference sets)
 
 SEED = 20240607
 
@@ -1406,6 +1414,13 @@ def generate(out_dir: Path) -> dict[str, Path]:
         p = out_dir / "samples" / "text" / f"{split}.jsonl"
         _write_jsonl(p, texts)
         written[f"samples/text/{split}"] = p
+
+    def write(rel: str, records: list[dict]) -> Path:
+        _write_jsonl(out_dir / rel, records)
+        return out_dir / rel
+
+    written.update(preference_data.generate_preference(sys.modules[__name__], dishes, SEED + 4,
+                                                       write))
     return written
 
 

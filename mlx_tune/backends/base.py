@@ -7,6 +7,7 @@ loop does, so every feature above this line works the same on both backends.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Iterable, Protocol, Sequence
 
 from mlx_tune.data.batch import Batch
 from mlx_tune.checkpoint.format import ArrayCodec
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec, SpecError
 
 
 # Spec target names -> the last component of module names, in mlx-lm's and in
@@ -148,6 +149,20 @@ class ModelInfo:
     trainable_params: int
     num_layers: int
     quantized_bits: int | None
+
+
+# How long a collective may wait for a peer (seconds, 0 = forever): the torch process
+# group's timeout and distributed/peers.py's watchdog read the same setting.
+TIMEOUT_ENV = "MLX_TUNE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 300.0
+
+
+def timeout_from_env() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        return float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        raise SpecError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
 class Collectives(Protocol):

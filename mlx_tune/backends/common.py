@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 
 # Checkpoint array names: "<prefix><name in the framework's own tree>".
 TRAINABLE = "trainable/"  # the trainable weights (LoRA/DoRA adapters, or all of them)

@@ -62,7 +62,8 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
                 backend.load_adapter(adapter)
             except (ValueError, OSError) as e:
                 raise ExportError(f"--checkpoint {which}: {e}") from None
-    accumulation = resolve_accumulation(run.spec, Path(run.model_path), log)
+    accumulation = resolve_accumulation(run.spec, Path(run.model_path),
+                                        run.backend.world_size, log)
     result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
                         log=log, path=path, weights=which)
     append_record(run_dir / "metrics.jsonl", {"type": "test", **asdict(result),

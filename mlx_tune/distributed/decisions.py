@@ -13,10 +13,9 @@ from typing import Any, Callable
 
 from mlx_tune.backends.base import Collectives
 from mlx_tune.checkpoint.manager import Loaded
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 from mlx_tune.distributed.peers import peer_guard
-from mlx_tune.exit_codes import STOP_RULE_EXIT_CODES
-from mlx_tune.training.monitors import StopDecision
+from mlx_tune.exit_codes import STOP_RULE_EXIT_CODES, StopDecision
 
 _RULES = sorted(STOP_RULE_EXIT_CODES)  # stop rule <-> a small integer on the wire (0 = no stop)
 

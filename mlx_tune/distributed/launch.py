@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from mlx_tune.config.spec import Spec, SpecError
+from mlx_tune.config.schema import Spec, SpecError
 
 
 def launched_world() -> tuple[int, str]:

@@ -14,12 +14,9 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from mlx_tune.backends.base import Collectives
-from mlx_tune.config.spec import SpecError
+from mlx_tune.backends.base import TIMEOUT_ENV, Collectives, timeout_from_env
 from mlx_tune.exit_codes import EXIT_PEER_LOST
 
-TIMEOUT_ENV = "MLX_TUNE_DIST_TIMEOUT"
-DEFAULT_TIMEOUT = 300.0
 RESUME_HINT = "resume every rank with the same command and --auto-resume"
 
 # What the engines say when the other end of a collective is gone.
@@ -52,14 +49,6 @@ def peer_guard(comm: Collectives) -> Iterator[None]:
              f"({str(e).strip()}); stopping without a final save (the last checkpoint is "
              f"intact): {RESUME_HINT}")
         raise SystemExit(EXIT_PEER_LOST) from None
-
-
-def timeout_from_env() -> float:
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    try:
-        return float(raw) if raw else DEFAULT_TIMEOUT
-    except ValueError:
-        raise SpecError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
 
 
 class Watchdog:

@@ -25,6 +25,7 @@ import numpy as np
 from mlx_tune.backends.base import Backend
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.batch import Batch
+from mlx_tune.training.planner import ModelShape, divisors, estimate
 
 MB = 2**20
 
@@ -75,7 +76,6 @@ def check_first_step(backend: Backend, spec: Spec, data: Any, accumulation: int,
     shape = _shape(model_dir)
     predicted = None
     if shape is not None:
-        from mlx_tune.commands.plan import estimate
         predicted = estimate(shape, spec, micro, width, accumulation, spec.backend).total
     first = FirstStep(micro, width, peak, predicted, budget)
     if first.fits:
@@ -83,20 +83,18 @@ def check_first_step(backend: Backend, spec: Spec, data: Any, accumulation: int,
     return replace(first, proposal=propose(shape, spec, first, backend.world_size))
 
 
-def _shape(model_dir: Path) -> Any:
-    from mlx_tune.commands.plan import ModelShape
+def _shape(model_dir: Path) -> ModelShape | None:
     try:
         return ModelShape.from_config(json.loads((Path(model_dir) / "config.json").read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def propose(shape: Any, spec: Spec, first: FirstStep, world_size: int) -> str:
+def propose(shape: ModelShape | None, spec: Spec, first: FirstStep, world_size: int) -> str:
     """The first change that fits, by the planner scaled to this measurement."""
     if shape is None or not first.predicted:
         return ("lower the micro-batch (more --gradient-accumulation-steps), add "
                 "--gradient-checkpointing or --quantize 4")
-    from mlx_tune.commands.plan import divisors, estimate
     scale = first.peak / first.predicted  # the planner, calibrated by this step
     per_rank = max(spec.batch_size // world_size, 1)
 

@@ -25,12 +25,13 @@ from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
 from mlx_tune.training.signals import SignalGuard
 from mlx_tune.training.memory import MB, MemoryGrowth
-from mlx_tune.training.monitors import EarlyStopping, StopDecision, ThroughputMeter
+from mlx_tune.training.monitors import EarlyStopping, ThroughputMeter
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
 from mlx_tune.config.schema import Spec, to_dict
 from mlx_tune.checkpoint.resume import spec_fingerprint
 from mlx_tune.data.records import DataError
-from mlx_tune.exit_codes import EXIT_BAD_DATA, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK
+from mlx_tune.exit_codes import (EXIT_BAD_DATA, EXIT_CHECKPOINT_FAILURES, EXIT_INTERRUPTED, EXIT_OK,
+                                 StopDecision)
 
 MAX_SAVE_FAILURES = 3
 

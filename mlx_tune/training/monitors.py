@@ -17,7 +17,7 @@ import math
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 
-from mlx_tune.exit_codes import STOP_RULE_EXIT_CODES
+from mlx_tune.exit_codes import StopDecision
 
 MONITORS = ("train_loss", "val_loss", "none")
 
@@ -130,19 +130,6 @@ class EarlyStoppingConfig:
     def from_spec(cls, spec: object) -> EarlyStoppingConfig:
         """Build from any object with same-named attributes (e.g. the run spec section)."""
         return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)})
-
-
-@dataclass(frozen=True)
-class StopDecision:
-    """Why and when a run should stop; ``reason`` is a complete sentence."""
-
-    rule: str
-    reason: str
-    step: int
-
-    @property
-    def exit_code(self) -> int:
-        return STOP_RULE_EXIT_CODES[self.rule]
 
 
 class EarlyStopping(_Stateful):

@@ -31,6 +31,7 @@ from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK, EXIT_OVER_MEM
 from mlx_tune.system.gpu_watchdog import watchdog_status
 from mlx_tune.training.first_step import check_first_step
 from mlx_tune.training.memory import limits_for
+from mlx_tune.training.planner import budget_bytes
 from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
@@ -114,7 +115,6 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                            log=log if sys.platform == "darwin" else None) if is_main else None
     memory = ExitStack()  # the memory limits hold until the adapter is written
     try:
-        from mlx_tune.commands.plan import budget_bytes
         budget = budget_bytes(spec, backend=spec.backend)[0]
         applied = memory.enter_context(backend.memory_limits(limits_for(spec.memory, budget)))
         first = check_first_step(backend, spec, data, run.accumulation, run.model_path,

@@ -21,6 +21,7 @@ from mlx_tune.data.preflight import check_data
 from mlx_tune.distributed.launch import check_world
 from mlx_tune.models.hub import resolve_model
 from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.training.planner import plan_accumulation
 
 
 @dataclass
@@ -40,7 +41,8 @@ class Setup:
         # The data is checked with the model's tokenizer before the model itself loads.
         check_data(spec, load_tokenizer(self.model_path, spec.trust_remote_code), log)
         self.info = info = self.backend.load(spec, self.model_path)
-        self.accumulation = resolve_accumulation(spec, self.model_path, log)
+        self.accumulation = resolve_accumulation(spec, self.model_path,
+                                                 self.backend.world_size, log)
         pct = 100.0 * info.trainable_params / max(info.total_params, 1)
         log(f"model {self.model_path} ({info.total_params / 1e6:.2f}M parameters"
             + (f", {info.quantized_bits}-bit" if info.quantized_bits else "")
@@ -64,12 +66,13 @@ def setup(spec: Spec, log: Callable[[str], None] = print) -> Setup:
     return Setup(spec, backend, resolved.path, is_main, log)
 
 
-def resolve_accumulation(spec: Spec, model_dir: Path, log: Callable[[str], None]) -> int:
-    """Micro-batches per step: the spec's number, or 'auto' from the memory planner."""
+def resolve_accumulation(spec: Spec, model_dir: Path, world_size: int,
+                         log: Callable[[str], None]) -> int:
+    """Micro-batches per step: the spec's number, or 'auto' from the memory planner (for
+    ``spec.backend``, already resolved, with ``world_size`` data-parallel ranks)."""
     if spec.gradient_accumulation_steps != "auto":
         return int(spec.gradient_accumulation_steps)
-    from mlx_tune.commands.plan import plan_accumulation
-    steps = plan_accumulation(spec, model_dir)
+    steps = plan_accumulation(spec, model_dir, spec.backend, world_size)
     log(f"gradient_accumulation_steps: auto -> {steps} (micro-batch {spec.batch_size // steps})")
     return steps
 

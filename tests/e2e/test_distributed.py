@@ -212,7 +212,7 @@ import numpy as np
 from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.distributed import decisions as D
 from mlx_tune.checkpoint.manager import Loaded
-from mlx_tune.training.monitors import StopDecision
+from mlx_tune.exit_codes import StopDecision
 
 backend = MlxCollectives()
 out = Path(sys.argv[1])

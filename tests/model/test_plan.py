@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_tune.commands.plan import ModelShape, estimate
+from mlx_tune.training.planner import ModelShape, estimate
 from mlx_tune.config.spec import build_spec
 
 GB = 1e9

@@ -1,7 +1,9 @@
-"""The package's import graph has no cycle, counting imports inside functions too.
+"""The package's import graph has no cycle, and every import between subpackages points
+down the declared layer order, counting imports inside functions too.
 
-A function-level import only hides a cycle from the interpreter; it still means two
-modules depend on each other, so it is counted like any other.
+A function-level import only hides a cycle (or an upward dependency) from the
+interpreter; it still means one module depends on the other, so it is counted like any
+other.
 """
 
 from __future__ import annotations
@@ -64,9 +66,48 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# Subpackages (and top-level modules) from the bottom up: a module may import from its own
+# layer's package or from a lower layer, never from a higher one. A run flows spec ->
+# data -> backend -> loop; what only reads the finished run (export, the other commands)
+# and the command line sit on top.
+LAYERS = [
+    {"mlx_tune", "exit_codes", "files", "errors"},
+    {"config"},
+    {"system"},
+    {"models"},
+    {"data"},
+    {"checkpoint"},
+    {"backends"},
+    {"distributed"},
+    {"reporting"},
+    {"training"},
+    {"export"},
+    {"commands"},
+    {"cli", "__main__"},
+]
+# (importer, imported) module pairs allowed to point up, each with the reason. Keep it short.
+ALLOWED_UPWARD: dict[tuple[str, str], str] = {}
+
+
+def layer_of(module: str) -> int:
+    parts = module.split(".")
+    top = parts[1] if len(parts) > 1 else parts[0]
+    for rank, names in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(f"{module}: its package '{top}' is in no layer of LAYERS")
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                  if b.startswith("mlx_tune") and layer_of(b) > layer_of(a)
+                  and (a, b) not in ALLOWED_UPWARD)
+
+
 def test_the_walker_sees_function_level_and_relative_imports():
     graph = import_graph()
-    assert "mlx_tune.commands.plan" in graph["mlx_tune.training.setup"]  # inside a function
+    assert "mlx_tune.training.planner" in graph["mlx_tune.commands.plan"]
+    assert "mlx_tune.commands.plan" in graph["mlx_tune.cli"]  # inside a function
     assert "mlx_tune.backends.mlx.backend" in graph["mlx_tune.backends.select"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
@@ -75,3 +116,20 @@ def test_the_walker_sees_function_level_and_relative_imports():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_every_package_is_in_a_layer():
+    for module in import_graph():
+        layer_of(module)
+
+
+def test_imports_point_down_the_layers():
+    up = upward_imports(import_graph())
+    assert not up, "imports pointing up the layer order (tests/test_import_cycles.py " \
+        "LAYERS):\n" + "\n".join(up)
+
+
+def test_an_upward_import_is_caught():
+    graph = {"mlx_tune.distributed.decisions": {"mlx_tune.training.monitors"},
+             "mlx_tune.training.monitors": {"mlx_tune.exit_codes"}, "mlx_tune.exit_codes": set()}
+    assert upward_imports(graph) == ["mlx_tune.distributed.decisions -> mlx_tune.training.monitors"]

@@ -24,7 +24,7 @@ from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.backends.mlx.memory import device_info, memory_limits
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.files import atomic_file, atomic_write
 from mlx_tune.models.tokenizer import load_tokenizer

@@ -36,7 +36,7 @@ from mlx_tune.backends.torch.loading import (SIDECAR, decoder_layers, default_de
 from mlx_tune.backends.torch.step import (TorchStep, load_optimizer_arrays, make_optimizer,
                                           optimizer_arrays)
 from mlx_tune.backends.torch.threads import default_threads
-from mlx_tune.config.spec import Spec
+from mlx_tune.config.schema import Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.files import atomic_write, fsync_dir, fsync_file
 from mlx_tune.models.tokenizer import load_tokenizer

@@ -31,6 +31,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from mlx_tune.backends.base import timeout_from_env
+
 
 def launched_by_torchrun() -> bool:
     env = os.environ
@@ -44,7 +46,6 @@ def init_from_env() -> None:
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    from mlx_tune.distributed.peers import timeout_from_env
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

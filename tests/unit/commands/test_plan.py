@@ -11,8 +11,10 @@ import pytest
 
 from mlx_tune.commands import plan
 from mlx_tune.models.hub import ModelError
-from mlx_tune.commands.plan import (ModelShape, estimate, plan_accumulation, plan_cli, propose,
-                           weight_bytes)
+from mlx_tune.commands.plan import plan_cli
+from mlx_tune.training import planner
+from mlx_tune.training.planner import (ModelShape, estimate, plan_accumulation, propose,
+                                       weight_bytes)
 from mlx_tune.config.spec import build_spec
 
 PRESETS = Path(__file__).resolve().parents[3] / "configs" / "presets"
@@ -79,10 +81,14 @@ def test_plan_accumulation_reads_config_and_budget(tmp_path):
                                         "max_length": 1024, "gradient_checkpointing": True,
                                         "gradient_accumulation_steps": "auto",
                                         "memory_budget_gb": gb})
-    assert plan_accumulation(spec(1000), tmp_path) == 1
-    steps = plan_accumulation(spec(12), tmp_path)
+    assert plan_accumulation(spec(1000), tmp_path, "mlx", 1) == 1
+    steps = plan_accumulation(spec(12), tmp_path, "mlx", 1)
     assert steps in (2, 4, 8) and 8 % steps == 0
-    assert plan_accumulation(spec(1), tmp_path) == 8
+    assert plan_accumulation(spec(1), tmp_path, "mlx", 1) == 8
+    # The world size is the caller's (the running backend's), not the environment's: two
+    # ranks each hold 4 of the 8 sequences, so at most 4 micro-batches of one.
+    assert plan_accumulation(spec(1), tmp_path, "mlx", 2) == 4
+    assert plan_accumulation(spec(1), tmp_path, "torch", 4) == 2
 
 
 def test_plan_cli_on_a_config_only_directory(tmp_path, capsys):
@@ -115,11 +121,11 @@ def test_config_of_a_hub_id_comes_from_the_cache_only(tmp_path, monkeypatch):
 
 
 def test_detected_memory_is_plausible():
-    total, what = plan.detect_memory("mlx")
+    total, what = planner.detect_memory("mlx")
     assert total > 0.1 * GB and what
-    budget, why = plan.budget_bytes(spec_of(memory_budget_gb=10.0))
+    budget, why = planner.budget_bytes(spec_of(memory_budget_gb=10.0))
     assert budget == 10 * GB and why == "memory_budget_gb"
-    assert plan.budget_bytes(spec_of(), 32.0)[0] == pytest.approx(0.75 * 32 * GB)
+    assert planner.budget_bytes(spec_of(), 32.0)[0] == pytest.approx(0.75 * 32 * GB)
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_MEMORY))

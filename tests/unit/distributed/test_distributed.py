@@ -14,7 +14,7 @@ from mlx_tune.data.batch import Batch, shard_rows
 from mlx_tune.distributed.decisions import agree, barrier, broadcast_flag, broadcast_stop, share_resume_point
 from mlx_tune.distributed.launch import check_world
 from mlx_tune.distributed.peers import EXIT_PEER_LOST, Watchdog, peer_guard
-from mlx_tune.training.monitors import StopDecision
+from mlx_tune.exit_codes import StopDecision
 from mlx_tune.config.schema import SpecError
 from mlx_tune.config.spec import build_spec
 

@@ -43,6 +43,7 @@ DATASET_FILES = [
     "samples/completions/valid.jsonl",
     "samples/text/train.jsonl",
     "samples/text/valid.jsonl",
+    *(f"{kind}/{split}.jsonl" for kind in ("preference", "kto") for split in ("train", "valid", "test")),
 ]
 
 
@@ -213,6 +214,19 @@ def test_sample_files_parse():
         assert text and all(set(r) == {"text"} for r in text)
     assert len(_read_jsonl(DATA / "samples" / "completions" / "train.jsonl")) == 64
     assert len(_read_jsonl(DATA / "samples" / "text" / "train.jsonl")) == 64
+
+
+def test_preference_files_pair_a_faithful_answer_with_a_different_one():
+    for split, n in (("train", 400), ("valid", 48), ("test", 48)):
+        pairs = _read_jsonl(DATA / "preference" / f"{split}.jsonl")
+        assert len(pairs) == n and all(set(p) == {"prompt", "chosen", "rejected"} for p in pairs)
+        assert all(p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant" for p in pairs)
+        assert all(p["chosen"] != p["rejected"] for p in pairs)
+        kto = _read_jsonl(DATA / "kto" / f"{split}.jsonl")
+        assert [r["prompt"] for r in kto] == [p["prompt"] for p in pairs]
+        assert sum(r["label"] for r in kto) == n // 2
+        assert all(r["completion"] == (p["chosen"] if r["label"] else p["rejected"])
+                   for r, p in zip(kto, pairs))
 
 
 def test_dataset_regenerates_byte_identical(tmp_path):

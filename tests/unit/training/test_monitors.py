@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+from mlx_tune.exit_codes import StopDecision
 from mlx_tune.training.monitors import (
     EarlyStopping,
     EarlyStoppingConfig,
     MovingAverage,
-    StopDecision,
     ThroughputMeter,
 )
 

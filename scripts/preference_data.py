@@ -1,0 +1,91 @@
+"""The shipped preference sets: recipe prompts with a faithful answer chosen and a
+plausible but wrong one rejected (``data/preference``), and the same answers unpaired
+for KTO (``data/kto``). Called by ``make_dataset.py``; deterministic like it.
+
+A rejected answer is the chosen one with one fact swapped for another dish's, rendered
+with the same random choices (intro, tip), so the pair differs only in content:
+
+* ``ingredients``: the ingredient list of another dish of the same category;
+* ``steps``: the steps of another dish of the same category;
+* ``time``: a timing answer with another dish's cooking time and oven temperature.
+
+The base model was pre-trained on the faithful facts (``corpus/pretrain.txt``) and the
+quickstart's SFT adapter taught it the answer format, so a preference objective has a
+signal to find: which of two fluent answers matches what the model knows of the dish.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Callable
+
+N_PAIRS_TRAIN, N_PAIRS_VALID, N_PAIRS_TEST = 400, 48, 48
+
+
+def _other(dish, dishes: list, rng: random.Random, differs: Callable) -> object:
+    """Another dish, of the same category where one differs in the swapped fact."""
+    same = [d for d in dishes if d.category == dish.category and differs(d)]
+    return rng.choice(same or [d for d in dishes if differs(d)])
+
+
+def _render_pair(render: Callable, dish, wrong, rng: random.Random) -> tuple[str, str]:
+    """(faithful, wrong) renderings drawing the same random choices."""
+    state = rng.getstate()
+    chosen = render(dish, rng)
+    after = rng.getstate()
+    rng.setstate(state)
+    rejected = render(wrong, rng)
+    rng.setstate(after)
+    return chosen, rejected
+
+
+def make_pair(dishes: list, rng: random.Random, m) -> dict:
+    """One conversational preference record (TRL's prompt/chosen/rejected message lists).
+    ``m`` is the make_dataset module: its knowledge base, prompts and renderers."""
+    dish = rng.choice(dishes)
+    kind = rng.choice(["ingredients", "steps", "time", "time"])
+    if kind == "time" and dish.time:
+        prompt = rng.choice(m.USER_TIME).format(d=dish.name, m=dish.method)
+        other = _other(dish, dishes, rng, lambda d: d.time and abs(d.time - dish.time) >= 10)
+        wrong = replace(dish, time=other.time, temp=other.temp if dish.temp else None)
+        chosen, rejected = _render_pair(m.timing_answer, dish, wrong, rng)
+    else:
+        kind = "steps" if kind == "time" else kind
+        prompt = rng.choice(m.USER_RECIPE).format(d=dish.name, a=m._article(dish.name))
+        if kind == "ingredients":
+            other = _other(dish, dishes, rng, lambda d: d.ingredients != dish.ingredients)
+            wrong = replace(dish, ingredients=other.ingredients)
+        else:
+            other = _other(dish, dishes, rng, lambda d: d.steps != dish.steps)
+            wrong = replace(dish, steps=other.steps)
+        chosen, rejected = _render_pair(m.render_recipe, dish, wrong, rng)
+    return {"prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def unpaired(pairs: list[dict], rng: random.Random) -> list[dict]:
+    """KTO's format: each pair gives one example, its chosen answer (label true) or its
+    rejected one (false), alternating in random order so the labels stay balanced."""
+    labels = [i % 2 == 0 for i in range(len(pairs))]
+    rng.shuffle(labels)
+    return [{"prompt": p["prompt"], "completion": p["chosen" if good else "rejected"], "label": good}
+            for p, good in zip(pairs, labels)]
+
+
+def generate_preference(m, dishes: list, seed: int, write: Callable) -> dict:
+    """Write data/preference/{split}.jsonl and data/kto/{split}.jsonl via ``write(rel,
+    records)``; pairs are unique across splits. Returns {name: records}."""
+    rng, seen, written = random.Random(seed), set(), {}
+    for split, n in (("train", N_PAIRS_TRAIN), ("valid", N_PAIRS_VALID), ("test", N_PAIRS_TEST)):
+        pairs = m._unique_records(lambda: _keyed(make_pair(dishes, rng, m)), n, seen)
+        pairs = [{k: v for k, v in p.items() if k != "messages"} for p in pairs]
+        written[f"preference/{split}"] = write(f"preference/{split}.jsonl", pairs)
+        written[f"kto/{split}"] = write(f"kto/{split}.jsonl", unpaired(pairs, rng))
+    return written
+
+
+def _keyed(pair: dict) -> dict:
+    # make_dataset's uniqueness check reads "messages": the prompt and both answers.
+    return {**pair, "messages": pair["prompt"] + pair["chosen"] + pair["rejected"]}
