@@ -68,14 +68,13 @@ def generate_mlx(model_dir: Path, adapter: str | None, messages: list[dict], max
     from mlx_lm.generate import generate
     from mlx_lm.sample_utils import make_sampler
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import load_model, load_tokenizer, quantize_model
+    from mlx_lm.utils import load_tokenizer
+    from mlx_tune.backends.mlx.base_model import load_base
 
-    model, config = load_model(Path(model_dir))
-    if quantize and "quantization" not in config:
-        # The adapter was trained on a base quantized on load: rebuild the same base.
-        group = json.loads((Path(adapter) / "adapter_config.json").read_text()).get(
-            "quantize_group_size", 64)
-        model, config = quantize_model(model, config, group, quantize)
+    # An adapter trained on a base quantized on load gets the same base rebuilt.
+    group = json.loads((Path(adapter) / "adapter_config.json").read_text()).get(
+        "quantize_group_size", 64) if quantize else 64
+    model, config, _ = load_base(Path(model_dir), quantize=quantize, group_size=group)
     if adapter:
         load_adapters(model, adapter)
     model.eval()

@@ -23,7 +23,8 @@ from mlx_tune.data.augment import make_augmenter
 from mlx_tune.data.batching import pad_id_of
 from mlx_tune.data.hf import describe, find_data
 from mlx_tune.data.packing import example_limit
-from mlx_tune.data.records import DataError, Record, content_hash, first_format, read_records
+from mlx_tune.data.records import (DataError, DataFiles, Record, content_hash, first_format,
+                                   read_records)
 from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
 from mlx_tune.data.tokenize import tokenize_all, unwrap
@@ -91,55 +92,80 @@ def load_data(spec: Spec, tokenizer, *, rank: int = 0, world_size: int = 1,
         augmenter=make_augmenter(spec.augmentation, spec.seed, files.directory),
         widths=widths, pack_length=pack_length)
 
-    held: Optional[list[Record]] = None
-    if spec.streaming:
-        kind = first_format(files.train)
-        source = StreamingSource(files.train, kind, settings, spec.shuffle_buffer, holdout)
-        count = source.count()  # a line count: nothing is parsed or tokenized yet
-        if spec.bucket_widths == "auto":
-            def choose(source=source) -> Widths:
-                sample = source.sample_lengths(min(spec.shuffle_buffer, WIDTH_SAMPLE))
-                chosen = Widths.choose(sample, spec.max_length, origin=(
-                    f"chosen from the lengths of the first {len(sample)} streamed records"))
-                log(chosen.describe())
-                return chosen
-            widths.chooser = choose
-    else:
-        records = read_records(files.train)
-        kind = records[0].kind
-        if holdout:
-            held = [r for r in records if seeding.held_out(spec.seed, r.line, holdout)]
-            records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
-        examples = tokenize_all(records, tokenizer, spec.mask_prompt, limit, "train", log,
-                                setting)
-        chosen = Widths.choose([ex.length for ex in examples], spec.max_length,
-                               mode=spec.bucket_widths,
-                               origin=f"chosen from {len(examples)} training lengths")
-        widths.set(chosen.values, chosen.origin)
-        if pack_length is not None:  # every row, train and validation, is pack_length wide
-            widths.set((pack_length,), f"packing: rows of {pack_length} tokens")
-        source = MemorySource(examples, settings)
-        count = len(examples)
+    opened = (_streaming(files, spec, settings, holdout, log) if spec.streaming
+              else _in_memory(files, spec, settings, holdout, log))
+    count, held = opened.count, opened.held
     if count < spec.batch_size:
         raise DataError(f"{files.train}: {count} usable training records, fewer than "
                         f"batch_size={spec.batch_size}")
-
-    valid: Optional[LazyValidation] = None
-    if files.valid is not None:
-        valid = LazyValidation(files.valid, spec, tokenizer, log=log, widths=widths)
-    elif holdout and held is None:  # streaming: hold-out lines are read on first use
-        valid = LazyValidation(files.train, spec, tokenizer, log=log, holdout=holdout,
-                               widths=widths)
-    elif held:
-        valid = LazyValidation(files.train, spec, tokenizer, log=log, records=held,
-                               widths=widths)
-    if valid is None:
-        log("no validation data: evaluation is skipped")
+    valid = _validation(files, spec, tokenizer, widths, holdout, held, log)
 
     mode = "streaming" if spec.streaming else "in memory"
     split = f", {len(held)} held out by val_split" if held else ""
-    log(f"train: {count} {kind} records from {files.train} ({mode}{split})")
+    log(f"train: {count} {opened.kind} records from {files.train} ({mode}{split})")
     if widths.chooser is None:
         log(widths.describe())
-    train = TrainStream(source, spec.prefetch, log, seed=spec.seed, widths=widths)
+    train = TrainStream(opened.source, spec.prefetch, log, seed=spec.seed, widths=widths)
     return DataBundle(train, valid, count, widths)
+
+
+@dataclass
+class _Opened:
+    source: MemorySource | StreamingSource
+    count: int  # usable training records (streaming: lines, nothing parsed yet)
+    kind: str  # the records' format
+    held: Optional[list[Record]] = None  # in memory: the records val_split holds out
+
+
+def _streaming(files: DataFiles, spec: Spec, settings: Settings, holdout: Optional[float],
+               log: Callable[[str], None]) -> _Opened:
+    """Records read pass by pass; 'auto' widths chosen on first use from a sample."""
+    kind = first_format(files.train)
+    source = StreamingSource(files.train, kind, settings, spec.shuffle_buffer, holdout)
+    count = source.count()  # a line count: nothing is parsed or tokenized yet
+    if spec.bucket_widths == "auto":
+        def choose(source: StreamingSource = source) -> Widths:
+            sample = source.sample_lengths(min(spec.shuffle_buffer, WIDTH_SAMPLE))
+            chosen = Widths.choose(sample, spec.max_length, origin=(
+                f"chosen from the lengths of the first {len(sample)} streamed records"))
+            log(chosen.describe())
+            return chosen
+        settings.widths.chooser = choose
+    return _Opened(source, count, kind)
+
+
+def _in_memory(files: DataFiles, spec: Spec, settings: Settings, holdout: Optional[float],
+               log: Callable[[str], None]) -> _Opened:
+    """Every record read and tokenized up front; widths chosen from all their lengths."""
+    records = read_records(files.train)
+    kind, held = records[0].kind, None
+    if holdout:
+        held = [r for r in records if seeding.held_out(spec.seed, r.line, holdout)]
+        records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
+    examples = tokenize_all(records, settings.tokenizer, spec.mask_prompt, settings.max_length,
+                            "train", log, settings.length_setting)
+    chosen = Widths.choose([ex.length for ex in examples], spec.max_length,
+                           mode=spec.bucket_widths,
+                           origin=f"chosen from {len(examples)} training lengths")
+    widths = settings.widths
+    widths.set(chosen.values, chosen.origin)
+    if settings.pack_length is not None:  # every row, train and validation, is that wide
+        widths.set((settings.pack_length,), f"packing: rows of {settings.pack_length} tokens")
+    return _Opened(MemorySource(examples, settings), len(examples), kind, held)
+
+
+def _validation(files: DataFiles, spec: Spec, tokenizer, widths: Widths,
+                holdout: Optional[float], held: Optional[list[Record]],
+                log: Callable[[str], None]) -> Optional[LazyValidation]:
+    """valid.jsonl when there is one, else the val_split hold-out (streaming: its lines
+    read on first use), else none."""
+    if files.valid is not None:
+        return LazyValidation(files.valid, spec, tokenizer, log=log, widths=widths)
+    if holdout and held is None:
+        return LazyValidation(files.train, spec, tokenizer, log=log, holdout=holdout,
+                              widths=widths)
+    if held:
+        return LazyValidation(files.train, spec, tokenizer, log=log, records=held,
+                              widths=widths)
+    log("no validation data: evaluation is skipped")
+    return None

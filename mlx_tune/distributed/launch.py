@@ -2,27 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
+from mlx_tune.backends.launchers import launched_world
 from mlx_tune.config.schema import Spec, SpecError
-
-
-def launched_world() -> tuple[int, str]:
-    """How many ranks a launcher started this process among (1 when none), and which."""
-    env = os.environ
-    if "MLX_RANK" in env:  # mlx.launch: MLX_WORLD_SIZE (nccl) or the ring's host file
-        if env.get("MLX_WORLD_SIZE", "").isdigit():
-            return int(env["MLX_WORLD_SIZE"]), "mlx.launch"
-        try:
-            ring = json.loads(Path(env.get("MLX_HOSTFILE", "")).read_text())
-        except (OSError, ValueError):
-            ring = []  # `mlx.launch -n 1` writes an empty host file
-        return max(len(ring) if isinstance(ring, list) else 1, 1), "mlx.launch"
-    if "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE"} <= set(env):
-        return int(env.get("WORLD_SIZE", "1") or 1), "torchrun"
-    return 1, ""
 
 
 def check_world(spec: Spec, world_size: int, backend_name: str = "") -> None:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_map, tree_unflatten
+from mlx.utils import tree_unflatten
 
 from mlx_tune.export import ExportError
 
@@ -15,18 +15,13 @@ def fuse_mlx(model_dir: Path, adapter: Path, output: Path, spec, *, dequantize: 
     """The base rebuilt as training saw it (quantized and cast like the backend does),
     the adapter loaded by mlx-lm, each LoRA/DoRA layer's ``fuse()``, then mlx-lm's save."""
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, load_model, load_tokenizer, quantize_model, save
-    from mlx_tune.backends.mlx.backend import DTYPES
+    from mlx_lm.utils import dequantize_model, load_tokenizer, save
+    from mlx_tune.backends.mlx.base_model import load_base
     from mlx_tune.export import copy_chat_template
 
-    model, config = load_model(model_dir, trust_remote_code=spec.trust_remote_code)
-    if spec.quantize and not config.get("quantization"):
-        model, config = quantize_model(model, config, spec.quantize_group_size, spec.quantize)
-    if spec.dtype != "auto":
-        dtype = DTYPES[spec.dtype]
-        model.update(tree_map(lambda p: p.astype(dtype)
-                              if mx.issubdtype(p.dtype, mx.floating) and p.ndim > 0 else p,
-                              model.parameters()))
+    model, config, _ = load_base(model_dir, quantize=spec.quantize,
+                                 group_size=spec.quantize_group_size, dtype=spec.dtype,
+                                 trust_remote_code=spec.trust_remote_code)
     model = load_adapters(model, str(adapter))
     fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()
              if hasattr(module, "fuse")]

@@ -9,23 +9,21 @@ owns arrays. Step results stay lazy (MLX) until a report boundary, where one
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
-
-import numpy as np
 
 from mlx_tune.backends.base import Backend, MemoryReading, StepResult
 from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
-from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointManager, CheckpointSaveError
+from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
 from mlx_tune.training.signals import SignalGuard
 from mlx_tune.training.memory import MB, MemoryGrowth
-from mlx_tune.training.monitors import EarlyStopping, ThroughputMeter
+from mlx_tune.training.monitors import ThroughputMeter
+from mlx_tune.training.state import Interval, Progress, python_rng_state
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
 from mlx_tune.config.schema import Spec, to_dict
 from mlx_tune.checkpoint.resume import spec_fingerprint
@@ -46,71 +44,37 @@ class RunResult:
     last_val_loss: float | None = None
 
 
-@dataclass
-class Interval:
-    """Sums over the current report interval (checkpointed, so a resumed run reports
-    exactly the numbers an uninterrupted one would)."""
-
-    loss_sum: float = 0.0
-    tokens: float = 0.0
-    steps: int = 0
-    grad_norm: float = 0.0
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    trained_tokens: int = 0
-    interval: Interval = field(default_factory=Interval)
-    first_val_loss: float | None = None
-    last_val_loss: float | None = None
-    last_checkpoint: str | None = None
-    last_checkpoint_step: int = 0
-
-
 def _or_nan(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def python_rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    legacy = np.random.get_state()
-    return {"python": [version, list(internal), gauss],
-            "numpy": [legacy[0], legacy[1].tolist(), *legacy[2:]]}
-
-
-def restore_python_rng(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
-
-
 class Trainer:
-    """Runs the loop for one spec with one backend. Construct, optionally ``restore``,
-    then ``run``."""
+    """Runs the loop for one spec with one backend: construct with everything it needs
+    (``progress`` from ``state.restore`` when resuming), then ``run``."""
 
     def __init__(self, spec: Spec, backend: Backend, data: Any, reporters: Reporters,
                  manager: CheckpointManager | None, schedule: Callable[[int], float],
-                 accumulation: int, log: Callable[[str], None] = print):
+                 accumulation: int, *, fingerprint: dict | None = None,
+                 progress: Progress | None = None):
         self.spec, self.backend, self.data, self.reporters = spec, backend, data, reporters
-        self.manager, self.schedule, self.accumulation, self.log = manager, schedule, accumulation, log
-        es = spec.early_stopping
-        self.stopper = EarlyStopping.from_spec(es)
+        self.manager, self.schedule, self.accumulation = manager, schedule, accumulation
+        progress = progress or Progress.fresh(spec)
+        self.state, self.stopper = progress.state, progress.stopper
         self.throughput = ThroughputMeter(window=50)
+        # Memory growth is about this process: a resumed run takes a fresh baseline.
         self.memory = MemoryGrowth(spec.memory)
         self._reading: MemoryReading | None = None
-        self.state = LoopState()
         self.rank, self.world_size = backend.rank, backend.world_size
         self.save_failures = 0
         self._failed_step: int | None = None
-        # Distributed runs: the watchdog's beat (distributed.peers.Watchdog), called once a step.
-        self.heartbeat: Callable[[], None] = lambda: None
+        # Distributed runs: the watchdog's beat (distributed.peers.Watchdog), called once a
+        # step; ``run`` sets it.
+        self._heartbeat: Callable[[], None] = lambda: None
         self._signals: SignalGuard | None = None
         self._agreed_interrupt: str | None = None  # a signal every rank has agreed on
         self._shapes_warned = False
-        # Stored in every checkpoint; the recipe adds the data content hash.
-        self.fingerprint: dict = spec_fingerprint(spec)
+        # Stored in every checkpoint: the recipe's includes the data content hash.
+        self.fingerprint: dict = fingerprint if fingerprint is not None else spec_fingerprint(spec)
 
     # -- checkpoint state -----------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -121,48 +85,6 @@ class Trainer:
                 "early_stopping": self.stopper.state_dict(),
                 "rng": python_rng_state(), "fingerprint": self.fingerprint,
                 "spec": to_dict(self.spec), "world_size": self.world_size}
-
-    @staticmethod
-    def check_state(meta: dict) -> None:
-        """Raise CheckpointCorrupt unless ``meta`` has the shape ``checkpoint_meta`` writes:
-        a checkpoint whose files verify but whose state is wrong is then skipped for the
-        previous one, before anything is restored."""
-        def need(obj: Any, key: str, types: tuple, where: str = "") -> Any:
-            if not isinstance(obj, dict) or key not in obj:
-                raise CheckpointCorrupt(f"state.json: '{where}{key}' is missing")
-            value = obj[key]
-            if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-                raise CheckpointCorrupt(f"state.json: '{where}{key}' is "
-                                        f"{type(value).__name__}, expected "
-                                        + " or ".join(t.__name__ for t in types))
-            return value
-
-        num, opt = (int, float), (int, float, type(None))
-        need(meta, "step", (int,))
-        need(meta, "trained_tokens", (int,))
-        interval = need(meta, "interval", (dict,))
-        for key in ("loss_sum", "tokens", "steps", "grad_norm"):
-            need(interval, key, num, "interval.")
-        need(meta, "first_val_loss", opt)
-        need(meta, "last_val_loss", opt)
-        for key in ("data", "early_stopping", "fingerprint", "backend"):
-            need(meta, key, (dict,))
-        rng = need(meta, "rng", (dict,))
-        need(rng, "python", (list,), "rng.")
-        need(rng, "numpy", (list,), "rng.")
-
-    def restore(self, arrays: dict, meta: dict, path: str | None = None) -> None:
-        # The backend gets back the meta its own state_dict() returned (the torch backend
-        # reads which optimizer values were Python scalars from it).
-        self.backend.load_state_dict(arrays, meta["backend"])
-        s = self.state
-        s.step, s.trained_tokens = meta["step"], meta["trained_tokens"]
-        s.interval = Interval(**meta["interval"])
-        s.first_val_loss, s.last_val_loss = meta["first_val_loss"], meta["last_val_loss"]
-        s.last_checkpoint, s.last_checkpoint_step = path, s.step
-        self.data.train.load_state_dict(meta["data"])
-        self.stopper.load_state_dict(meta["early_stopping"])
-        restore_python_rng(meta["rng"])
 
     def save(self, *, best: bool = False) -> bool:
         """Save through the manager; a failure is reported and training goes on."""
@@ -228,7 +150,7 @@ class Trainer:
 
     def _beating(self, batches: list) -> Any:
         for batch in batches:
-            self.heartbeat()
+            self._heartbeat()
             yield batch
 
     # -- reporting ------------------------------------------------------------------
@@ -313,14 +235,17 @@ class Trainer:
         s.interval = Interval()
 
     # -- the loop -------------------------------------------------------------------
-    def run(self, signals: SignalGuard | None = None) -> RunResult:
+    def run(self, signals: SignalGuard | None = None,
+            heartbeat: Callable[[], None] | None = None) -> RunResult:
         """Train to the end or to a stop. ``signals``: a guard the caller keeps installed
         past the run (the recipe holds it until the adapter is written); without one, the
-        run installs its own around everything it writes."""
+        run installs its own around everything it writes. ``heartbeat``: called once a
+        step and during evaluation (a distributed run's watchdog)."""
         if signals is None:
             with SignalGuard() as own:
-                return self.run(own)
+                return self.run(own, heartbeat)
         self._signals = signals
+        self._heartbeat = heartbeat or (lambda: None)
         spec, s = self.spec, self.state
         pending: list[tuple[int, StepResult, float, float]] = []
         self._last_lr = self.schedule(s.step)
@@ -337,7 +262,7 @@ class Trainer:
                 lr = self.schedule(s.step)
                 noise = gradient_noise_std(s.step, spec.gradient_noise.eta, spec.gradient_noise.gamma)
                 result = self.backend.step(batch.split(self.accumulation), lr, noise)
-                self.heartbeat()
+                self._heartbeat()
                 s.step += 1
                 pending.append((s.step, result, lr, time.perf_counter()))
 
@@ -350,7 +275,11 @@ class Trainer:
                                                  schedule=spec.eval_schedule):
                     stop = self.flush(pending) or self.evaluate()
                 if stop is None and s.step % spec.checkpoint_interval == 0 and not last:
-                    self.flush(pending)
+                    # A stop found here is acted on now: the run ends at this step (and
+                    # saves it below) rather than training on to the next report.
+                    stop = self.flush(pending)
+                    if stop is not None:
+                        break
                     self.save()  # rank 0 only; it tells the others whether to give up
                     if broadcast_flag(self.save_failures >= MAX_SAVE_FAILURES, self.backend):
                         return self._finish(EXIT_CHECKPOINT_FAILURES,

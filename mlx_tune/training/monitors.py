@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
+from mlx_tune.config.schema import EarlyStoppingSpec
 from mlx_tune.exit_codes import StopDecision
 
-MONITORS = ("train_loss", "val_loss", "none")
 
 # Relative slack on min_delta comparisons so decimal thresholds behave as
 # written: 2.45 -> 2.44 is an improvement of "0.01" despite binary floats.
@@ -94,46 +94,13 @@ class MovingAverage:
         self._values = deque((float(v) for v in d["values"]), maxlen=self.window)
 
 
-@dataclass
-class EarlyStoppingConfig:
-    """Early-stopping rules; ``enabled=False`` tracks everything, stops nothing.
-
-    ``monitor`` picks the plateau rule: ``train_loss`` (moving average checked
-    every ``check_every`` steps), ``val_loss`` (each ``observe_eval``), or
-    ``none``. The safety rules (non-finite, gradient spike) are always on;
-    ``max_nonfinite_steps <= 0`` or ``grad_spike_threshold`` None disables one.
-    """
-
-    enabled: bool = True
-    patience: int = 5
-    min_delta: float = 0.01
-    loss_window: int = 50
-    check_every: int = 50
-    grad_spike_threshold: float | None = 1000.0
-    grad_spike_patience: int = 3
-    max_nonfinite_steps: int = 10
-    monitor: str = "train_loss"
-    val_patience: int = 5
-    val_min_delta: float = 0.0
-    warmup: int = 50
-
-    def __post_init__(self) -> None:
-        if self.monitor not in MONITORS:
-            raise ValueError(f"monitor must be one of {', '.join(MONITORS)}, got {self.monitor!r}")
-        for name in ("patience", "loss_window", "check_every", "grad_spike_patience", "val_patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if min(self.min_delta, self.val_min_delta, self.warmup) < 0:
-            raise ValueError("min_delta, val_min_delta and warmup must be >= 0")
-
-    @classmethod
-    def from_spec(cls, spec: object) -> EarlyStoppingConfig:
-        """Build from any object with same-named attributes (e.g. the run spec section)."""
-        return cls(**{f.name: getattr(spec, f.name) for f in fields(cls) if hasattr(spec, f.name)})
-
-
 class EarlyStopping(_Stateful):
-    """Applies :class:`EarlyStoppingConfig` to a stream of per-step values.
+    """Applies the spec's ``early_stopping`` section (``EarlyStoppingSpec``: its fields,
+    defaults and ranges) to a stream of per-step values; ``enabled=False`` tracks
+    everything and stops nothing. ``monitor`` picks the plateau rule: ``train_loss``
+    (moving average checked every ``check_every`` steps), ``val_loss`` (each
+    ``observe_eval``) or ``none``; the safety rules (non-finite, gradient spike) are
+    always on.
 
     Feed every step, in increasing order, through ``observe_step`` (batches
     fed after the fact are fine: decisions carry the step they refer to).
@@ -158,8 +125,8 @@ class EarlyStopping(_Stateful):
       again without updating counters (``observe_eval`` still tracks the best).
     """
 
-    def __init__(self, config: EarlyStoppingConfig | None = None) -> None:
-        self.config = config or EarlyStoppingConfig()
+    def __init__(self, config: EarlyStoppingSpec | None = None) -> None:
+        self.config = config or EarlyStoppingSpec()
         self.moving_average = MovingAverage(self.config.loss_window)  # finite losses only
         self.skipped_steps = self.consecutive_nonfinite = self.spike_counter = 0
         self.plateau_counter = self.val_counter = 0
@@ -170,10 +137,6 @@ class EarlyStopping(_Stateful):
         self.best_val_loss: float | None = None
         self.is_new_best = False
         self.decision: StopDecision | None = None
-
-    @classmethod
-    def from_spec(cls, spec: object) -> EarlyStopping:
-        return cls(EarlyStoppingConfig.from_spec(spec))
 
     def counters(self) -> dict[str, int]:
         """The dashboard counters, by attribute name."""
@@ -200,14 +163,14 @@ class EarlyStopping(_Stateful):
         if bad or not finite:
             self.skipped_steps += 1
             self.consecutive_nonfinite = n = self.consecutive_nonfinite + 1
-            if active and 0 < cfg.max_nonfinite_steps <= n:
+            if active and cfg.max_nonfinite_steps <= n:
                 what = ", ".join(bad) or f"loss={loss:.4f}, flagged non-finite"
                 return self._fire("nonfinite", f"{n} consecutive non-finite steps ({what}) at step {step}", step)
         else:
             self.consecutive_nonfinite = 0
             self.moving_average.add(loss)
             thr = cfg.grad_spike_threshold
-            if thr is not None and grad_norm > thr:
+            if grad_norm > thr:
                 self.spike_counter += 1
                 if self.spike_counter == 1:
                     self.spike_start = step

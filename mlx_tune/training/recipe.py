@@ -5,9 +5,9 @@ without loading a model is checked first."""
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack
-from dataclasses import replace
 import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -15,7 +15,8 @@ import yaml
 
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.format import describe_error
-from mlx_tune.checkpoint.manager import CheckpointCorrupt, CheckpointError, CheckpointManager
+from mlx_tune.checkpoint.manager import (CheckpointCorrupt, CheckpointError, CheckpointManager,
+                                         Loaded)
 from mlx_tune.checkpoint.resume import (RESUME_CAUTION_FIELDS, RESUME_REPORTED_FIELDS,
                                         decide_resume, move_run_aside, spec_fingerprint)
 from mlx_tune.checkpoint.rundir import RunLock, check_is_run_dir
@@ -26,6 +27,7 @@ from mlx_tune.distributed.decisions import barrier, share_resume_point
 from mlx_tune.distributed.peers import guard_run
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
+from mlx_tune.reporting.records import Reporters
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK, EXIT_OVER_MEMORY_BUDGET
 from mlx_tune.system.gpu_watchdog import watchdog_status
@@ -36,6 +38,7 @@ from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
 from mlx_tune.training.signals import SignalGuard
+from mlx_tune.training.state import Progress, check_state, restore
 from mlx_tune.training.testset import score_test
 
 
@@ -64,10 +67,30 @@ def train(spec: Spec, *, resume: Literal["ask", "auto", "fresh"] = "ask",
 
 def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
            accept_changes: bool) -> RunResult:
+    opened = _open_run(run, output_dir, data_fp, resume, accept_changes)
+    trainer, reporters, resume_step = _build_trainer(run, opened, output_dir)
+    try:
+        return _run_guarded(run, trainer, reporters, resume_step, output_dir)
+    finally:
+        reporters.close()
+        trainer.data.close()
+
+
+@dataclass
+class OpenedRun:
+    """Where a run starts: its checkpoint manager (rank 0), its fingerprint, and the
+    checkpoint it resumes from (every rank's copy of rank 0's), if any."""
+    manager: CheckpointManager | None
+    fingerprint: dict
+    loaded: Loaded | None
+
+
+def _open_run(run: Setup, output_dir: Path, data_fp: dict, resume: str,
+              accept_changes: bool) -> OpenedRun:
+    """The resume decision, before the model loads: a refusal costs a second, not a
+    minute. --force-fresh moves the old run aside untouched (the lock file stays), before
+    the manager tidies anything."""
     spec, backend, log, is_main = run.spec, run.backend, run.log, run.is_main
-    # Resume decision before the model loads: a refusal costs a second, not a minute.
-    # --force-fresh moves the old run aside untouched (the lock file stays), before the
-    # manager tidies anything.
     if resume == "fresh" and is_main:
         dest = move_run_aside(output_dir)
         if dest is not None:
@@ -86,9 +109,16 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
     # the checkpoint was written by another number of ranks.
     loaded = share_resume_point(backend, loaded, output_dir, spec, log)
     faults.install(manager)
+    return OpenedRun(manager, current, loaded)
 
+
+def _build_trainer(run: Setup, opened: OpenedRun,
+                   output_dir: Path) -> tuple[Trainer, Reporters, int | None]:
+    """Model and data, the checkpoint restored, the reporters (whose logs continue from
+    the step restored), and the Trainer holding all of them; and the step resumed from."""
+    log, is_main = run.log, run.is_main
     run.load()
-    info, data = run.info, run.data
+    spec, data = run.spec, run.data
     if is_main:
         write_spec(spec, output_dir)
     if spec.num_epochs is not None:
@@ -96,12 +126,9 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
         spec = with_epochs(spec, per_epoch)
         log(f"num_epochs={spec.num_epochs:g}: {spec.max_steps} steps ({per_epoch} per epoch: "
             f"{data.train_records} records / batch_size {spec.batch_size})")
-    trainer = Trainer(spec, backend, data, None, manager,
-                      build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
-                      run.accumulation, log=log)
-    trainer.fingerprint = current
+    loaded, progress = opened.loaded, None
     if loaded is not None:
-        loaded = _restore(trainer, manager, loaded, backend.world_size, log)
+        loaded, progress = _restore(spec, run, opened.manager, loaded)
         log(f"resumed from {loaded.path} at step {loaded.step}")
     # Logs continue from the resume step; a start from scratch supersedes whatever an
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
@@ -109,20 +136,31 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                                resume_step=loaded.step if loaded else -1,
                                report_to=spec.report_to, config=to_dict(spec),
                                is_main_rank=is_main)
-    trainer.reporters = reporters
-    trainer.log = lambda m: reporters.on_message(m)
+    trainer = Trainer(spec, run.backend, data, reporters, opened.manager,
+                      build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
+                      run.accumulation, fingerprint=opened.fingerprint, progress=progress)
+    return trainer, reporters, loaded.step if loaded else None
+
+
+def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step: int | None,
+                 output_dir: Path) -> RunResult:
+    """The loop under the run's guards (a dead or hung peer: one line, exit 8; one signal
+    policy from the first step to the last byte, so a SIGTERM/SIGHUP during the final
+    checkpoint or the adapter write is noted, not fatal), then the adapter, the test set
+    and the summary line."""
+    spec, backend, info, is_main = trainer.spec, run.backend, run.info, run.is_main
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
-                           log=log if sys.platform == "darwin" else None) if is_main else None
+                           log=run.log if sys.platform == "darwin" else None) if is_main else None
     memory = ExitStack()  # the memory limits hold until the adapter is written
     try:
         budget = budget_bytes(spec, backend=spec.backend)[0]
         applied = memory.enter_context(backend.memory_limits(limits_for(spec.memory, budget)))
-        first = check_first_step(backend, spec, data, run.accumulation, run.model_path,
-                                 budget) if spec.memory.first_step_check else None
+        first = check_first_step(backend, spec, trainer.data, run.accumulation,
+                                 run.model_path, budget) if spec.memory.first_step_check else None
         reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
-                            "resume_step": loaded.step if loaded else None,
+                            "resume_step": resume_step,
                             "output_dir": str(output_dir), **applied.info(),
                             "first_step": first.info() if first else None})
         for note in applied.notes + ((watchdog_status()[1],) if sys.platform == "darwin" else ()):
@@ -136,16 +174,12 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                           "batch does not fit the memory budget: stopped before training")
                 reporters.on_stop(reason, EXIT_OVER_MEMORY_BUDGET)
                 return RunResult(EXIT_OVER_MEMORY_BUDGET, reason, trainer.state.step)
-        # A dead or hung peer: one line, exit 8. One signal policy from the first step to
-        # the last byte: a SIGTERM/SIGHUP during the final checkpoint or the adapter write
-        # is noted, not fatal.
         with guard_run(backend) as watchdog, SignalGuard() as signals:
-            trainer.heartbeat = watchdog.beat
-            result = trainer.run(signals)
+            result = trainer.run(signals, heartbeat=watchdog.beat)
             if is_main:
                 result = _write_adapters(backend, spec, output_dir, trainer, result)
             if spec.test_at_end and result.exit_code == 0:
-                score = score_test(spec, backend, run.accumulation, result.step, data,
+                score = score_test(spec, backend, run.accumulation, result.step, trainer.data,
                                    log=lambda m: reporters.on_message(m))
                 if score is not None:
                     reporters.on_message(score.line())
@@ -159,34 +193,33 @@ def _train(run: Setup, output_dir: Path, data_fp: dict, resume: str,
         return result
     finally:
         memory.close()
-        reporters.close()
-        data.close()
         release(keepawake)
 
 
 def _check_loaded(loaded) -> None:
-    Trainer.check_state(loaded.meta)
+    check_state(loaded.meta)
     if loaded.meta["step"] != loaded.step:
         raise CheckpointCorrupt(f"state.json says step {loaded.meta['step']}, the manifest "
                                 f"{loaded.step}")
 
 
-def _restore(trainer: Trainer, manager, loaded, world_size: int, log):
+def _restore(spec: Spec, run: Setup, manager: CheckpointManager | None,
+             loaded: Loaded) -> tuple[Loaded, Progress]:
     """Restore ``loaded``; a checkpoint whose tensors do not fit the backend (a missing
     optimizer tensor, a wrong shape) is skipped for the previous valid one, like a bad
     checksum. Only single-process runs fall back: every rank must restore the same one."""
     while True:
         try:
-            trainer.restore(loaded.arrays, loaded.meta, str(loaded.path))
-            return loaded
+            return loaded, restore(spec, run.backend, run.data, loaded.arrays, loaded.meta,
+                                   str(loaded.path))
         except Exception as e:  # noqa: BLE001 - any failure to load means "unusable"
             reason = f"{loaded.path}: its state does not load ({describe_error(e)})"
-            if world_size > 1 or manager is None:
+            if run.backend.world_size > 1 or manager is None:
                 raise CheckpointError(reason) from None
-            log(f"skipping {reason}")
+            run.log(f"skipping {reason}")
             step = loaded.step
             del loaded
-            loaded = manager.latest_valid(log, check=_check_loaded, below=step)
+            loaded = manager.latest_valid(run.log, check=_check_loaded, below=step)
             if loaded is None:
                 # The backend may hold part of the rejected state: do not train on it.
                 raise CheckpointError(

@@ -76,6 +76,7 @@ LAYERS = [
     {"system"},
     {"models"},
     {"data"},
+    {"objectives"},
     {"checkpoint"},
     {"backends"},
     {"distributed"},

@@ -13,13 +13,14 @@ from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from mlx_tune.backends.base import (EVAL_FIELDS, AppliedLimits, EvalResult, MemoryLimits,
                                     MemoryReading, ModelInfo, StepResult, match_targets)
 from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
-                                      framework_dtypes, optimizer_args, refuse_full_quantized,
-                                      state_undone, step_config, weights_swapped, with_prefix)
+                                      optimizer_args, refuse_full_quantized, state_undone,
+                                      step_config, weights_swapped, with_prefix)
+from mlx_tune.backends.mlx.base_model import load_base
 from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
 from mlx_tune.backends.mlx.memory import device_info, memory_limits
@@ -29,9 +30,6 @@ from mlx_tune.data.batch import Batch
 from mlx_tune.files import atomic_file, atomic_write
 from mlx_tune.models.tokenizer import load_tokenizer
 from mlx_tune.system.memory import resident_bytes
-
-DTYPES = framework_dtypes(mx)
-
 
 def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
     """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the targets."""
@@ -84,26 +82,17 @@ class MLXBackend(MlxCollectives):
     # -- loading ---------------------------------------------------------------
     def load(self, spec: Spec, model_dir: Path) -> ModelInfo:
         from mlx_lm.tuner.utils import linear_to_lora_layers
-        from mlx_lm.utils import load_model, quantize_model
 
         self.spec, self.model_dir = spec, Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir, spec.trust_remote_code)
-        model, config = load_model(self.model_dir, trust_remote_code=spec.trust_remote_code)
+        model, config, bits = load_base(self.model_dir, quantize=spec.quantize,
+                                        group_size=spec.quantize_group_size, dtype=spec.dtype,
+                                        trust_remote_code=spec.trust_remote_code)
         # Every end-of-sequence id the model declares (generation_config.json included):
         # a chat model may end a turn with </s> as well as its template's end token.
         eos = config.get("eos_token_id")
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        bits = (config.get("quantization") or {}).get("bits")
-        if spec.quantize and bits is None:
-            model, config = quantize_model(model, config, spec.quantize_group_size, spec.quantize)
-            bits = spec.quantize
         refuse_full_quantized(spec, bits)  # a pre-quantized model's bits count too
-        if spec.dtype != "auto":
-            # Only unquantized floating weights change; packed ints and scales stay put.
-            dtype = DTYPES[spec.dtype]
-            model.update(tree_map(lambda p: p.astype(dtype)
-                                  if mx.issubdtype(p.dtype, mx.floating) and p.ndim > 0 else p,
-                                  model.parameters()))
         # The adapter's random init and LoRA dropout draw from here: seed first.
         mx.random.seed(spec.seed)
         layers = adapted_layers(spec, len(model.layers))

@@ -32,19 +32,13 @@ import torch
 import torch.distributed as dist
 
 from mlx_tune.backends.base import timeout_from_env
-
-
-def launched_by_torchrun() -> bool:
-    env = os.environ
-    return "TORCHELASTIC_RUN_ID" in env or {"RANK", "WORLD_SIZE", "MASTER_ADDR"} <= set(env)
+from mlx_tune.backends.launchers import torchrun_world
 
 
 def init_from_env() -> None:
     """Join torchrun's process group (a no-op outside torchrun, for 1 process, or when
     it is already joined). Collectives time out after MLX_TUNE_DIST_TIMEOUT seconds."""
-    if not dist.is_available() or dist.is_initialized() or not launched_by_torchrun():
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist.is_available() or dist.is_initialized() or torchrun_world() <= 1:
         return
     cuda = torch.cuda.is_available()
     if cuda:

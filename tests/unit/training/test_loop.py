@@ -30,7 +30,7 @@ from mlx_tune.backends.common import (EMA, OPTIMIZER, TRAINABLE, state_undone, w
                                       with_prefix)
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.format import NumpyCodec
-from mlx_tune.checkpoint.manager import CheckpointManager
+from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
 from mlx_tune.config.schema import EarlyStoppingSpec, EmaSpec, MemorySpec, Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.exit_codes import (EXIT_CHECKPOINT_FAILURES, EXIT_GRAD_SPIKE, EXIT_INTERRUPTED,
@@ -39,6 +39,7 @@ from mlx_tune.exit_codes import (EXIT_CHECKPOINT_FAILURES, EXIT_GRAD_SPIKE, EXIT
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.system.memory import resident_bytes
 from mlx_tune.training.loop import RunResult, Trainer
+from mlx_tune.training.state import restore
 
 WIDTH = 8  # tokens per row of the fake data
 LR = 1e-3  # weights move < 0.05 per step: scripted validation losses stay in charge
@@ -253,12 +254,16 @@ def manager_of(spec: Spec) -> CheckpointManager:
 
 
 def trainer(spec: Spec, backend: FakeBackend, *, manager: CheckpointManager | None = None,
-            resume_step: int | None = -1, accumulation: int = 1) -> Trainer:
-    """A Trainer wired as recipe.train wires it (reporters from make_reporters)."""
+            loaded: Loaded | None = None, accumulation: int = 1) -> Trainer:
+    """A Trainer wired as recipe.train wires it: the checkpoint ``loaded`` restored first,
+    then reporters from make_reporters continuing from its step."""
+    data = FakeData(spec)
+    progress = (restore(spec, backend, data, loaded.arrays, loaded.meta, str(loaded.path))
+                if loaded is not None else None)
     reporters = make_reporters("plain", output_dir=run_dir(spec), total_steps=spec.max_steps,
-                               resume_step=resume_step, report_to=[])
-    return Trainer(spec, backend, FakeData(spec), reporters, manager or manager_of(spec),
-                   schedule=lambda step: LR, accumulation=accumulation, log=lambda m: None)
+                               resume_step=loaded.step if loaded else -1, report_to=[])
+    return Trainer(spec, backend, data, reporters, manager or manager_of(spec),
+                   schedule=lambda step: LR, accumulation=accumulation, progress=progress)
 
 
 def run(t: Trainer) -> RunResult:
@@ -363,6 +368,23 @@ def test_a_stop_decided_mid_interval_is_acted_on_at_the_report_boundary(tmp_path
     assert (result.exit_code, result.step) == (code, 8)
     assert saved_steps(spec) == [8] and records(spec)[-1]["exit_code"] == code
     assert "(steps 5-7)" in records(spec)[-1]["reason"]
+
+
+def test_a_stop_found_at_a_checkpoint_boundary_is_acted_on_there(tmp_path):
+    # The spike rule fires at step 7; reports come every 4 steps but a checkpoint is due
+    # at step 7, where the interval's values are read. The run stops there, as a run that
+    # reads every step does, instead of training on to the report at step 8.
+    es, script, _, code = STOP_CASES["grad_spike"]
+    every = make_spec(tmp_path / "every-step", early_stopping=es, report_every=1)
+    reference = run(trainer(every, FakeBackend(every, **script)))
+    spec = make_spec(tmp_path / "boundary", early_stopping=es, report_every=4,
+                     checkpoint_interval=7)
+    backend = FakeBackend(spec, **script)
+    result = run(trainer(spec, backend))
+    assert reference.step == 7 and (result.exit_code, result.step) == (code, reference.step)
+    assert int(backend.opt["t"]) == 7  # no step trained past the decision
+    assert saved_steps(spec) == [7] and records(spec)[-1]["exit_code"] == code
+    assert records(spec)[-1]["reason"] == records(every)[-1]["reason"]
 
 
 def test_an_interrupt_saves_then_exits_130(tmp_path):
@@ -611,9 +633,7 @@ def test_resume_restores_the_loop_state_exactly(tmp_path, how):
     loaded = manager_of(spec).latest_valid()
     assert loaded.step == resume_at
     backend = FakeBackend(spec, **NOISY)
-    t = trainer(spec, backend, resume_step=loaded.step, accumulation=2)
-    t.restore(loaded.arrays, loaded.meta, str(loaded.path))
-    assert run(t).exit_code == EXIT_OK
+    assert run(trainer(spec, backend, loaded=loaded, accumulation=2)).exit_code == EXIT_OK
 
     got, want = comparable(spec), comparable(ref)
     # The interrupted run's own stop record is the only extra line.

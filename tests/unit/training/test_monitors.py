@@ -7,10 +7,11 @@ import math
 
 import pytest
 
+from mlx_tune.config.schema import EarlyStoppingSpec, SpecError
+from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import StopDecision
 from mlx_tune.training.monitors import (
     EarlyStopping,
-    EarlyStoppingConfig,
     MovingAverage,
     ThroughputMeter,
 )
@@ -18,9 +19,9 @@ from mlx_tune.training.monitors import (
 NAN, INF = float("nan"), float("inf")
 
 
-def cfg(**kw) -> EarlyStoppingConfig:
+def cfg(**kw) -> EarlyStoppingSpec:
     base = dict(warmup=0, check_every=10, loss_window=10, patience=3, min_delta=0.01)
-    return EarlyStoppingConfig(**(base | kw))
+    return EarlyStoppingSpec(**(base | kw))
 
 
 def feed(es: EarlyStopping, seq, start: int = 0):
@@ -208,26 +209,25 @@ def test_decision_is_sticky_and_steps_must_increase():
         es.observe_step(5, 1.0, 1.0)
 
 
-def test_from_spec_and_counters():
-    class Section:  # stands in for the run spec's early_stopping section (extra fields ignored)
-        enabled, monitor, patience, min_delta, check_every, loss_window = True, "none", 2, 0.1, 5, 5
-        val_patience, val_min_delta, grad_spike_threshold, grad_spike_patience = 4, 0.0, 10.0, 2
-        max_nonfinite_steps, warmup, unrelated = 3, 7, "x"
-
-    es = EarlyStopping.from_spec(Section())
-    assert es.config == EarlyStoppingConfig(monitor="none", patience=2, min_delta=0.1, check_every=5,
-                                            loss_window=5, val_patience=4, grad_spike_threshold=10.0,
-                                            grad_spike_patience=2, max_nonfinite_steps=3, warmup=7)
+def test_the_spec_section_drives_it_and_counters():
+    spec = build_spec(None, {"early_stopping.monitor": "none", "early_stopping.patience": 2,
+                             "early_stopping.grad_spike_threshold": 10.0,
+                             "early_stopping.grad_spike_patience": 2,
+                             "early_stopping.max_nonfinite_steps": 3,
+                             "early_stopping.warmup": 7})
+    es = EarlyStopping(spec.early_stopping)
+    assert es.config is spec.early_stopping
     feed(es, [(1.0, 50.0, True), (NAN, 1.0, False)])
     assert es.counters() == {"plateau_counter": 0, "val_counter": 0, "spike_counter": 1,
                              "consecutive_nonfinite": 1, "skipped_steps": 1}
 
 
-def test_config_validation():
-    assert EarlyStoppingConfig().monitor == "train_loss" and EarlyStoppingConfig().warmup == 50
-    for bad in (dict(monitor="acc"), dict(patience=0), dict(check_every=0), dict(min_delta=-1.0)):
-        with pytest.raises(ValueError):
-            EarlyStoppingConfig(**bad)
+def test_the_section_is_validated_where_the_spec_is():
+    assert EarlyStoppingSpec().monitor == "train_loss" and EarlyStoppingSpec().warmup == 50
+    for key, bad in (("monitor", "acc"), ("patience", 0), ("check_every", 0),
+                     ("min_delta", -1.0)):
+        with pytest.raises(SpecError, match=f"early_stopping.{key}"):
+            build_spec(None, {f"early_stopping.{key}": bad})
 
 
 # ------------------------------------------------------------ resume
@@ -246,7 +246,7 @@ def _scenario(n=900, seed=3):
 
 @pytest.mark.parametrize("split", [1, 137, 400, 650, 749, 800])
 def test_state_dict_round_trip_matches_uninterrupted(split):
-    conf = EarlyStoppingConfig(warmup=50, check_every=50, loss_window=50, patience=3, min_delta=0.01,
+    conf = EarlyStoppingSpec(warmup=50, check_every=50, loss_window=50, patience=3, min_delta=0.01,
                                grad_spike_patience=5, max_nonfinite_steps=4, monitor="train_loss")
     seq = _scenario()
 
@@ -272,7 +272,7 @@ def test_state_dict_round_trip_matches_uninterrupted(split):
     assert max(t[2] for t in full if len(t) == 6) == 4 and full[-1][4] == 86
 
 
-# ------------------------------------------------------------ throughput / memory
+# ------------------------------------------------------------ throughput
 def test_throughput_rates_and_eta():
     tm = ThroughputMeter(window=4)
     assert tm.steps_per_second is None and tm.eta_seconds(0, 100) is None
