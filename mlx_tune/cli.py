@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from mlx_tune import __version__
+from mlx_tune.backends import registry
 from mlx_tune.config.schema import Spec, SpecError, leaf_fields, to_yaml
 from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tools", metavar="FILE.json",
                      help="JSON list of function specs, passed to the chat template")
     gen.add_argument("--max-tokens", type=int, default=128)
-    gen.add_argument("--backend", default="auto", choices=("auto", "mlx", "torch"))
+    gen.add_argument("--backend", default="auto", choices=("auto", *registry.names()))
 
     lr = sub.add_parser("lr-find", help="sweep the learning rate and suggest one")
     lr.add_argument("--config", "-c")

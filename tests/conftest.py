@@ -3,13 +3,17 @@ pytest re-executes itself once with OpenBLAS preloaded (the system's, else the o
 installed with mlx-tune); MLX's bundled reference BLAS makes every training test ~10-30x
 slower."""
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
 import mlx_tune
+from mlx_tune.config.schema import Spec
+from mlx_tune.config.spec import build_spec
 from mlx_tune.system.blas import maybe_reexec_with_openblas
 
 
@@ -23,7 +27,24 @@ def pytest_configure(config: pytest.Config) -> None:
                                isolate=False)  # `python -m pytest`, as the user ran it
     capman.start_global_capturing()  # no exec happened (no OpenBLAS, or fix disabled)
 
+
+# The tiers, fastest first: `python -m pytest -q` reports a broken unit before it starts
+# the minutes of model and end-to-end runs. Within a tier, files keep their order.
+TIER_ORDER = {"unit": 0, "model": 1, "e2e": 2}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+
+    def tier(item: pytest.Item) -> int:
+        parts = Path(item.path).relative_to(tests).parts
+        return TIER_ORDER.get(parts[0], 0) if len(parts) > 1 else 0
+
+    items.sort(key=tier)
+
+
 REPO = Path(__file__).resolve().parents[1]
+
 # MLX_TUNE_TEST_MODEL points the suite at another build of the tiny model.
 TINY = Path(os.environ.get("MLX_TUNE_TEST_MODEL")
             or Path(mlx_tune.__file__).parent / "assets" / "tiny-mistral")
@@ -53,6 +74,45 @@ def recipe_slice(recipes):
                         (recipes / f"{split}.jsonl").read_text().splitlines()[:n])
         return dest
     return write
+
+
+# A run of the tiny model that takes seconds: small batches and rows, a few steps, one
+# validation batch, nothing printed but plain lines, nothing read ahead, no sample
+# generation, no dropout (runs compare exactly) and no early stop before step 1000.
+TINY_RUN = {
+    "batch_size": 4, "max_length": 128, "max_steps": 8, "warmup_steps": 1,
+    "learning_rate": 1e-3, "eval_steps": 4, "val_batches": 1, "checkpoint_interval": 4,
+    "report_every": 2, "num_samples": 0, "prefetch": 0, "dashboard": "plain",
+    "tensorboard": False, "lora.dropout": 0.0, "early_stopping.warmup": 1000,
+}
+# The Spec's sections (lora, ema, early_stopping, ...): fields whose default is a dataclass.
+SECTIONS = {f.name for f in dataclasses.fields(Spec)
+            if f.default_factory is not dataclasses.MISSING
+            and dataclasses.is_dataclass(f.default_factory())}
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tiny_model, recipes, tmp_path_factory) -> Callable[..., Spec]:
+    """``tiny_spec(**overrides) -> Spec``: a short run of the tiny model on the shipped
+    recipes (TINY_RUN), writing to a fresh temporary directory.
+
+    Overrides are Spec fields (``max_steps=4``); a section takes a dict merged into its
+    defaults (``lora={"rank": 4}``), or a dotted key (``**{"lora.rank": 4}``); ``None``
+    drops a TINY_RUN value, so the Spec's own default applies (``val_batches=None``).
+    Dicts of overrides a file shares go first, applied in order before the keywords:
+    ``tiny_spec(LONGER_RUN, max_steps=30)``.
+    """
+    def make(*shared: dict, **overrides: Any) -> Spec:
+        flat = {"model": str(tiny_model), "data": str(recipes),
+                "output_dir": str(tmp_path_factory.mktemp("run") / "run"), **TINY_RUN}
+        for key, value in [kv for d in (*shared, overrides) for kv in d.items()]:
+            if key in SECTIONS and isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return build_spec(overrides={k: str(v) if isinstance(v, Path) else v
+                                     for k, v in flat.items() if v is not None})
+    return make
 
 
 @pytest.fixture

@@ -169,7 +169,6 @@ def check_memory_limits(info: dict[str, Any], *, platform: str = sys.platform,
                         env: Any = os.environ) -> list[Check]:
     """What a run sets (backends/mlx/memory.py), what this process holds now, and on
     macOS the GPU watchdog's workaround."""
-    from mlx_tune.backends.mlx.memory import WORKING_SET
     from mlx_tune.config.schema import MemorySpec
     from mlx_tune.system.gpu_watchdog import WATCHDOG_ENV, watchdog_status
     from mlx_tune.system.memory import resident_bytes
@@ -178,7 +177,7 @@ def check_memory_limits(info: dict[str, Any], *, platform: str = sys.platform,
     fraction = MemorySpec().limit_fraction
     cache = (f"buffer cache bounded at {CACHE_SHARE:.0%} of the memory budget "
              "(memory.cache_limit_gb)")
-    working = info.get(WORKING_SET)
+    working = info.get("max_recommended_working_set_size")
     if working:
         value = (f"a run wires {_gib(working)} (the recommended working set, as mlx-lm does), "
                  f"caps MLX at {_gib(fraction * working)} (memory.limit_fraction {fraction:g}); "

@@ -14,6 +14,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
+from mlx_tune.backends import registry
+from mlx_tune.backends.select import select_backend
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
 from mlx_tune.reporting.text import append_record
@@ -45,16 +47,17 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
     path = test_data(spec, data)  # before minutes of model loading
     # What is scored is the adapter named, never a swap to EMA weights; no new EMA either.
     spec = replace(spec, ema=replace(spec.ema, enabled=False))
-    full_torch = spec.fine_tune_type == "full" and spec.backend == "torch"
-    if full_torch and which != "final":
-        raise ExportError("a torch full fine-tune keeps whole models only in RUN_DIR/adapters: "
-                          "evaluate --checkpoint final")
-    if full_torch:  # the saved whole model is the base
+    whole_model = (spec.fine_tune_type == "full"
+                   and registry.get(select_backend(spec.backend)).full_saves_model)
+    if whole_model and which != "final":
+        raise ExportError(f"a {spec.backend} full fine-tune keeps whole models only in "
+                          "RUN_DIR/adapters: evaluate --checkpoint final")
+    if whole_model:  # the saved whole model is the base
         spec = replace(spec, model=str(source))
     run = setup(spec, log)
     backend = run.backend
     backend.load(run.spec, run.model_path)
-    if not full_torch:
+    if not whole_model:
         with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
             adapter = source if which == "final" else adapter_from_checkpoint(
                 source, run.spec, Path(run.model_path), Path(tmp) / "adapter")

@@ -18,7 +18,8 @@ from mlx_tune.training.planner import GB, Estimate, ModelShape, budget_bytes, es
 
 # -- finding config.json without downloading weights -----------------------------------
 
-def load_config(name: str, spec: Spec, log: Callable[[str], Any] = print) -> dict:
+def load_config(name: str, spec: Spec, log: Callable[[str], Any] = print,
+                backend: str = "mlx") -> dict:
     """config.json of --model: a local directory or embedded alias via hub.resolve_model;
     a Hugging Face id or alias from the cache, else only config.json is fetched (a plan
     must not download gigabytes of weights)."""
@@ -29,7 +30,7 @@ def load_config(name: str, spec: Spec, log: Callable[[str], Any] = print) -> dic
     if Path(name).expanduser().exists() or _looks_like_path(name) or "/" not in repo:
         # A directory, an embedded alias, or a spelling error: resolve_model handles all
         # three without a download (and explains the error in one line).
-        path = resolve_model(name, quantize=spec.quantize, backend="mlx", log=log).path
+        path = resolve_model(name, quantize=spec.quantize, backend=backend, log=log).path
         return json.loads((path / "config.json").read_text())
     import huggingface_hub
     cached = huggingface_hub.try_to_load_from_cache(repo, "config.json")
@@ -78,7 +79,7 @@ def plan_cli(spec: Spec, args: Any) -> int:
     require(spec, "model")
     from mlx_tune.backends.select import select_backend
     backend = select_backend(spec.backend)
-    shape = ModelShape.from_config(load_config(spec.model, spec))
+    shape = ModelShape.from_config(load_config(spec.model, spec, backend=backend))
     budget, why = budget_bytes(spec, getattr(args, "memory_gb", None), backend)
     ga = 1 if spec.gradient_accumulation_steps == "auto" else spec.gradient_accumulation_steps
     current = estimate(shape, spec, spec.batch_size // ga, spec.max_length, ga, backend)

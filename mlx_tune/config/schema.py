@@ -15,9 +15,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-
-class SpecError(ValueError):
-    """A spec that cannot run; the message is one line meant for the user."""
+from mlx_tune.backends import registry
+from mlx_tune.errors import SpecError
 
 
 def _f(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -144,8 +143,8 @@ class CurriculumStage:
 class Spec:
     # -- model ---------------------------------------------------------------
     model: Optional[str] = _f(None, "Hugging Face id, local directory, or alias from configs/models.yaml")
-    backend: str = _f("auto", "training backend (auto: mlx where MLX imports, else torch)",
-                      choices=("auto", "mlx", "torch"))
+    backend: str = _f("auto", "training backend (auto: the first registered one whose "
+                      "framework imports: mlx, else torch)", choices=("auto", *registry.names()))
     fine_tune_type: str = _f("lora", "what is trained", choices=("lora", "dora", "full"))
     quantize: Optional[int] = _f(None, "quantize the base on load to this many bits (QLoRA)",
                                  choices=(None, 4, 8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlx_tune.backends import registry
 from mlx_tune.backends.launchers import launched_world
 from mlx_tune.config.schema import Spec, SpecError
 
@@ -12,10 +13,11 @@ def check_world(spec: Spec, world_size: int, backend_name: str = "") -> None:
     overwrite the others' output), or a batch that the ranks cannot share."""
     launched, launcher = launched_world()
     if launched > 1 and world_size <= 1:
-        hint = ("add --backend torch: torchrun runs the PyTorch backend (MLX runs start with "
-                "mlx.launch)" if launcher == "torchrun" else
-                "use --backend mlx (or auto): mlx.launch runs the MLX backend (PyTorch runs "
-                "start with torchrun)")
+        owners = [e.name for e in registry.BACKENDS.values() if e.launcher == launcher]
+        hint = (f"add --backend {owners[0]}: {launcher} starts the ranks of the {owners[0]} "
+                "backend (" + ", ".join(f"{e.name} runs start with {e.launcher}"
+                                        for e in registry.BACKENDS.values()) + ")"
+                if owners else f"no registered backend is started by {launcher}")
         raise SpecError(f"this process is one of {launched} ranks started by {launcher}, but "
                         f"the {backend_name or 'chosen'} backend sees a single process: {hint}")
     if world_size <= 1:

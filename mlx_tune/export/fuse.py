@@ -1,7 +1,8 @@
 """`mlx-tune fuse`: a run's adapter merged into its base, saved in Hugging Face format.
 
-The merging is the libraries' own: on MLX, mlx-lm's ``fuse()`` of each LoRA/DoRA layer
-(what ``mlx_lm fuse`` does); on torch, peft's ``merge_and_unload``. The adapter comes
+The merging is the libraries' own, found through the backend registry: on MLX, mlx-lm's
+``fuse()`` of each LoRA/DoRA layer (what ``mlx_lm fuse`` does); on torch, peft's
+``merge_and_unload``. The adapter comes
 from the run directory: ``final`` is ``adapters/`` as written at the end of training,
 ``best`` and ``step-N`` are rebuilt from a checkpoint's ``trainable/...`` arrays into
 the backend's adapter format first. GGUF goes through mlx-lm's converter, for the
@@ -77,26 +78,31 @@ def checkpoint_dir(run_dir: Path, which: str) -> tuple[Path, int | None]:
 
 
 def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Path:
-    """The checkpoint's trainable arrays as an adapter in the backend's own format."""
+    """The checkpoint's trainable arrays as an adapter in the format of the backend that
+    wrote it (read with that backend's own codec)."""
     import mlx.core as mx
+    import numpy as np
+    from mlx_tune.backends import registry
     from mlx_tune.backends.common import TRAINABLE, with_prefix
-    from mlx_tune.backends.mlx.codec import MlxCodec
     from mlx_tune.checkpoint.manager import CheckpointManager
 
-    arrays, _ = CheckpointManager(path.parent, MlxCodec(), log=lambda m: None).load(path)
-    trainable = with_prefix(arrays, TRAINABLE)
+    entry = registry.get(spec.backend)
+    arrays, _ = CheckpointManager(path.parent, entry.make_codec(), log=lambda m: None).load(path)
+    # The converter's arrays are MLX's (export/adapters.py); trained adapters are float32.
+    trainable = {k: v if isinstance(v, mx.array) else mx.array(np.asarray(v))
+                 for k, v in with_prefix(arrays, TRAINABLE).items()}
     if not trainable:
         raise ExportError(f"{path}: the checkpoint holds no trainable/ arrays")
+    fmt = entry.adapter_format
     if spec.fine_tune_type == "full":
-        if spec.backend != "mlx":
-            raise ExportError("a torch full fine-tune is a whole model already: use "
+        if entry.full_saves_model or fmt != "mlx":
+            raise ExportError(f"a {spec.backend} full fine-tune is a whole model already: use "
                               "RUN_DIR/adapters, or fuse --checkpoint final")
         dst.mkdir(parents=True, exist_ok=True)
         mx.save_safetensors(str(dst / "adapters.safetensors"), trainable, metadata={"format": "mlx"})
         (dst / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "full",
                                                              "num_layers": -1}))
         return dst
-    fmt = "mlx" if spec.backend == "mlx" else "peft"
     a, b, m = collect(trainable, fmt, path)
     ad = Adapter(spec.fine_tune_type, spec.lora.rank, spec.lora.scale, spec.lora.dropout,
                  a, b, m, spec.model, {"quantize": spec.quantize, "model": str(model_dir)})
@@ -125,15 +131,12 @@ def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = Fals
     with tempfile.TemporaryDirectory(prefix="mlx-tune-fuse-") as tmp:
         adapter = source if which == "final" else adapter_from_checkpoint(
             source, spec, Path(model_dir), Path(tmp) / "adapter")
-        if spec.backend == "mlx":
-            from mlx_tune.export.fuse_mlx import fuse_mlx
-            fuse_mlx(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf)
-        else:
-            from mlx_tune.export.fuse_torch import fuse_torch
-            fuse_torch(Path(model_dir), adapter, output, spec, log)
+        from mlx_tune.backends import registry
+        fuse = registry.get(spec.backend).load("fuse")
+        fuse(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf, log=log)
     gguf_path = None
     if gguf:
-        from mlx_tune.export.fuse_mlx import write_gguf
+        from mlx_tune.export.gguf import write_gguf
         gguf_path = str(write_gguf(output))
     result = FuseResult(output, which, step, str(source), spec.backend, spec.model, gguf_path)
     record(run_dir, result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,3 +32,10 @@ def _load(model_dir: str, trust_remote_code: bool) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def copy_chat_template(model_dir: Path, output: Path) -> None:
+    """Tokenizer saving keeps the template; a standalone .jinja file is copied as well."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (model_dir / name).is_file() and not (output / name).exists():
+            shutil.copy(model_dir / name, output / name)

@@ -14,7 +14,8 @@ fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all with
 * Attention: MLX *trains* with unfused attention (``mx.fast.scaled_dot_product_attention``
   falls back to matmul-softmax-matmul under autodiff, on Metal too, where that is faster),
   so each layer keeps B*heads*L*L probabilities. The torch backend's SDPA is fused on
-  CUDA: no L^2 term there (its other terms reuse the MLX calibration).
+  CUDA: no L^2 term there (its other terms reuse the MLX calibration). Which backend
+  does which is its registry entry's ``unfused_attention`` (backends/registry.py).
 * Per layer and token: ~``K_HIDDEN`` hidden-size vectors (residuals, norm outputs,
   attention output, ...) + q, k, v + 3 MLP-width vectors, in the activation dtype. LoRA
   adapters are float32: a half-precision base adds float32 copies of their inputs, and
@@ -34,10 +35,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx_tune.backends import registry
 from mlx_tune.config.schema import Spec
 
 GB = 1e9
@@ -139,13 +140,13 @@ def _optimizer_slots(spec: Spec, shapes: list[tuple[int, ...]]) -> int:
 
 def weight_bytes(shape: ModelShape, bits: int | None, d: int, backend: str = "mlx") -> float:
     """Base weights; quantized matrices cost bits/8 per weight plus a scale and a bias (in
-    the model dtype) per group. MLX quantizes embeddings and the output head too;
-    bitsandbytes only the linear layers of the blocks."""
+    the model dtype) per group. Some backends quantize the embeddings and output head too
+    (MLX), others only the linear layers of the blocks (bitsandbytes): the registry says."""
     total = shape.params()
     if not bits:
         return total * d
     matrices = shape.layers * sum(a * b for a, b in shape.modules().values())
-    if backend == "mlx":
+    if registry.get(backend).quantizes_embeddings:
         matrices += shape.vocab * shape.hidden * (1 if shape.tie_embeddings else 2)
     per = bits / 8 + 2 * d / shape.quant_group
     return matrices * per + (total - matrices) * d
@@ -171,7 +172,7 @@ def estimate(shape: ModelShape, spec: Spec, micro_batch: int, length: int,
     h, i, V, n = shape.hidden, shape.intermediate, shape.vocab, shape.layers
     mods = shape.modules()
     T, L = micro_batch * length, length
-    probs = micro_batch * shape.heads * L * L * d if backend == "mlx" else 0
+    probs = micro_batch * shape.heads * L * L * d if registry.get(backend).unfused_attention else 0
     layer = T * d * (K_HIDDEN * h + mods["q"][1] + 2 * mods["k"][1] + 3 * i) + probs
     if not full:
         targets = [mods[t][0] for t in spec.lora.targets]
@@ -212,28 +213,20 @@ def propose(shape: ModelShape, spec: Spec, budget: float, backend: str = "mlx",
 # -- memory detection and the budget ---------------------------------------------------
 
 def detect_memory(backend: str = "mlx") -> tuple[float, str]:
-    """(bytes, what they are): Metal's recommended working set, CUDA device memory, or RAM."""
-    if backend == "torch":
-        try:
-            import torch
-            if torch.cuda.is_available():
-                return float(torch.cuda.get_device_properties(0).total_memory), "CUDA memory"
-        except ImportError:
-            pass
-    else:
-        try:
-            import mlx.core as mx
-            info = mx.device_info() if hasattr(mx, "device_info") else {}
-            if info.get("max_recommended_working_set_size"):
-                return float(info["max_recommended_working_set_size"]), "Metal working set"
-        except Exception:  # noqa: BLE001 - no MLX, or no device info: fall back to RAM
-            pass
+    """(bytes, what they are): the backend's accelerator memory (Metal's recommended
+    working set, CUDA device memory), else the RAM available."""
+    held = 0.0
+    try:
+        memory = registry.get(backend).load("memory")
+        device = memory.device_memory()
+        if device is not None:
+            return device
+        held = memory.held_memory()  # what this process already holds is part of the plan
+    except Exception:  # noqa: BLE001 - no framework, or no device info: fall back to RAM
+        pass
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                # What this process already holds (a loaded model) is part of the plan.
-                mx = sys.modules.get("mlx.core") if backend == "mlx" else None
-                held = mx.get_active_memory() if mx is not None else 0
                 return int(line.split()[1]) * 1024.0 + held, "available RAM"
     except OSError:
         pass

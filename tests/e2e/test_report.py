@@ -10,17 +10,16 @@ import time
 
 import pytest
 
-from tests.model.test_report import check_report, overrides
+from mlx_tune.config.schema import to_yaml
+from tests.model.test_report import check_report
 
 
 @pytest.mark.slow
-def test_report_of_a_killed_run(tiny_model, recipes, tmp_path, capsys, subprocess_env):
+def test_report_of_a_killed_run(tiny_spec, tmp_path, capsys, subprocess_env):
     out = tmp_path / "run"
     spec = tmp_path / "spec.yaml"
-    import yaml
-    from mlx_tune.config.spec import nest
-    spec.write_text(yaml.safe_dump(nest(overrides(tiny_model, recipes, out, max_steps=40,
-                                                  report_every=1))))
+    spec.write_text(to_yaml(tiny_spec(output_dir=out, lora={"rank": 4}, max_steps=40,
+                                      report_every=1)))
     proc = subprocess.Popen([sys.executable, "-m", "mlx_tune", "train", "--config", str(spec)],
                             env=subprocess_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)

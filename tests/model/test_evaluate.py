@@ -11,22 +11,21 @@ import numpy as np
 import pytest
 
 from mlx_tune.cli import main
-from mlx_tune.config.spec import build_spec
 from mlx_tune.data.records import read_records
 from mlx_tune.data.testing import write_jsonl
 from mlx_tune.data.tokenize import make_example
 from mlx_tune.training.recipe import train
 
 
+# Checkpoints at steps 2 and 4, a learning rate that moves the adapter in 4 steps.
+EVALUATED_RUN = {"max_steps": 4, "checkpoint_interval": 2, "learning_rate": 3e-3}
+
+
 @pytest.fixture(scope="module")
-def run(tiny_model, recipe_slice, tmp_path_factory):
+def run(tiny_spec, recipe_slice, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
     data = recipe_slice(tmp / "d")
-    spec = build_spec(overrides={
-        "model": str(tiny_model), "data": str(data), "output_dir": str(tmp / "r"),
-        "batch_size": 4, "max_length": 128, "max_steps": 4, "eval_steps": 4, "val_batches": 1,
-        "checkpoint_interval": 2, "warmup_steps": 1, "learning_rate": 3e-3, "num_samples": 0,
-        "lora.dropout": 0.0, "prefetch": 0, "dashboard": "plain", "tensorboard": False})
+    spec = tiny_spec(EVALUATED_RUN, data=data, output_dir=tmp / "r")
     assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
     return tmp / "r", data
 
@@ -108,7 +107,7 @@ def test_one_line_errors(run, tmp_path, capsys):
         assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
+def test_torch_run_matches_peft(tiny_model, tiny_spec, recipe_slice, tmp_path):
     """The torch backend's adapters (peft's format) and checkpoints, checked against
     transformers + peft's own loader and cross-entropy by hand."""
     torch = pytest.importorskip("torch")
@@ -119,12 +118,8 @@ def test_torch_run_matches_peft(tiny_model, recipe_slice, tmp_path):
 
     data = recipe_slice(tmp_path / "d", train=8, test=4)
     run_dir = tmp_path / "r"
-    spec = build_spec(overrides={
-        "model": str(tiny_model), "data": str(data), "output_dir": str(run_dir),
-        "backend": "torch", "torch_threads": 1, "batch_size": 4, "max_length": 128,
-        "max_steps": 4, "eval_steps": 4, "val_batches": 1, "checkpoint_interval": 2, "warmup_steps": 1,
-        "learning_rate": 3e-3, "num_samples": 0, "lora.dropout": 0.0, "prefetch": 0,
-        "dashboard": "plain", "tensorboard": False})
+    spec = tiny_spec(EVALUATED_RUN, data=data, output_dir=run_dir, backend="torch",
+                     torch_threads=1)
     assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     model = PeftModel.from_pretrained(

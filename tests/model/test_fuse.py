@@ -12,21 +12,17 @@ import numpy as np
 import pytest
 
 from mlx_tune.cli import main
-from mlx_tune.config.spec import build_spec
 from mlx_tune.training.recipe import train
 
 TEXT = "Preheat the oven and whisk the eggs with sugar."
 
 
-def run(tiny_model, recipes, out, **over):
-    base = {"model": str(tiny_model), "data": str(recipes), "output_dir": str(out),
-            "batch_size": 4, "max_length": 128, "max_steps": 6, "eval_steps": 3,
-            "val_batches": 1, "checkpoint_interval": 3, "report_every": 3, "warmup_steps": 1,
-            "learning_rate": 2e-3, "lora.dropout": 0.0, "num_samples": 0, "prefetch": 0,
-            "dashboard": "plain", "tensorboard": False, "early_stopping.warmup": 1000,
-            "lora.rank": 4, "lora.alpha": 8.0}
-    base.update(over)
-    spec = build_spec(overrides=base)
+# Checkpoints at steps 3 and 6; a LoRA scale (alpha / rank) other than 1.
+FUSED_RUN = {"max_steps": 6, "eval_steps": 3, "checkpoint_interval": 3, "report_every": 3,
+             "learning_rate": 2e-3, "lora": {"rank": 4, "alpha": 8.0}}
+
+
+def trained(spec):
     assert train(spec, resume="fresh", log=lambda m: None).exit_code == 0
     return spec
 
@@ -39,9 +35,9 @@ def mlx_logits(model_dir, adapter=None) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def mlx_run(tiny_model, recipes, tmp_path_factory):
+def mlx_run(tiny_spec, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuse") / "run"
-    return run(tiny_model, recipes, out), out
+    return trained(tiny_spec(FUSED_RUN, output_dir=out)), out
 
 
 def test_fused_mlx_run_equals_base_plus_adapter(mlx_run, tiny_model, tmp_path):
@@ -120,15 +116,15 @@ def test_gguf_export_and_refusals(mlx_run, tiny_model, tmp_path, capsys):
 
 
 @pytest.mark.torch
-def test_fused_torch_run_equals_base_plus_adapter(tiny_model, recipes, tmp_path):
+def test_fused_torch_run_equals_base_plus_adapter(tiny_model, tiny_spec, tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("peft")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    run(tiny_model, recipes, out, backend="torch", max_steps=3, eval_steps=3,
-        checkpoint_interval=3, torch_threads=1, fine_tune_type="dora")
+    trained(tiny_spec(FUSED_RUN, output_dir=out, backend="torch", max_steps=3,
+                      torch_threads=1, fine_tune_type="dora"))
     assert main(["fuse", str(out), "--output", str(tmp_path / "fused")]) == 0
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     ids = torch.tensor([tok.encode(TEXT)])

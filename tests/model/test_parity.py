@@ -29,26 +29,23 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 mx = pytest.importorskip("mlx.core")
 
-from mlx_tune.config.spec import build_spec  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 STEPS = 20
 
 
-def make_spec(model, data, **overrides):
-    return build_spec(overrides={"model": str(model), "data": str(data), "lora.dropout": 0.0,
-                                 "batch_size": 4, "max_length": 64, "torch_threads": 1,
-                                 "prefetch": 0, **overrides})
+# Both backends on one thread each, rows short enough for several steps a second.
+PARITY = {"max_length": 64, "torch_threads": 1}
 
 
 @pytest.fixture(scope="module")
-def steps(tiny_model, recipes):
+def steps(tiny_model, tiny_spec):
     """The first STEPS training batches of the recipes dataset, from the data layer."""
     from mlx_tune.data import load_data
     from mlx_tune.models.tokenizer import load_tokenizer
 
-    bundle = load_data(make_spec(tiny_model, recipes), load_tokenizer(tiny_model),
+    bundle = load_data(tiny_spec(PARITY), load_tokenizer(tiny_model),
                        log=lambda m: None)
     try:
         return [bundle.train.next_batch() for _ in range(STEPS)]
@@ -90,8 +87,8 @@ def train(backend, steps, lr, accumulation=2):
     return np.array(flat[0::3]), np.array(flat[1::3])
 
 
-def test_initial_loss_and_logits_agree(tiny_model, recipes, steps):
-    m, t = load_pair(make_spec(tiny_model, recipes), tiny_model)
+def test_initial_loss_and_logits_agree(tiny_model, tiny_spec, steps):
+    m, t = load_pair(tiny_spec(PARITY), tiny_model)
     batch = steps[0]
     em, et = m.evaluate([batch]), t.evaluate([batch])
     assert em.tokens == et.tokens == batch.n_targets
@@ -112,8 +109,8 @@ def test_initial_loss_and_logits_agree(tiny_model, recipes, steps):
     ("adamw", 1e-3, {"weight_decay": 0.01}, 2e-4),
     ("adafactor", 1e-3, {}, 5e-4),
 ])
-def test_training_losses_track(tiny_model, recipes, steps, optimizer, lr, extra, tol):
-    spec = make_spec(tiny_model, recipes, optimizer=optimizer, grad_clip=1.0, **extra)
+def test_training_losses_track(tiny_model, tiny_spec, steps, optimizer, lr, extra, tol):
+    spec = tiny_spec(PARITY, optimizer=optimizer, grad_clip=1.0, **extra)
     m, t = load_pair(spec, tiny_model)
     loss_m, tok_m = train(m, steps, lr)
     loss_t, tok_t = train(t, steps, lr)
@@ -124,14 +121,14 @@ def test_training_losses_track(tiny_model, recipes, steps, optimizer, lr, extra,
     assert diff.max() < tol, (optimizer, diff.max(), diff)
 
 
-def test_packed_batches_agree(tiny_model, recipes):
+def test_packed_batches_agree(tiny_model, tiny_spec):
     """Packed rows (block-diagonal attention: MLX through mlx-lm's mask hook with RoPE
     positions running across the row, torch through restarting position ids) give the
     same evaluation sums and the same training losses on both backends."""
     from mlx_tune.data import load_data
     from mlx_tune.models.tokenizer import load_tokenizer
 
-    spec = make_spec(tiny_model, recipes, packing=True, pack_length=128)
+    spec = tiny_spec(PARITY, packing=True, pack_length=128)
     bundle = load_data(spec, load_tokenizer(tiny_model), log=lambda m: None)
     batches = [bundle.train.next_batch() for _ in range(6)]
     bundle.close()

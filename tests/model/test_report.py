@@ -9,7 +9,6 @@ import json
 import pytest
 
 from mlx_tune.cli import main
-from mlx_tune.config.spec import build_spec
 from mlx_tune.training.recipe import train
 
 Image = pytest.importorskip("PIL.Image")
@@ -18,16 +17,6 @@ pytest.importorskip("matplotlib")
 SERIES = ("train loss", "validation loss", "learning rate", "gradient norm", "tokens/s",
           "peak memory", "cache memory", "resident memory")
 PLOTS = ("loss", "lr", "grad_norm", "tokens_per_second", "memory")
-
-
-def overrides(tiny_model, recipes, out, **over):
-    base = {"model": str(tiny_model), "data": str(recipes), "output_dir": str(out),
-            "batch_size": 4, "max_length": 128, "max_steps": 8, "eval_steps": 4,
-            "val_batches": 1, "checkpoint_interval": 4, "report_every": 2, "warmup_steps": 1,
-            "learning_rate": 1e-3, "num_samples": 0, "prefetch": 0, "dashboard": "plain",
-            "tensorboard": False, "early_stopping.warmup": 1000, "lora.rank": 4}
-    base.update(over)
-    return base
 
 
 def check_report(out, capsys) -> str:
@@ -44,11 +33,11 @@ def check_report(out, capsys) -> str:
     return terminal
 
 
-def test_report_of_a_finished_run(tiny_model, recipes, tmp_path, capsys, monkeypatch):
+def test_report_of_a_finished_run(tiny_spec, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     # Every checkpoint save hits a full disk: the report must list the failed saves.
     monkeypatch.setenv("MLX_TUNE_FAULTS", "disk_full")
-    result = train(build_spec(overrides=overrides(tiny_model, recipes, out)), resume="fresh",
+    result = train(tiny_spec(output_dir=out, lora={"rank": 4}), resume="fresh",
                    log=lambda m: None)
     capsys.readouterr()
     terminal = check_report(out, capsys)

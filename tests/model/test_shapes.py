@@ -5,7 +5,6 @@ either backend; the count the run reports equals the shapes its batches really h
 import json
 import pytest
 
-from mlx_tune.config.spec import build_spec
 from mlx_tune.data import load_data
 from mlx_tune.data.testing import chat, write_jsonl
 from mlx_tune.data.widths import MAX_WIDTHS
@@ -29,15 +28,11 @@ def long_tail_data(narrow_model, tmp_path_factory):
     return out
 
 
-def spec_for(model, data, out, **over):
-    base = {"model": str(model), "data": str(data), "output_dir": str(out),
-            "batch_size": 4, "gradient_accumulation_steps": 2, "max_length": 640,
-            "max_steps": RECORDS // 4, "eval_steps": 1000, "val_batches": -1,
-            "checkpoint_interval": 1000, "report_every": 1000, "warmup_steps": 2,
-            "num_samples": 0, "prefetch": 0, "dashboard": "plain", "tensorboard": False,
-            "early_stopping.warmup": 100000}
-    base.update(over)
-    return build_spec(overrides=base)
+# One epoch in micro-batches of 2, every validation batch, and nothing else on the way.
+ONE_EPOCH = {"gradient_accumulation_steps": 2, "max_length": 640, "max_steps": RECORDS // 4,
+             "warmup_steps": 2, "eval_steps": 1000, "val_batches": -1,
+             "checkpoint_interval": 1000, "report_every": 1000,
+             "early_stopping": {"warmup": 100000}}
 
 
 def expected_shapes(spec, model):
@@ -61,10 +56,11 @@ def last_train_record(out):
 @pytest.mark.slow  # ~25 s on MLX's CPU backend: tracing 8 shapes x 3 compiled functions
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_an_epoch_of_500_lengths_compiles_at_most_8_shapes(narrow_model, long_tail_data,
-                                                           tmp_path, backend):
+                                                           tiny_spec, tmp_path, backend):
     if backend == "torch":
         pytest.importorskip("peft")
-    spec = spec_for(narrow_model, long_tail_data, tmp_path / "run", backend=backend)
+    spec = tiny_spec(ONE_EPOCH, model=narrow_model, data=long_tail_data,
+                     output_dir=tmp_path / "run", backend=backend)
     expected = expected_shapes(spec, narrow_model)
     assert len(expected) <= MAX_WIDTHS
     result = train(spec, resume="fresh", log=lambda m: None)
@@ -75,11 +71,12 @@ def test_an_epoch_of_500_lengths_compiles_at_most_8_shapes(narrow_model, long_ta
 
 
 def test_align32_batching_exceeds_the_bound_and_is_reported(narrow_model, long_tail_data,
-                                                             tmp_path):
+                                                             tiny_spec, tmp_path):
     """The old every-multiple-of-32 padding, over the same epoch, compiles far more shapes:
     the counter sees them."""
-    spec = spec_for(narrow_model, long_tail_data, tmp_path / "run", bucket_widths="align32",
-                    max_steps=30, backend="torch")
+    spec = tiny_spec(ONE_EPOCH, model=narrow_model, data=long_tail_data,
+                     output_dir=tmp_path / "run", bucket_widths="align32",
+                     max_steps=30, backend="torch")
     lines = []
     result = train(spec, resume="fresh", log=lines.append)
     assert result.exit_code == 0, result.reason

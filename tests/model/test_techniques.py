@@ -12,25 +12,15 @@ from mlx.utils import tree_flatten
 from mlx_tune.backends.mlx.backend import MLXBackend
 from mlx_tune.training.cadence import gradient_noise_std
 from mlx_tune.data import load_data
-from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_model, recipes):
-    spec = make_spec(tiny_model, recipes)
-    backend = MLXBackend()
-    backend.load(spec, spec.model)
-    return load_data(spec, backend.tokenizer, log=lambda m: None).train.next_batch()
+def batch(tiny_spec):
+    spec = tiny_spec()
+    return load_data(spec, backend_for(spec).tokenizer, log=lambda m: None).train.next_batch()
 
 
-def make_spec(tiny_model, recipes, **over):
-    base = {"model": str(tiny_model), "data": str(recipes), "batch_size": 4, "max_length": 128,
-            "lora.dropout": 0.0, "prefetch": 0}
-    return build_spec(overrides={**base, **over})
-
-
-def backend_for(tiny_model, recipes, **over) -> MLXBackend:
-    spec = make_spec(tiny_model, recipes, **over)
+def backend_for(spec) -> MLXBackend:
     backend = MLXBackend()
     backend.load(spec, spec.model)
     return backend
@@ -45,16 +35,16 @@ def losses(backend, batch, steps=5, lr=1e-3) -> list[float]:
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd", "adafactor"])
-def test_each_optimizer_lowers_the_loss(tiny_model, recipes, batch, optimizer):
-    backend = backend_for(tiny_model, recipes, optimizer=optimizer)
+def test_each_optimizer_lowers_the_loss(tiny_spec, batch, optimizer):
+    backend = backend_for(tiny_spec(optimizer=optimizer))
     lr = 5e-2 if optimizer == "sgd" else 1e-3
     seen = losses(backend, batch, steps=6, lr=lr)
     assert seen[-1] < seen[0], seen
 
 
-def test_ema_follows_its_formula(tiny_model, recipes, batch):
+def test_ema_follows_its_formula(tiny_spec, batch):
     decay = 0.9
-    backend = backend_for(tiny_model, recipes, **{"ema.enabled": True, "ema.decay": decay})
+    backend = backend_for(tiny_spec(ema={"enabled": True, "decay": decay}))
     expected = weights(backend)
     for _ in range(3):
         backend.step([batch], 1e-3, 0.0)
@@ -71,23 +61,23 @@ def test_ema_follows_its_formula(tiny_model, recipes, batch):
     assert any(name.startswith("ema/") for name in arrays)
 
 
-def test_gradient_noise_variance_formula_and_effect(tiny_model, recipes, batch):
+def test_gradient_noise_variance_formula_and_effect(tiny_spec, batch):
     eta, gamma = 0.3, 0.55
     for step in (0, 10, 1000):
         assert gradient_noise_std(step, eta, gamma) ** 2 == pytest.approx(eta / (1 + step) ** gamma)
     assert gradient_noise_std(5, 0.0, gamma) == 0.0
-    quiet = backend_for(tiny_model, recipes)
-    noisy = backend_for(tiny_model, recipes, **{"gradient_noise.eta": eta})
+    quiet = backend_for(tiny_spec())
+    noisy = backend_for(tiny_spec(gradient_noise={"eta": eta}))
     quiet.step([batch], 1e-3, 0.0)
     noisy.step([batch], 1e-3, gradient_noise_std(0, eta, gamma))
     a, b = weights(quiet), weights(noisy)
     assert any(not np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_gradient_checkpointing_gives_the_same_loss_and_update(tiny_model, recipes, batch):
-    plain = backend_for(tiny_model, recipes)
+def test_gradient_checkpointing_gives_the_same_loss_and_update(tiny_spec, batch):
+    plain = backend_for(tiny_spec())
     plain_losses = losses(plain, batch, steps=2)
-    checkpointed = backend_for(tiny_model, recipes, gradient_checkpointing=True)
+    checkpointed = backend_for(tiny_spec(gradient_checkpointing=True))
     ckpt_losses = losses(checkpointed, batch, steps=2)
     np.testing.assert_allclose(plain_losses, ckpt_losses, rtol=1e-5)
     a, b = weights(plain), weights(checkpointed)
@@ -95,8 +85,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_update(tiny_model, recip
         np.testing.assert_allclose(a[k], b[k], atol=1e-6)
 
 
-def test_mixed_precision_keeps_trainable_weights_in_float32(tiny_model, recipes, batch):
-    backend = backend_for(tiny_model, recipes, dtype="bfloat16")
+def test_mixed_precision_keeps_trainable_weights_in_float32(tiny_spec, batch):
+    backend = backend_for(tiny_spec(dtype="bfloat16"))
     base = [m.weight.dtype for _, m in backend.model.named_modules() if isinstance(m, nn.Linear)]
     assert base and all(d == mx.bfloat16 for d in base)
     assert all(v.dtype == mx.float32 for _, v in tree_flatten(backend.model.trainable_parameters()))
@@ -104,7 +94,7 @@ def test_mixed_precision_keeps_trainable_weights_in_float32(tiny_model, recipes,
     assert all(math.isfinite(x) for x in seen) and seen[-1] < seen[0]
 
 
-def test_label_smoothing_penalises_a_perfect_prediction(tiny_model, recipes, batch):
+def test_label_smoothing_penalises_a_perfect_prediction(batch):
     from mlx_tune.backends.mlx.step import token_loss_sums
 
     class Oracle(nn.Module):  # puts all its mass on the right next token

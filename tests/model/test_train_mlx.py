@@ -13,18 +13,12 @@ from mlx_tune.backends.mlx.backend import MLXBackend
 from mlx_tune.backends.mlx.step import token_loss_sums
 from mlx_tune.data.batch import Batch
 from mlx_tune.data import load_data
-from mlx_tune.config.spec import build_spec
 from mlx_tune.training.recipe import train
 
 
-def small_spec(tiny_model, recipes, tmp_path, **over):
-    base = {"model": str(tiny_model), "data": str(recipes), "output_dir": str(tmp_path / "run"),
-            "batch_size": 4, "max_length": 192, "max_steps": 12, "eval_steps": 6,
-            "val_batches": 2, "checkpoint_interval": 6, "report_every": 3, "warmup_steps": 2,
-            "learning_rate": 1e-3, "lora.dropout": 0.0, "num_samples": 0, "prefetch": 0,
-            "dashboard": "plain", "tensorboard": False, "early_stopping.warmup": 1000}
-    base.update(over)
-    return build_spec(overrides=base)
+# Longer rows, more steps and validation than TINY_RUN: enough for the loss to fall.
+SMALL = {"max_length": 192, "max_steps": 12, "warmup_steps": 2, "eval_steps": 6,
+         "val_batches": 2, "checkpoint_interval": 6, "report_every": 3}
 
 
 def loaded_backend(spec):
@@ -37,8 +31,8 @@ def trainable(backend):
     return {k: np.array(v) for k, v in tree_flatten(backend.model.trainable_parameters())}
 
 
-def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, recipes, tmp_path):
-    spec = small_spec(tiny_model, recipes, tmp_path, max_steps=30, eval_steps=15)
+def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, tiny_spec, tmp_path):
+    spec = tiny_spec(SMALL, output_dir=tmp_path / "run", max_steps=30, eval_steps=15)
     result = train(spec, resume="fresh", log=lambda m: None)
     assert result.exit_code == 0, result.reason
     assert result.last_val_loss < result.first_val_loss
@@ -58,11 +52,11 @@ def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, recipes,
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(3, 31, 3))
 
 
-def test_accumulating_2x4_equals_batch_8(tiny_model, recipes, tmp_path):
+def test_accumulating_2x4_equals_batch_8(tiny_spec, tmp_path):
     # SGD, so the weights show the gradient itself: Adam's first update is about
     # lr * sign(g) and turns rounding noise in near-zero gradients into +-lr.
-    spec = small_spec(tiny_model, recipes, tmp_path, batch_size=8, optimizer="sgd",
-                      momentum=0.0, weight_decay=0.0)
+    spec = tiny_spec(SMALL, output_dir=tmp_path / "run", batch_size=8, optimizer="sgd",
+                     momentum=0.0, weight_decay=0.0)
     batch = load_data(spec, loaded_backend(spec).tokenizer, log=lambda m: None).train.next_batch()
     weights = []
     for parts in (1, 2):
@@ -76,8 +70,8 @@ def test_accumulating_2x4_equals_batch_8(tiny_model, recipes, tmp_path):
         np.testing.assert_allclose(weights[0][key], weights[1][key], atol=1e-6, rtol=1e-5)
 
 
-def test_nan_in_the_loss_never_reaches_the_weights(tiny_model, recipes, tmp_path):
-    spec = small_spec(tiny_model, recipes, tmp_path)
+def test_nan_in_the_loss_never_reaches_the_weights(tiny_spec, tmp_path):
+    spec = tiny_spec(SMALL, output_dir=tmp_path / "run")
     backend = loaded_backend(spec)
     batch = load_data(spec, backend.tokenizer, log=lambda m: None).train.next_batch()
     backend.step([batch], 1e-3, 0.0)  # make lora_b nonzero so every weight can move
@@ -98,8 +92,8 @@ def test_nan_in_the_loss_never_reaches_the_weights(tiny_model, recipes, tmp_path
     ("dora", {"fine_tune_type": "dora"}),
     ("full", {"fine_tune_type": "full", "learning_rate": 1e-4}),
 ])
-def test_fine_tune_types_train(tiny_model, recipes, tmp_path, kind, over):
-    spec = small_spec(tiny_model, recipes, tmp_path, **over)
+def test_fine_tune_types_train(tiny_spec, tmp_path, kind, over):
+    spec = tiny_spec(SMALL, over, output_dir=tmp_path / "run")
     backend = MLXBackend()
     info = backend.load(spec, spec.model)
     names = list(trainable(backend))
@@ -118,8 +112,8 @@ def test_fine_tune_types_train(tiny_model, recipes, tmp_path, kind, over):
     assert losses[-1] < losses[0]  # the same batch: it must be learned
 
 
-def test_label_smoothing_matches_the_formula(tiny_model, recipes, tmp_path):
-    spec = small_spec(tiny_model, recipes, tmp_path)
+def test_label_smoothing_matches_the_formula(tiny_spec, tmp_path):
+    spec = tiny_spec(SMALL, output_dir=tmp_path / "run")
     backend = loaded_backend(spec)
     batch = load_data(spec, backend.tokenizer, log=lambda m: None).train.next_batch()
     tokens, mask = mx.array(batch.tokens), mx.array(batch.mask)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from google.protobuf.message import DecodeError
 
-from mlx_tune.config.spec import build_spec
 from mlx_tune.reporting.wandb_reporter import RUN_ID_FILE
 from mlx_tune.training.recipe import train
 
@@ -75,29 +74,22 @@ def history(records) -> list[dict]:
     return rows
 
 
-def overrides(tiny_model, recipes, out, **over):
-    base = {"model": str(tiny_model), "data": str(recipes), "output_dir": str(out),
-            "batch_size": 4, "max_length": 128, "max_steps": 4, "eval_steps": 4,
-            "val_batches": 1, "checkpoint_interval": 4, "report_every": 2, "warmup_steps": 1,
-            "learning_rate": 1e-3, "num_samples": 1, "sample_max_tokens": 4, "prefetch": 0,
-            "dashboard": "plain", "report_to": ["wandb"], "eval_at_start": False,
-            "early_stopping.warmup": 1000, "lora.rank": 4}
-    base.update(over)
-    return base
+# Samples reach wandb too; TensorBoard is left to follow report_to (off: wandb alone).
+WANDB_RUN = {"max_steps": 4, "num_samples": 1, "sample_max_tokens": 4, "report_to": ["wandb"],
+             "tensorboard": None, "eval_at_start": False, "lora": {"rank": 4}}
 
 
-def test_offline_run_and_resume_are_one_wandb_run(tiny_model, recipes, tmp_path, monkeypatch):
+def test_offline_run_and_resume_are_one_wandb_run(tiny_spec, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
     monkeypatch.setenv("WANDB_PROJECT", "mlx-tune-test")
     (tmp_path / "wandb_dir").mkdir()
     out = tmp_path / "run"
-    first = train(build_spec(overrides=overrides(tiny_model, recipes, out)), resume="fresh",
-                  log=lambda m: None)
+    first = train(tiny_spec(WANDB_RUN, output_dir=out), resume="fresh", log=lambda m: None)
     assert first.exit_code == 0 and first.step == 4
-    second = train(build_spec(overrides=overrides(tiny_model, recipes, out, max_steps=8)),
-                   resume="auto", log=lambda m: None)
+    second = train(tiny_spec(WANDB_RUN, output_dir=out, max_steps=8), resume="auto",
+                   log=lambda m: None)
     assert second.exit_code == 0 and second.step == 8
     assert not (out / "tensorboard").exists()  # report_to: [wandb] alone
 

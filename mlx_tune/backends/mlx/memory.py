@@ -1,4 +1,5 @@
-"""MLX's memory controls for a run, set on entry and put back on exit.
+"""MLX's memory: what the planner asks of it (the accelerator's memory, what this process
+holds), and the run's controls, set on entry and put back on exit.
 
 * The buffer cache is bounded everywhere (``mx.set_cache_limit``; by default MLX lets it
   grow to the memory limit while ``peak_memory`` stays flat, ml-explore/mlx #3993).
@@ -18,13 +19,29 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+import mlx.core as mx
+
 from mlx_tune.backends.base import AppliedLimits, MemoryLimits
 
 GB = 1e9
 WORKING_SET = "max_recommended_working_set_size"
 
 
-def device_info(mx: Any) -> dict:
+def device_memory() -> tuple[float, str] | None:
+    """Metal's recommended working set; None where MLX reports none (its CPU backend)."""
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    if info.get(WORKING_SET):
+        return float(info[WORKING_SET]), "Metal working set"
+    return None
+
+
+def held_memory() -> float:
+    """Bytes this process already holds (a loaded model): part of the plan, and not part
+    of the RAM still available."""
+    return float(mx.get_active_memory())
+
+
+def device_info(mx: Any = mx) -> dict:
     """``mx.device_info()`` (older MLX: ``mx.metal.device_info()``); {} when neither
     answers."""
     try:

@@ -256,3 +256,10 @@ class TorchBackend(TorchCollectives):
             return greedy(self.model, self.tokenizer, messages, max_tokens, self.device,
                           tools=tools)
 
+
+def make_backend() -> TorchBackend:
+    """The registry's constructor: under torchrun, join the process group before the
+    backend reads its rank."""
+    from mlx_tune.backends.torch.ddp import init_from_env
+    init_from_env()
+    return TorchBackend()

@@ -1,4 +1,5 @@
-"""torch's memory figures and controls, the counterparts of MLX's where they exist.
+"""torch's memory: what the planner asks of it, the run's figures and its controls (the
+counterparts of MLX's where they exist).
 
 On CUDA the caching allocator is MLX's buffer cache: ``memory_reserved() -
 memory_allocated()`` is what it keeps of freed blocks. It has no byte bound of its own
@@ -23,6 +24,18 @@ from mlx_tune.backends.base import AppliedLimits, MemoryLimits, MemoryReading
 from mlx_tune.system.memory import peak_resident_bytes, reset_peak_resident, resident_bytes
 
 GB = 1e9
+
+
+def device_memory() -> tuple[float, str] | None:
+    """The first CUDA device's memory; None without CUDA."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory), "CUDA memory"
+    return None
+
+
+def held_memory() -> float:
+    """Host memory the planner need not add back (a CUDA run's model lives on the device)."""
+    return 0.0
 
 
 def size(n: float) -> str:

@@ -17,7 +17,6 @@ from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import Record, read_records
 from mlx_tune.data.testing import tiny_tokenizer
 from mlx_tune.data.tokenize import encode_record
-from mlx_tune.config.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPES = ROOT / "data" / "recipes"
@@ -47,9 +46,8 @@ def quiet(_):
     pass
 
 
-def spec_for(data, **kw):
-    return build_spec(overrides={"data": str(data), "batch_size": 4, "max_length": 128,
-                                 "prefetch": 0, **kw})
+# The data layer alone: validation batches as the Spec sets them.
+RECIPE_BATCHES = {"val_batches": None}
 
 
 def spans(ids, mask):
@@ -64,12 +62,13 @@ def spans(ids, mask):
 
 
 @needs_recipes
-def test_recipes_curriculum_counts():
+def test_recipes_curriculum_counts(tiny_spec):
     raw = [json.loads(line) for line in open(RECIPES / "train.jsonl")]
     easy = [r for r in raw if r["difficulty"] <= 1]
     good = [r for r in easy if r["quality"] >= 0.5]
-    spec = spec_for(RECIPES, curriculum=[{"until_epoch": 1, "max_difficulty": 1}],
-                    quality={"start": 0.5, "end": 0.8, "ramp_epochs": 2})
+    spec = tiny_spec(RECIPE_BATCHES, data=RECIPES,
+                     curriculum=[{"until_epoch": 1, "max_difficulty": 1}],
+                     quality={"start": 0.5, "end": 0.8, "ramp_epochs": 2})
     f = epoch_filter(spec.curriculum, spec.quality, 0)
     kept = [r for r in read_records(RECIPES / "train.jsonl") if f.keeps(r, 0)]
     assert len(kept) == len(good) and all(r.difficulty <= 1 for r in kept)
@@ -78,10 +77,10 @@ def test_recipes_curriculum_counts():
 
 
 @needs_recipes
-def test_recipes_streaming_and_validation(tok):
+def test_recipes_streaming_and_validation(tiny_spec, tok):
     logs = []
-    bundle = load_data(spec_for(RECIPES, streaming=True, shuffle_buffer=200), tok,
-                       log=logs.append)
+    bundle = load_data(tiny_spec(RECIPE_BATCHES, data=RECIPES, streaming=True,
+                                 shuffle_buffer=200), tok, log=logs.append)
     assert bundle.train_records == 1500
     for _ in range(3):
         assert bundle.train.next_batch().tokens.shape[1] in (32, 64, 96, 128)
@@ -94,8 +93,8 @@ def test_recipes_streaming_and_validation(tok):
 @pytest.mark.skipif(not (SAMPLES / "completions" / "train.jsonl").is_file(),
                     reason="data/samples not shipped yet")
 @pytest.mark.parametrize("kind", ["completions", "text"])
-def test_sample_formats_load(tok, kind):
-    bundle = load_data(spec_for(SAMPLES / kind), tok, log=quiet)
+def test_sample_formats_load(tiny_spec, tok, kind):
+    bundle = load_data(tiny_spec(RECIPE_BATCHES, data=SAMPLES / kind), tok, log=quiet)
     batch = bundle.train.next_batch()
     assert batch.size == 4 and batch.n_targets > 0
     assert bundle.valid is not None and bundle.valid.batches()
@@ -123,8 +122,8 @@ def test_model_tokenizer_on_every_format(model_tok):
 
 @needs_model
 @needs_recipes
-def test_model_tokenizer_test_file(model_tok):
-    spec = spec_for(RECIPES, max_length=256)
+def test_model_tokenizer_test_file(tiny_spec, model_tok):
+    spec = tiny_spec(RECIPE_BATCHES, data=RECIPES, max_length=256)
     batches = load_eval_file(RECIPES / "test.jsonl", spec, model_tok, log=quiet)
     assert sum(b.size for b in batches) == len(read_records(RECIPES / "test.jsonl"))
     assert all(b.tokens.shape[1] <= 256 for b in batches)

@@ -58,9 +58,8 @@ def rows(n, tag="item"):
             for i in range(n)]
 
 
-def spec_for(data, **kw):
-    return build_spec(overrides={"data": str(data), "batch_size": 2, "max_length": 64,
-                                 "prefetch": 0, "val_batches": -1, **kw})
+# Small batches, and every validation batch: what is compared is all of the data.
+SMALL_BATCHES = {"batch_size": 2, "max_length": 64, "val_batches": -1}
 
 
 def quiet(_):
@@ -101,12 +100,14 @@ def write_parquet(folder: Path, splits: dict) -> Path:
 # -- local directories -------------------------------------------------------------
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_parquet_directory_gives_the_batches_of_the_same_jsonl(tmp_path, tok, streaming):
+def test_parquet_directory_gives_the_batches_of_the_same_jsonl(tiny_spec, tmp_path, tok,
+                                                               streaming):
     train, valid = rows(12), rows(5, "val")
     d = write_parquet(tmp_path / "pq", {"train": train, "validation": valid})
     ref = jsonl_reference(tmp_path, train, valid)
-    got = batches(load_data(spec_for(d, streaming=streaming), tok, log=quiet))
-    want = batches(load_data(spec_for(ref, streaming=streaming), tok, log=quiet))
+    got = batches(load_data(tiny_spec(SMALL_BATCHES, data=d, streaming=streaming), tok, log=quiet))
+    want = batches(load_data(tiny_spec(SMALL_BATCHES, data=ref, streaming=streaming), tok,
+                             log=quiet))
     assert_same(got, want)
 
 
@@ -120,7 +121,7 @@ def as_strings(record: dict) -> dict:
     return record
 
 
-def test_tool_calls_survive_arrow(tmp_path, model_tok):
+def test_tool_calls_survive_arrow(tiny_spec, tmp_path, model_tok):
     """Arrow unifies struct keys across rows (every message gets tool_calls, every call's
     arguments every other tool's argument names, as None): records must come back as
     written, so the rendered tokens equal those of the shipped JSONL."""
@@ -128,19 +129,20 @@ def test_tool_calls_survive_arrow(tmp_path, model_tok):
                      (TOOLS / name).read_text().splitlines()][:n]
                     for name, n in (("train.jsonl", 16), ("valid.jsonl", 6)))
     d = write_parquet(tmp_path / "pq", {"train": train, "validation": valid})
-    files = find_data(spec_for(d))
+    files = find_data(tiny_spec(SMALL_BATCHES, data=d))
     for got, want in zip(read_records(files.train), read_records(jsonl_reference(
             tmp_path, train, valid) / "train.jsonl")):
         assert got.messages == want.messages and got.tools == want.tools
     kw = {"max_length": 1024}
-    assert_same(batches(load_data(spec_for(d, **kw), model_tok, log=quiet)),
-                batches(load_data(spec_for(tmp_path / "reference", **kw), model_tok, log=quiet)))
+    assert_same(batches(load_data(tiny_spec(SMALL_BATCHES, data=d, **kw), model_tok, log=quiet)),
+                batches(load_data(tiny_spec(SMALL_BATCHES, data=tmp_path / "reference", **kw),
+                                  model_tok, log=quiet)))
     notes = []
-    check_data(spec_for(d), model_tok, log=notes.append)
+    check_data(tiny_spec(SMALL_BATCHES, data=d), model_tok, log=notes.append)
     assert any("split 'train'" in n and "16 tool-calling records" in n for n in notes)
 
 
-def test_jsonl_files_with_a_column_mapping_and_a_named_val_split(tmp_path, tok):
+def test_jsonl_files_with_a_column_mapping_and_a_named_val_split(tiny_spec, tmp_path, tok):
     train, valid = rows(10), rows(4, "val")
     d = tmp_path / "hub-style"
 
@@ -148,24 +150,25 @@ def test_jsonl_files_with_a_column_mapping_and_a_named_val_split(tmp_path, tok):
         return [{"conv": r["messages"], "score": r["quality"]} for r in rs]
     write_jsonl(d / "data" / "train-00000-of-00001.jsonl", renamed(train))
     write_jsonl(d / "data" / "heldout-00000-of-00001.jsonl", renamed(valid))
-    spec = spec_for(d, data_fields={"messages": "conv", "quality": "score"},
-                    val_split="heldout")
+    spec = tiny_spec(SMALL_BATCHES, data=d, val_split="heldout",
+                     data_fields={"messages": "conv", "quality": "score"})
     got = batches(load_data(spec, tok, log=quiet))
-    assert_same(got, batches(load_data(spec_for(jsonl_reference(tmp_path, train, valid)), tok,
-                                       log=quiet)))
+    reference = tiny_spec(SMALL_BATCHES, data=jsonl_reference(tmp_path, train, valid))
+    assert_same(got, batches(load_data(reference, tok, log=quiet)))
     assert [r.quality for r in read_records(find_data(spec).train)] == \
         [r["quality"] for r in train]
 
 
-def test_save_to_disk_directory_with_val_fraction_and_test_split(tmp_path, tok):
+def test_save_to_disk_directory_with_val_fraction_and_test_split(tiny_spec, tmp_path, tok):
     train, test = rows(20), rows(3, "test")
     d = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(train),
                           "test": datasets.Dataset.from_list(test)}).save_to_disk(str(d))
-    spec = spec_for(d, val_split=0.25)
+    spec = tiny_spec(SMALL_BATCHES, data=d, val_split=0.25)
     # Held-out rows are chosen by row number exactly as JSONL lines by line number.
     assert_same(batches(load_data(spec, tok, log=quiet)),
-                batches(load_data(spec_for(jsonl_reference(tmp_path, train), val_split=0.25),
+                batches(load_data(tiny_spec(SMALL_BATCHES, data=jsonl_reference(tmp_path, train),
+                                            val_split=0.25),
                                   tok, log=quiet)))
     found = find_test_file(spec)
     assert isinstance(found, HFSplit) and found.split == "test"
@@ -173,9 +176,9 @@ def test_save_to_disk_directory_with_val_fraction_and_test_split(tmp_path, tok):
         [tuple(m for m in r["messages"]) for r in test]
 
 
-def test_validation_split_is_not_read_until_the_first_evaluation(tmp_path, tok):
+def test_validation_split_is_not_read_until_the_first_evaluation(tiny_spec, tmp_path, tok):
     d = write_parquet(tmp_path / "pq", {"train": rows(10), "validation": rows(6, "val")})
-    bundle = load_data(spec_for(d), tok, log=quiet)
+    bundle = load_data(tiny_spec(SMALL_BATCHES, data=d), tok, log=quiet)
     for _ in range(8):
         bundle.train.next_batch()
     assert bundle.valid.path.split == "validation" and bundle.valid.path.rows_read == 0
@@ -196,19 +199,19 @@ def place_in_cache(cache: Path, repo_id: str, splits: dict) -> None:
     write_parquet(storage / "snapshots" / sha, splits)
 
 
-def test_hub_id_is_read_from_the_cache_offline(tmp_path, tok, offline):
+def test_hub_id_is_read_from_the_cache_offline(tiny_spec, tmp_path, tok, offline):
     train, valid = rows(12), rows(4, "val")
     place_in_cache(offline, "chefs/recipes", {"train": train, "validation": valid})
     lines = []
-    got = batches(load_data(spec_for("chefs/recipes"), tok, log=lines.append))
-    assert_same(got, batches(load_data(spec_for(jsonl_reference(tmp_path, train, valid)), tok,
-                                       log=quiet)))
+    got = batches(load_data(tiny_spec(SMALL_BATCHES, data="chefs/recipes"), tok, log=lines.append))
+    reference = tiny_spec(SMALL_BATCHES, data=jsonl_reference(tmp_path, train, valid))
+    assert_same(got, batches(load_data(reference, tok, log=quiet)))
     assert any("chefs/recipes" in line and "'train'" in line for line in lines)
 
 
-def test_hub_id_not_cached_offline_is_one_clear_line(tok):
+def test_hub_id_not_cached_offline_is_one_clear_line(tiny_spec, tok):
     with pytest.raises(DataError) as err:
-        load_data(spec_for("chefs/missing"), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data="chefs/missing"), tok, log=quiet)
     text = str(err.value)
     assert "'chefs/missing'" in text and "HF_HUB_OFFLINE" in text and "\n" not in text
     assert "datasets--chefs--missing" in text
@@ -216,31 +219,32 @@ def test_hub_id_not_cached_offline_is_one_clear_line(tok):
 
 # -- errors ---------------------------------------------------------------------------
 
-def test_a_bad_row_names_dataset_split_and_row(tmp_path, tok):
+def test_a_bad_row_names_dataset_split_and_row(tiny_spec, tmp_path, tok):
     bad = rows(5)
     bad[3]["messages"][0]["role"] = "robot"
     d = write_parquet(tmp_path / "pq", {"train": bad})
     with pytest.raises(DataError, match=r"pq split 'train' row 3: message 0 has role 'robot'"):
-        load_data(spec_for(d), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data=d), tok, log=quiet)
 
 
-def test_unknown_split_and_missing_column_are_named(tmp_path, tok):
+def test_unknown_split_and_missing_column_are_named(tiny_spec, tmp_path, tok):
     d = write_parquet(tmp_path / "pq", {"train": rows(4), "validation": rows(2)})
     with pytest.raises(DataError, match=r"val_split: .* no split 'dev' \(splits: train, "
                                         "validation\\)"):
-        load_data(spec_for(d, val_split="dev"), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data=d, val_split="dev"), tok, log=quiet)
     with pytest.raises(DataError, match=r"data_split: .* no split 'training'"):
-        load_data(spec_for(d, data_split="training"), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data=d, data_split="training"), tok, log=quiet)
     with pytest.raises(DataError, match=r"data_fields.messages: .* no column 'conv' \(columns: "
                                         "messages, quality\\)"):
-        load_data(spec_for(d, data_fields={"messages": "conv"}), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data=d, data_fields={"messages": "conv"}), tok,
+                  log=quiet)
 
 
-def test_split_names_and_fields_are_refused_for_jsonl_directories(tmp_path, tok):
+def test_split_names_and_fields_are_refused_for_jsonl_directories(tiny_spec, tmp_path, tok):
     d = write_jsonl(tmp_path / "j" / "train.jsonl", rows(4)).parent
     with pytest.raises(DataError, match="'val_split' applies to Hugging Face datasets.*"
                                         "give a fraction"):
-        load_data(spec_for(d, val_split="validation"), tok, log=quiet)
+        load_data(tiny_spec(SMALL_BATCHES, data=d, val_split="validation"), tok, log=quiet)
 
 
 @pytest.mark.parametrize("overrides, message", [

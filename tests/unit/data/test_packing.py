@@ -44,18 +44,17 @@ def test_pack_rows_layout():
     assert b.n_targets == sum(int(np.sum(m[1:PACK])) for _, m in examples())
 
 
-def spec_for(tmp_path, **over):
-    return build_spec(overrides={"data": str(tmp_path), "batch_size": 2, "max_length": 96,
-                                 "packing": True, "prefetch": 0, **over})
+# Packed rows of 96 tokens; validation batches as the Spec sets them.
+PACKED = {"batch_size": 2, "max_length": 96, "packing": True, "val_batches": None}
 
 
-def test_packed_epochs_are_seeded_complete_one_shape_and_resume_exactly(tmp_path):
+def test_packed_epochs_are_seeded_complete_one_shape_and_resume_exactly(tiny_spec, tmp_path):
     tok = tiny_tokenizer()
     write_jsonl(tmp_path / "train.jsonl",
                 [chat(f"item {i}", "pancakes " * (1 + (i * 7) % 23)) for i in range(40)])
     write_jsonl(tmp_path / "valid.jsonl", [chat(f"v {i}", "soup " * i) for i in range(1, 6)])
     quiet = lambda m: None  # noqa: E731
-    a = load_data(spec_for(tmp_path), tok, log=quiet)
+    a = load_data(tiny_spec(PACKED, data=tmp_path), tok, log=quiet)
     n = a.train.steps_per_epoch()
     epoch = [a.train.next_batch() for _ in range(n)]
     assert {b.tokens.shape for b in epoch + a.valid.batches()} == {(2, 96)}
@@ -66,16 +65,16 @@ def test_packed_epochs_are_seeded_complete_one_shape_and_resume_exactly(tmp_path
             for m in re.findall(r"item (\d+)", tok.decode(row[seg == k]))]
     assert len(seen) == len(set(seen)) and len(seen) >= 30
     # seeded: the same plan again; another seed another plan
-    b = load_data(spec_for(tmp_path), tok, log=quiet)
+    b = load_data(tiny_spec(PACKED, data=tmp_path), tok, log=quiet)
     again = [b.train.next_batch() for _ in range(n)]
     assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(epoch, again))
-    c = load_data(spec_for(tmp_path, seed=1), tok, log=quiet)
+    c = load_data(tiny_spec(PACKED, data=tmp_path, seed=1), tok, log=quiet)
     assert not all(np.array_equal(x.tokens, c.train.next_batch().tokens) for x in epoch[:1])
     # resume mid-epoch: the next batches are the uninterrupted run's
-    d = load_data(spec_for(tmp_path), tok, log=quiet)
+    d = load_data(tiny_spec(PACKED, data=tmp_path), tok, log=quiet)
     for _ in range(2):
         d.train.next_batch()
-    e = load_data(spec_for(tmp_path), tok, log=quiet)
+    e = load_data(tiny_spec(PACKED, data=tmp_path), tok, log=quiet)
     e.train.load_state_dict(d.train.state_dict())
     for x in epoch[2:] + [a.train.next_batch()]:
         y = e.train.next_batch()

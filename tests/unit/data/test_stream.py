@@ -12,7 +12,6 @@ from mlx_tune.data import DataError, load_data
 from mlx_tune.data import sources
 from mlx_tune.data import tokenize as tokenize_module
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +27,9 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def spec_for(data_dir, **kw):
-    return build_spec(overrides={"data": str(data_dir), "batch_size": 4, "max_length": 64, **kw})
+# Short rows; prefetch and validation batches as the Spec sets them (each test may change
+# the prefetch).
+STREAM = {"max_length": 64, "prefetch": None, "val_batches": None}
 
 
 def quiet(_):
@@ -60,9 +60,9 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("cut", [5, 13])  # mid-epoch, and past an epoch boundary
-def test_resume_gives_identical_batches(data_dir, tok, monkeypatch, name, cut):
+def test_resume_gives_identical_batches(tiny_spec, data_dir, tok, monkeypatch, name, cut):
     monkeypatch.setattr(sources, "WINDOW_BATCHES", 2)  # several bucketing windows per pass
-    spec = spec_for(data_dir, **CONFIGS[name])
+    spec = tiny_spec(STREAM, data=data_dir, **CONFIGS[name])
     reference = load_data(spec, tok, log=quiet)
     expected = batches(reference.train, cut + 12)
     reference.close()
@@ -79,8 +79,8 @@ def test_resume_gives_identical_batches(data_dir, tok, monkeypatch, name, cut):
     resumed.close()
 
 
-def test_state_reflects_batches_handed_out_not_prefetched(data_dir, tok):
-    bundle = load_data(spec_for(data_dir, prefetch=4), tok, log=quiet)
+def test_state_reflects_batches_handed_out_not_prefetched(tiny_spec, data_dir, tok):
+    bundle = load_data(tiny_spec(STREAM, data=data_dir, prefetch=4), tok, log=quiet)
     batches(bundle.train, 3)
     thread = bundle.train._thread
     assert thread is not None and thread.is_alive()
@@ -89,12 +89,12 @@ def test_state_reflects_batches_handed_out_not_prefetched(data_dir, tok):
     assert not thread.is_alive()
 
 
-def test_prefetch_error_surfaces_in_next_batch(tmp_path, tok):
+def test_prefetch_error_surfaces_in_next_batch(tiny_spec, tmp_path, tok):
     rows = [chat(f"dish {i}", "Cook.") for i in range(40)] + ['{"messages": 3}']
     path = write_jsonl(tmp_path / "train.jsonl", rows)
     # Streaming validates lines as it reaches them: the bad line surfaces mid-run.
-    bundle = load_data(spec_for(tmp_path, streaming=True, shuffle_buffer=2, prefetch=2), tok,
-                       log=quiet)
+    bundle = load_data(tiny_spec(STREAM, data=tmp_path, streaming=True, shuffle_buffer=2,
+                                 prefetch=2), tok, log=quiet)
     with pytest.raises(DataError, match=rf"{path}:41: 'messages' must be a list"):
         batches(bundle.train, 20)
     with pytest.raises(DataError):  # and keeps surfacing
@@ -103,9 +103,9 @@ def test_prefetch_error_surfaces_in_next_batch(tmp_path, tok):
     assert not any(t.name == "mlx-tune-prefetch" for t in threading.enumerate())
 
 
-def test_streaming_resume_tokenizes_nothing_it_skips(data_dir, tok, monkeypatch):
+def test_streaming_resume_tokenizes_nothing_it_skips(tiny_spec, data_dir, tok, monkeypatch):
     monkeypatch.setattr(sources, "WINDOW_BATCHES", 2)  # windows of 8 records
-    spec = spec_for(data_dir, streaming=True, shuffle_buffer=5, prefetch=0)
+    spec = tiny_spec(STREAM, data=data_dir, streaming=True, shuffle_buffer=5, prefetch=0)
     first = load_data(spec, tok, log=quiet)
     batches(first.train, 9)  # four whole windows, then one batch of the fifth
     state = first.train.state_dict()
@@ -121,43 +121,44 @@ def test_streaming_resume_tokenizes_nothing_it_skips(data_dir, tok, monkeypatch)
     assert len(calls) == 8  # only the window being resumed is tokenized again
 
 
-def test_streaming_reads_line_by_line(data_dir, tok, monkeypatch):
+def test_streaming_reads_line_by_line(tiny_spec, data_dir, tok, monkeypatch):
     import pathlib
     monkeypatch.setattr(pathlib.Path, "read_text", lambda *a, **k: pytest.fail("read whole"))
     monkeypatch.setattr(pathlib.Path, "read_bytes", lambda *a, **k: pytest.fail("read whole"))
-    bundle = load_data(spec_for(data_dir, streaming=True, prefetch=0), tok, log=quiet)
+    bundle = load_data(tiny_spec(STREAM, data=data_dir, streaming=True, prefetch=0), tok,
+                       log=quiet)
     assert bundle.train_records == 45
     assert batches(bundle.train, 12)[0].size == 4  # 11 per pass: crosses into epoch 1
     assert bundle.train.epoch == 1
 
 
-def test_streaming_pass_covers_each_record_once(tmp_path, tok):
+def test_streaming_pass_covers_each_record_once(tiny_spec, tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", [chat(f"dish {i}", "Cook.") for i in range(24)])
-    bundle = load_data(spec_for(tmp_path, streaming=True, shuffle_buffer=4, batch_size=1,
-                                prefetch=0), tok, log=quiet)
+    bundle = load_data(tiny_spec(STREAM, data=tmp_path, streaming=True, shuffle_buffer=4,
+                                 batch_size=1, prefetch=0), tok, log=quiet)
     seen = [tok.decode(b.tokens[0]).split("dish ")[1].split("<")[0] for b in batches(bundle.train, 24)]
     assert sorted(seen, key=int) == [str(i) for i in range(24)]
     assert seen != [str(i) for i in range(24)]  # shuffled
     assert bundle.train.epoch == 0 and bundle.train.position == 24
 
 
-def test_mode_change_restarts_epoch(data_dir, tok):
+def test_mode_change_restarts_epoch(tiny_spec, data_dir, tok):
     logs = []
-    bundle = load_data(spec_for(data_dir, prefetch=0), tok, log=logs.append)
+    bundle = load_data(tiny_spec(STREAM, data=data_dir, prefetch=0), tok, log=logs.append)
     bundle.train.load_state_dict({"mode": "streaming", "epoch": 2, "consumed": 10,
                                   "position": 3})
     assert bundle.train.epoch == 2 and bundle.train.position == 0
     assert any("resuming at the start of epoch 2" in m for m in logs)
 
 
-def test_changed_data_is_reported_on_resume(data_dir, tok):
-    first = load_data(spec_for(data_dir, prefetch=0), tok, log=quiet)
+def test_changed_data_is_reported_on_resume(tiny_spec, data_dir, tok):
+    first = load_data(tiny_spec(STREAM, data=data_dir, prefetch=0), tok, log=quiet)
     first.train.next_batch()
     state = first.train.state_dict()
     assert state["records"] == 45
     write_jsonl(data_dir / "train.jsonl", [chat(f"dish {i}", "Cook.") for i in range(30)])
     logs = []
-    second = load_data(spec_for(data_dir, prefetch=0), tok, log=logs.append)
+    second = load_data(tiny_spec(STREAM, data=data_dir, prefetch=0), tok, log=logs.append)
     second.train.load_state_dict(state)
     assert any("train data has 30 records, 45 when this position was saved" in m for m in logs)
     assert second.train.next_batch().size == 4

@@ -11,7 +11,6 @@ import pytest
 
 from mlx_tune.data import load_data, load_eval_file
 from mlx_tune.data.testing import chat, tiny_tokenizer, write_jsonl
-from mlx_tune.config.spec import build_spec
 
 
 @pytest.fixture(scope="module")
@@ -23,16 +22,15 @@ def rows(n, tag="item"):
     return [chat(f"{tag} {i}", "Mix flour and eggs. " * (1 + i % 5)) for i in range(n)]
 
 
-def make_spec(d, **kw):
-    return build_spec(overrides={"data": str(d), "batch_size": 2, "max_length": 64,
-                                 "prefetch": 0, **kw})
+# Small batches; validation batches as the Spec sets them (each test may change them).
+SMALL_BATCHES = {"batch_size": 2, "max_length": 64, "val_batches": None}
 
 
 def quiet(_):
     pass
 
 
-def test_validation_file_is_not_opened_until_used(tmp_path, tok, monkeypatch):
+def test_validation_file_is_not_opened_until_used(tiny_spec, tmp_path, tok, monkeypatch):
     write_jsonl(tmp_path / "train.jsonl", rows(10))
     valid = write_jsonl(tmp_path / "valid.jsonl", rows(6, "val"))
     opened = []
@@ -48,7 +46,7 @@ def test_validation_file_is_not_opened_until_used(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", spy_open)
     monkeypatch.setattr(pathlib.Path, "open", spy_path_open)
-    bundle = load_data(make_spec(tmp_path, prefetch=2), tok, log=quiet)
+    bundle = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, prefetch=2), tok, log=quiet)
     for _ in range(12):
         bundle.train.next_batch()
     bundle.close()
@@ -58,17 +56,19 @@ def test_validation_file_is_not_opened_until_used(tmp_path, tok, monkeypatch):
     assert str(valid) in opened
 
 
-def test_valid_batches_are_a_fixed_subset(tmp_path, tok):
+def test_valid_batches_are_a_fixed_subset(tiny_spec, tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", rows(10))
     write_jsonl(tmp_path / "val.jsonl", rows(25, "val"))
-    bundle = load_data(make_spec(tmp_path, val_batches=4), tok, log=quiet)
+    bundle = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, val_batches=4), tok, log=quiet)
     a, b = bundle.valid.batches(), bundle.valid.batches()
-    again = load_data(make_spec(tmp_path, val_batches=4), tok, log=quiet).valid.batches()
+    again = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, val_batches=4), tok,
+                      log=quiet).valid.batches()
     assert len(a) == 4
     for x, y, z in zip(a, b, again):
         assert x is y
         assert np.array_equal(x.tokens, z.tokens) and np.array_equal(x.mask, z.mask)
-    every = load_data(make_spec(tmp_path, val_batches=-1), tok, log=quiet).valid.batches()
+    every = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, val_batches=-1), tok,
+                      log=quiet).valid.batches()
     # The last batch holds one record and one empty row (mask 0): every batch has one shape.
     assert len(every) == 13 and {x.size for x in every} == {2}
     assert sum(int(x.mask.any(axis=1).sum()) for x in every) == 25
@@ -79,24 +79,24 @@ def test_valid_batches_are_a_fixed_subset(tmp_path, tok):
     assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
 
 
-def test_first_prompts_drop_the_final_answer(tmp_path, tok):
+def test_first_prompts_drop_the_final_answer(tiny_spec, tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", rows(4))
     write_jsonl(tmp_path / "valid.jsonl", [
         {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                       {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
                       {"role": "assistant", "content": "d"}]},
         chat("e", "f"), chat("g", "h")])
-    valid = load_data(make_spec(tmp_path), tok, log=quiet).valid
+    valid = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path), tok, log=quiet).valid
     assert valid.first_prompts(2) == [
         [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
          {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
         [{"role": "user", "content": "e"}]]
 
 
-def test_no_validation_data_logs_once(tmp_path, tok):
+def test_no_validation_data_logs_once(tiny_spec, tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", rows(4))
     logs = []
-    bundle = load_data(make_spec(tmp_path), tok, log=logs.append)
+    bundle = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path), tok, log=logs.append)
     assert bundle.valid is None
     assert logs.count("no validation data: evaluation is skipped") == 1
 
@@ -107,9 +107,10 @@ def ids_in(batches, tok):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_val_split_deterministic_and_disjoint(tmp_path, tok, streaming):
+def test_val_split_deterministic_and_disjoint(tiny_spec, tmp_path, tok, streaming):
     write_jsonl(tmp_path / "train.jsonl", rows(80))
-    spec = make_spec(tmp_path, val_split=0.25, batch_size=1, streaming=streaming, val_batches=-1)
+    spec = tiny_spec(SMALL_BATCHES, data=tmp_path, val_split=0.25, batch_size=1,
+                     streaming=streaming, val_batches=-1)
     bundle = load_data(spec, tok, log=quiet)
     held = ids_in(bundle.valid.batches(), tok)
     train = ids_in([bundle.train.next_batch() for _ in range(bundle.train_records)], tok)
@@ -118,22 +119,24 @@ def test_val_split_deterministic_and_disjoint(tmp_path, tok, streaming):
     prompts = bundle.valid.first_prompts(100)
     assert {int(p[-1]["content"].split()[1]) for p in prompts} == held
     # The same records every run, in either mode.
-    again = load_data(make_spec(tmp_path, val_split=0.25, batch_size=1,
+    again = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, val_split=0.25, batch_size=1,
                                 streaming=not streaming, val_batches=-1), tok, log=quiet)
     assert ids_in(again.valid.batches(), tok) == held
 
 
-def test_val_split_ignored_with_a_validation_file(tmp_path, tok):
+def test_val_split_ignored_with_a_validation_file(tiny_spec, tmp_path, tok):
     write_jsonl(tmp_path / "train.jsonl", rows(10))
     write_jsonl(tmp_path / "valid.jsonl", rows(3, "val"))
     logs = []
-    bundle = load_data(make_spec(tmp_path, val_split=0.3), tok, log=logs.append)
+    bundle = load_data(tiny_spec(SMALL_BATCHES, data=tmp_path, val_split=0.3), tok,
+                       log=logs.append)
     assert bundle.train_records == 10 and any("val_split=0.3 ignored" in m for m in logs)
 
 
-def test_load_eval_file(tmp_path, tok):
+def test_load_eval_file(tiny_spec, tmp_path, tok):
     path = write_jsonl(tmp_path / "test.jsonl", rows(7))
-    batches = load_eval_file(path, make_spec(tmp_path, batch_size=3), tok, log=quiet)
+    batches = load_eval_file(path, tiny_spec(SMALL_BATCHES, data=tmp_path, batch_size=3), tok,
+                             log=quiet)
     assert [b.size for b in batches] == [3, 3, 3]  # the last padded with empty rows
     assert [int(b.mask.any(axis=1).sum()) for b in batches] == [3, 3, 1]
     assert ids_in(batches, tok) == set(range(7))

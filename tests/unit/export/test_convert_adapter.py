@@ -5,14 +5,8 @@ tests/model/test_convert_adapter.py."""
 from __future__ import annotations
 
 import mlx.core as mx
-import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("peft")
-
-from mlx_tune.cli import main  # noqa: E402
-
-pytestmark = pytest.mark.torch
+from mlx_tune.cli import main
 
 
 def test_bad_adapters_are_one_line_errors(tmp_path, capsys):

@@ -9,13 +9,16 @@ from typing import Callable
 
 import torch
 
+from mlx_tune.backends.torch.loading import load_base
+from mlx_tune.config.schema import Spec
+from mlx_tune.models.tokenizer import copy_chat_template, load_tokenizer
 
-def fuse_torch(model_dir: Path, adapter: Path, output: Path, spec,
-               log: Callable[[str], None]) -> None:
+
+def fuse(model_dir: Path, adapter: Path, output: Path, spec: Spec, *, dequantize: bool,
+         log: Callable[[str], None]) -> None:
+    """peft's merge_and_unload into the float base (``dequantize`` is implied: merging
+    into 4/8-bit layers would round the merged weight again)."""
     from peft import PeftModel
-    from mlx_tune.backends.torch.backend import load_base
-    from mlx_tune.export import copy_chat_template
-    from mlx_tune.models.tokenizer import load_tokenizer
 
     if (adapter / "config.json").is_file():  # a full fine-tune saved the whole model
         shutil.copytree(adapter, output, dirs_exist_ok=True)
