@@ -32,7 +32,7 @@ SECTIONS = {
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "memory", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
-                     "ema"),
+                     "memory", "ema"),
     "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
                  "onecycle"),
     "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",
@@ -41,6 +41,7 @@ SECTIONS = {
                                       "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
     "reporting": ("report_every", "dashboard", "report_to", "tensorboard", "allow_sleep"),
+    "supervision (--supervise)": ("supervise",),
     "torch backend": ("torch_compile", "torch_threads"),
 }
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume from the newest valid checkpoint without asking")
     resume.add_argument("--force-fresh", action="store_true",
                         help="start over; the old run directory is moved aside, nothing deleted")
+    # Given by the supervisor to the runs it restarts: resume without asking, whatever
+    # --force-fresh the first run was started with.
+    train.add_argument("--supervisor-restart", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--accept-changes", action="store_true",
                        help="resume even though settings that change what the checkpoint "
                             "means (lora.alpha, batch_size, data content...) differ")
@@ -184,7 +188,10 @@ def add_morning_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="the morning report of a run: terminal summary "
                             "and a self-contained HTML page with plots")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html)")
+    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html); an existing "
+                        "file is replaced only if it is an mlx-tune report")
+    report.add_argument("--force", action="store_true",
+                        help="replace the --html file even if it is not an mlx-tune report")
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -196,8 +203,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from mlx_tune.export import ExportError
     from mlx_tune.reporting.summary import ReportError
     from mlx_tune.checkpoint.rundir import RunDirError
+    from mlx_tune.files import WriteRefused
     return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
-            ReportError, RunDirError)
+            ReportError, RunDirError, WriteRefused)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -216,8 +224,12 @@ def run_command(args: argparse.Namespace) -> int:
         if args.print_config:
             print(to_yaml(spec), end="")
             return EXIT_OK
+        if spec.supervise.enabled:
+            from mlx_tune.supervise.night import supervise
+            return supervise(spec, getattr(args, "argv", None) or sys.argv[1:])
         from mlx_tune.training.recipe import train
-        mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
+        restarted = getattr(args, "supervisor_restart", False)
+        mode = "auto" if args.auto_resume or restarted else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode, accept_changes=args.accept_changes).exit_code
     if args.command == "lr-find":
         from mlx_tune.commands.lr_find import lr_find_cli
@@ -231,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mlx_tune.system.blas import maybe_reexec_with_openblas
     maybe_reexec_with_openblas(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor starts its runs with the same command line
     try:
         return run_command(args)
     except KeyboardInterrupt:
@@ -243,8 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_USAGE
             return getattr(e, "exit_code", EXIT_ERROR)
         log = Path.cwd() / "mlx-tune-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        try:
+            log.write_text(traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError as write_error:  # a read-only working directory: still one line
+            where = f"no traceback saved: {log}: {write_error.strerror or write_error}"
+        print(f"mlx-tune: error: {type(e).__name__}: {e} ({where})", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -47,6 +47,7 @@ class StepConfig:
     ema_decay: float | None  # None = no EMA
     world_size: int  # > 1: sums are all-reduced across ranks inside the step
     gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
+    chunked_loss: bool = False  # cross-entropy over chunks of positions (chunked_loss.py)
 
 
 @dataclass

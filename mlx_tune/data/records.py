@@ -84,6 +84,17 @@ def find_files(directory: str | Path) -> DataFiles:
     return DataFiles(d, train, valids[0] if valids else None, test if test.is_file() else None)
 
 
+def find_test_only(directory: str | Path) -> Optional[Path]:
+    """test.jsonl of a data directory, for scoring alone (`evaluate --data DIR`): no
+    train.jsonl is needed to score a test set. None when the directory has none."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: data directory not found (expected test.jsonl in it)")
+    test = d / "test.jsonl"
+    _check_regular(test)
+    return test if test.is_file() else None
+
+
 def _check_regular(path: Path) -> None:
     """A name that exists but is no readable regular file gets its own message (a FIFO
     would block the reader forever; a dangling link would read as "missing")."""

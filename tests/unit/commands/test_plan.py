@@ -56,9 +56,15 @@ def test_what_moves_the_estimate():
     assert e(optimizer="sgd").grads_optimizer < e().grads_optimizer
     full = estimate(shape, spec_of(fine_tune_type="full", max_length=1024), 1, 1024)
     assert full.grads_optimizer > 5 * full.weights / 2  # grads + 2 moments + the update
-    big, small = (estimate(shape, spec_of(**base), mb, 1024) for mb in (4, 1))
+    plain = {**base, "memory.chunked_loss": False}
+    big, small = (estimate(shape, spec_of(**plain), mb, 1024) for mb in (4, 1))
     assert big.activations == pytest.approx(4 * small.activations)
     assert big.logits == pytest.approx(4 * small.logits)  # B*L*vocab float32 arrays
+    # chunked (the MLX default for LoRA): a bounded number of chunks' logits plus the
+    # float32 hidden-state gradient, far less than 4 x 1024 x 32032 float32 x 4 copies
+    big_chunked = estimate(shape, spec_of(**base), 4, 1024)
+    assert big_chunked.logits < big.logits / 3
+    assert big_chunked.logits >= 4 * 1024 * 4096 * 4
     torch = estimate(shape, spec_of(**base), 1, 1024, backend="torch")
     assert torch.activations < small.activations  # fused attention: no L*L probabilities
 
