@@ -32,7 +32,7 @@ def match_targets(linear_names: Sequence[str], targets: Sequence[str]) -> list[s
     for target in targets:
         found = [n for n in linear_names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
         if not found:
-            raise ValueError(f"lora.targets: this model has no '{target}' projection "
+            raise SpecError(f"lora.targets: this model has no '{target}' projection "
                              f"(its linear layers are: {', '.join(sorted(linear_names))})")
         keys.extend(found)
     return keys

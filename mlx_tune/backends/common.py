@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
-from mlx_tune.config.schema import Spec
+from mlx_tune.config.schema import Spec, SpecError
 
 # Checkpoint array names: "<prefix><name in the framework's own tree>".
 TRAINABLE = "trainable/"  # the trainable weights (LoRA/DoRA adapters, or all of them)
@@ -37,7 +37,7 @@ def with_prefix(arrays: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def refuse_full_quantized(spec: Spec, bits: int | None) -> None:
     """A full fine-tune updates every weight, which a quantized base cannot hold."""
     if bits and spec.fine_tune_type == "full":
-        raise ValueError("fine_tune_type: full cannot train a quantized base; "
+        raise SpecError("fine_tune_type: full cannot train a quantized base; "
                          "use lora or dora, or drop 'quantize'")
 
 
@@ -45,7 +45,7 @@ def adapted_layers(spec: Spec, blocks: int) -> int:
     """How many of the model's ``blocks`` (the last ones) get adapters."""
     layers = blocks if spec.lora.layers == -1 else spec.lora.layers
     if layers > blocks:
-        raise ValueError(f"lora.layers is {layers} but the model has {blocks} "
+        raise SpecError(f"lora.layers is {layers} but the model has {blocks} "
                          "blocks (-1 = all)")
     return layers
 

@@ -13,11 +13,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlx_tune.errors import UserError
 from mlx_tune.reporting.plots import Panel, Series
 from mlx_tune.reporting.text import numbered_metrics
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A run directory without a readable metrics.jsonl."""
 
 
