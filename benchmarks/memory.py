@@ -63,10 +63,11 @@ class Config:
 
 BASE = Config()
 ONE = replace(BASE, layers=1, steps=1)
-# What fits ~30-40 CPU minutes on a shared 2-core machine (one 1-layer float32 step of 512
-# tokens takes about a minute there; MLX's CPU bfloat16 and 4-bit matmuls run at ~1
-# GFLOP/s, see --kernels): one and two layers give the per-layer slope, 512/1024 the
-# per-token terms; speed pairs run two steps and time the second.
+# Ordered by what the planner needs first: 512/1024 tokens give the per-token terms, one
+# and two layers the per-layer slope; speed pairs run two steps and time the second. On a
+# quiet 2-core machine a 1-layer float32 step of 512 tokens takes under a minute (2-6 under
+# load); MLX's CPU bfloat16 and 4-bit matmuls run at ~1 GFLOP/s (--kernels), so those run
+# 64 tokens.
 MATRIX = [
     replace(ONE, steps=2), replace(ONE, steps=2, chunked=True),
     replace(ONE, length=1024), replace(ONE, length=1024, chunked=True),

@@ -19,9 +19,10 @@ import yaml
 
 from mlx_tune import __version__
 from mlx_tune.backends import registry
-from mlx_tune.config.schema import Spec, SpecError, leaf_fields, to_yaml
+from mlx_tune.config.schema import Spec, leaf_fields, to_yaml
 from mlx_tune.config.spec import build_spec
-from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from mlx_tune.errors import UserError
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 
 # Which top-level fields go under which heading in `mlx-tune train --help`.
 SECTIONS = {
@@ -30,7 +31,7 @@ SECTIONS = {
     "objective": ("objective", "preference"),
     "data": ("data", "data_split", "data_fields", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
              "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
-    "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
+    "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "memory", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
                      "memory", "ema"),
@@ -195,20 +196,6 @@ def add_morning_commands(sub: Any) -> None:
                         help="replace the --html file even if it is not an mlx-tune report")
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input, reported as one line."""
-    from mlx_tune.checkpoint.manager import CheckpointError
-    from mlx_tune.data import DataError
-    from mlx_tune.models.hub import ModelError
-    from mlx_tune.checkpoint.resume import ResumeError
-    from mlx_tune.export import ExportError
-    from mlx_tune.reporting.summary import ReportError
-    from mlx_tune.checkpoint.rundir import RunDirError
-    from mlx_tune.files import WriteRefused
-    return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
-            ReportError, RunDirError, WriteRefused)
-
-
 def run_command(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         from rich.console import Console
@@ -241,21 +228,22 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from mlx_tune.system.blas import maybe_reexec_with_openblas
-    maybe_reexec_with_openblas(argv)
+    # Parsed first: --help, --version and a mistyped flag answer at once, with no BLAS
+    # notice before them. Every command then runs on OpenBLAS where the fix applies; the
+    # notice says so once, for the runs whose speed it is about (train, lr-find).
     args = build_parser().parse_args(argv)
     args.argv = argv  # the supervisor starts its runs with the same command line
+    from mlx_tune.system.blas import maybe_reexec_with_openblas
+    maybe_reexec_with_openblas(argv, notice=args.command in ("train", "lr-find"))
     try:
         return run_command(args)
     except KeyboardInterrupt:
         print("mlx-tune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except UserError as e:  # bad input: one line, and the error's own exit code
+        print(f"mlx-tune: error: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if isinstance(e, _known_errors()):
-            print(f"mlx-tune: error: {e}", file=sys.stderr)
-            if isinstance(e, SpecError):
-                return EXIT_USAGE
-            return getattr(e, "exit_code", EXIT_ERROR)
         log = Path.cwd() / "mlx-tune-crash.log"
         try:
             log.write_text(traceback.format_exc())

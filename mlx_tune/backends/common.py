@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
-from mlx_tune.config.schema import Spec
+from mlx_tune.config.schema import Spec, SpecError
 from mlx_tune.config.spec import preference_settings
 from mlx_tune.objectives import get_objective
 
@@ -39,7 +39,7 @@ def with_prefix(arrays: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def refuse_full_quantized(spec: Spec, bits: int | None) -> None:
     """A full fine-tune updates every weight, which a quantized base cannot hold."""
     if bits and spec.fine_tune_type == "full":
-        raise ValueError("fine_tune_type: full cannot train a quantized base; "
+        raise SpecError("fine_tune_type: full cannot train a quantized base; "
                          "use lora or dora, or drop 'quantize'")
 
 
@@ -47,7 +47,7 @@ def adapted_layers(spec: Spec, blocks: int) -> int:
     """How many of the model's ``blocks`` (the last ones) get adapters."""
     layers = blocks if spec.lora.layers == -1 else spec.lora.layers
     if layers > blocks:
-        raise ValueError(f"lora.layers is {layers} but the model has {blocks} "
+        raise SpecError(f"lora.layers is {layers} but the model has {blocks} "
                          "blocks (-1 = all)")
     return layers
 
@@ -105,6 +105,23 @@ def weights_swapped(ema: T | None, snapshot: Callable[[], T],
         yield
     finally:
         load(live)
+
+
+@contextmanager
+def state_undone(state_dict: Callable[[], tuple[dict[str, Any], dict]],
+                 load_state_dict: Callable[[dict[str, Any], dict], None],
+                 copy: Callable[[Any], Any]) -> Iterator[None]:
+    """Whatever the block does to the training state (weights, optimizer, EMA, random
+    generators) is undone on exit, through the checkpoint's own state_dict and
+    load_state_dict (the path that exact resume already proves bit for bit). ``copy``:
+    how to keep an array the block may write into (torch updates in place; MLX arrays
+    are immutable, so there the array itself will do)."""
+    arrays, meta = state_dict()
+    saved = {k: copy(v) for k, v in arrays.items()}
+    try:
+        yield
+    finally:
+        load_state_dict(saved, meta)
 
 
 def broadcast_header(comm: Collectives, arrays: Mapping[str, Any] | None) -> list:

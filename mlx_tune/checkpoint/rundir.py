@@ -22,6 +22,7 @@ import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlx_tune.errors import UserError
 from mlx_tune.exit_codes import EXIT_DIR_IN_USE, EXIT_USAGE
 
 LOCK_NAME = ".mlx-tune.lock"
@@ -34,7 +35,7 @@ FOREIGN_MARKERS = (".git", "pyproject.toml", "setup.py", "train.jsonl", "valid.j
                    "val.jsonl", "config.json", "model.safetensors")
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """output_dir cannot be used as asked; one line saying why and what to do."""
 
     exit_code = EXIT_USAGE

@@ -31,6 +31,8 @@ def summary_lines(s: Summary) -> list[tuple[str, str]]:
         rows.append((f"validation {name}", " -> ".join(
             "?" if v is None else f"{v:.4g}" for v in (first, last))
             + ("" if at_best is None else f" ({at_best:.4g} at the best step)")))
+    if s.memory:
+        rows.append(("memory", s.memory))
     rows.append(("best checkpoint", s.best_checkpoint or "none"))
     rows.append(("checkpoints", ", ".join(s.checkpoints) or "none"))
     for f in s.fuses:
@@ -73,6 +75,10 @@ def report_cli(run_dir: Path, html_path: Path | None = None, force: bool = False
     from mlx_tune.files import atomic_write, check_replaceable
 
     html_path = html_path or Path(run_dir) / "report.html"
+    try:  # --html NEW_DIR/report.html: the folder is made, as the plots' folder is
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReportError(f"--html {html_path}: {html_path.parent} is not a directory") from None
     # Before any work: never over a file that is not an earlier report (data, notes).
     check_replaceable(html_path, is_report, what="mlx-tune report", force=force)
     history = load_history(run_dir)

@@ -18,12 +18,13 @@ from typing import Any, Iterator, Optional
 
 from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
                                     parse_preference, parse_tools)
+from mlx_tune.errors import UserError
 
 FORMATS = ("chat", "completions", "text", "preference")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message is one line meant for the user."""
 
 

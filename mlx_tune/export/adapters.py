@@ -226,13 +226,19 @@ def _layer_split(module: str) -> tuple[str, int, str]:
 
 
 def local_base(base: str | Path | None) -> Path | None:
-    """The base model's directory here: a local path, or a repo id in the Hugging Face
-    cache (never downloaded); None when neither."""
+    """The base model's directory here: a local path, an alias of mlx-tune's own table
+    (the embedded ``tiny-mistral``, or the repo an alias names), or a repo id in the
+    Hugging Face cache (never downloaded); None when none of these."""
     if not base:
         return None
     path = Path(base)
     if path.is_dir():
         return path
+    from mlx_tune.models.hub import PACKAGE_DIR, load_aliases
+    entry = {k.lower(): v for k, v in load_aliases().items()}.get(str(base).lower(), {})
+    if "path" in entry and (PACKAGE_DIR / entry["path"]).is_dir():
+        return PACKAGE_DIR / entry["path"]
+    base = entry.get("repo", base)
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(str(base), local_files_only=True))

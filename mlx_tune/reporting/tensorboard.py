@@ -2,8 +2,9 @@
 
 Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``, ``val/loss``,
 ``train/<metric>``, ``val/<metric>`` and ``test/<metric>`` for every metric a report
-carries (sft: perplexity, accuracy, ...; dpo: rewards/accuracies, ...), ``system/{memory,peak_memory}`` (MB),
-text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
+carries (sft: perplexity, accuracy, ...; dpo: rewards/accuracies, ...),
+``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB; resident where the OS
+gives it), text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
 under ``<tag>/text_summary``).
 
 Resume: the writer is opened with ``purge_step=resume_step + 1``, which writes a
@@ -97,6 +98,9 @@ class TensorBoardReporter(NullReporter):
             add(f"train/{name}", value, step, wt)
         add("system/memory", r.memory_mb, step, wt)
         add("system/peak_memory", r.peak_memory_mb, step, wt)
+        add("system/cache_memory", r.cache_memory_mb, step, wt)
+        if r.resident_mb is not None:
+            add("system/resident_memory", r.resident_mb, step, wt)
 
     def on_eval(self, r: EvalReport) -> None:
         self._step = max(self._step, r.step)

@@ -2,7 +2,7 @@
 
 Keys: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``, ``val/loss``,
 ``test/loss``, and ``train/``, ``val/``, ``test/<metric>`` for every metric a report carries
-(as TensorBoard's), ``system/{memory,peak_memory}`` (MB), a ``samples`` table per evaluation; the run's spec is
+(as TensorBoard's), ``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB), a ``samples`` table per evaluation; the run's spec is
 the wandb config, ``run/*`` (model, parameters, output_dir) is added to it at start, and
 the stop reason and exit code go to the summary.
 
@@ -88,6 +88,8 @@ class WandbReporter(NullReporter):
             "train/learning_rate": r.learning_rate, "train/grad_norm": r.grad_norm,
             "train/tokens_per_second": r.tokens_per_second,
             "system/memory": r.memory_mb, "system/peak_memory": r.peak_memory_mb,
+            "system/cache_memory": r.cache_memory_mb,
+            **({} if r.resident_mb is None else {"system/resident_memory": r.resident_mb}),
             **{f"train/{name}": value for name, value in r.metrics.items()},
         }, r.step)
 

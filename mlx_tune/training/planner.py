@@ -9,7 +9,10 @@ state + update temporaries + activations kept for the backward + logits + tempor
 
 Assumptions, and why. The MLX terms are calibrated on ``mx.get_peak_memory()`` of real
 steps (tiny-model variants: 2-16 layers, hidden 128-512, vocab 1k-8k, length 128-1024,
-fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all within 16%):
+fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all within 16%);
+the per-token terms (``K_TRANSIENT``, ``LOGIT_COPIES``, the chunked loss's) are refitted at
+Hermes-7B dimensions (benchmarks/memory.py: 1 layer, 512 and 1,024 tokens, float32,
+chunked and not, all within 3%; README "Memory at 7B dimensions"):
 
 * Attention: MLX *trains* with unfused attention (``mx.fast.scaled_dot_product_attention``
   falls back to matmul-softmax-matmul under autodiff, on Metal too, where that is faster),
@@ -52,8 +55,8 @@ SAFETY = 0.75  # plan for this fraction of the detected memory
 
 # Calibration (see the module docstring).
 K_HIDDEN = 8.5  # hidden-size vectors kept per layer and token
-LOGIT_COPIES = 4.0  # float32 [B*L, vocab] arrays alive at the loss
-K_TRANSIENT = 10.0  # [B*L, hidden + intermediate] temporaries around the first backward layer
+LOGIT_COPIES = 5.0  # float32 [B*L, vocab] arrays alive at the loss (7B dims: 4.3-5.1)
+K_TRANSIENT = 4.5  # [B*L, hidden + intermediate] temporaries around the first backward layer
 ATTN_TRANSIENT = 2.0  # attention-probability-sized temporaries (backward of one layer)
 CKPT_LAYERS = 2.0
 FROZEN_LAYER_SHARE = 0.5  # layers below the first adapted one: forward only, partly overlapped
