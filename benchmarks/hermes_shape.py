@@ -66,7 +66,8 @@ def write_model(shape: str, layers: int, output: Path, seed: int = 0) -> Path:
     """Write the model directory (replacing nothing: an existing complete one is kept)."""
     output = Path(output)
     cfg = config(shape, layers)
-    if (output / "model.safetensors").exists() and \
+    # config.json is written last: its presence marks a complete directory
+    if (output / "config.json").exists() and \
             json.loads((output / "config.json").read_text()) == cfg:
         return output
     output.mkdir(parents=True, exist_ok=True)

@@ -63,19 +63,21 @@ class Config:
 
 BASE = Config()
 ONE = replace(BASE, layers=1, steps=1)
-# What fits ~30-40 CPU minutes on a shared 2-core machine (one 1-layer float32 step of 512
-# tokens takes about a minute there; MLX's CPU bfloat16 and 4-bit matmuls run at ~1
-# GFLOP/s, see --kernels): one and two layers give the per-layer slope, 512/1024 the
-# per-token terms; speed pairs run two steps and time the second.
+# Ordered by what the planner needs first: 512/1024 tokens give the per-token terms, one
+# and two layers the per-layer slope; speed pairs run two steps and time the second. On a
+# quiet 2-core machine a 1-layer float32 step of 512 tokens takes under a minute (2-6 under
+# load); MLX's CPU bfloat16 and 4-bit matmuls run at ~1 GFLOP/s (--kernels), so those run
+# 64 tokens.
 MATRIX = [
     replace(ONE, steps=2), replace(ONE, steps=2, chunked=True),
-    replace(BASE, steps=1),
     replace(ONE, length=1024), replace(ONE, length=1024, chunked=True),
-    replace(ONE, length=1024, checkpointing=True, chunked=True),
-    replace(ONE, fine_tune="dora"),
-    replace(ONE, dtype="bfloat16", length=64),
-    replace(ONE, dtype="bfloat16", quantize=4, length=64),
+    replace(BASE, steps=1),
     replace(ONE, shape="llama3", length=256), replace(ONE, shape="llama3", length=256, chunked=True),
+    replace(ONE, dtype="bfloat16", quantize=4, length=64),
+    replace(ONE, dtype="bfloat16", length=64),
+    replace(ONE, fine_tune="dora"),
+    replace(ONE, length=1024, checkpointing=True),
+    replace(ONE, length=1024, checkpointing=True, chunked=True),
 ]
 
 
@@ -169,7 +171,7 @@ def child(c: Config, model_dir: Path) -> dict:
 # -- the parent: predictions, children, the table -------------------------------------
 
 def prediction(model_dir: Path, c: Config) -> float:
-    from mlx_tune.commands.plan import ModelShape, estimate
+    from mlx_tune.training.planner import ModelShape, estimate
     from mlx_tune.config.spec import build_spec
     shape = ModelShape.from_config(json.loads((model_dir / "config.json").read_text()))
     spec = build_spec(overrides={"model": str(model_dir), "dtype": c.dtype,
@@ -188,7 +190,7 @@ def _chunk_override(c: Config) -> dict:
 
 def run_config(c: Config, models: Path, env: dict) -> dict:
     model_dir = write_model(c.shape, c.layers, models / f"{c.shape}-{c.layers}l")
-    cmd = ["nice", sys.executable, __file__, "--child", json.dumps(asdict(c)),
+    cmd = [sys.executable, __file__, "--child", json.dumps(asdict(c)),
            "--model-dir", str(model_dir)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -248,15 +250,58 @@ def kernels(rows: int = 32, hidden: int = 4096, width: int = 14336) -> None:
         print(f"  {name:42} {dt * 1e3:9.1f} ms {flop / dt / 1e9:7.2f} GFLOP/s", flush=True)
 
 
+def loss_speed(positions: int = 512, vocab: int = 32032, hidden: int = 4096,
+               rounds: int = 3) -> None:
+    """The loss alone, chunked against unchunked, rounds alternating: value and gradient
+    (compiled, as the step compiles it) of the loss from [positions, hidden] float32 hidden
+    states through a frozen [vocab, hidden] head."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_tune.backends.mlx import chunked_loss as cl
+    head_module = nn.Linear(hidden, vocab, bias=False)
+    head_module.freeze()
+    head = cl.OutputHead(head_module, False, vocab)
+    h = mx.random.normal((1, positions, hidden))
+    y = mx.random.randint(0, vocab, (1, positions))
+    mx.eval(h, y, head_module.parameters())
+    fns = {"unchunked": lambda h: nn.losses.cross_entropy(head(h), y).sum(),
+           "chunked": lambda h: -cl.token_logps(h, head, y)[0].sum()}
+    grads = {k: mx.compile(mx.value_and_grad(f), inputs=head_module.state)
+             for k, f in fns.items()}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    peaks: dict[str, int] = {}
+    for k, g in grads.items():
+        mx.eval(g(h))
+    for _ in range(rounds):
+        for k, g in grads.items():
+            mx.reset_peak_memory()
+            base = mx.get_active_memory()
+            tic = time.perf_counter()
+            mx.eval(g(h))
+            times[k].append(time.perf_counter() - tic)
+            peaks[k] = mx.get_peak_memory() - base
+    print(f"loss of {positions} positions, vocab {vocab}, hidden {hidden} (float32, frozen "
+          f"head, compiled), {rounds} rounds alternating:")
+    for k in fns:
+        print(f"  {k:10} best {min(times[k]):7.2f} s  median {sorted(times[k])[rounds // 2]:7.2f}"
+              f" s  peak {peaks[k] / 1e6:7.0f} MB")
+    print(f"  chunked / unchunked time (best): {min(times['chunked']) / min(times['unchunked']):.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", default=[],
                         help="run the configurations whose name contains this (repeatable)")
+    parser.add_argument("--skip", action="append", default=[],
+                        help="leave out the configurations whose name contains this")
     parser.add_argument("--models", type=Path, default=Path(tempfile.gettempdir()) /
                         "mlx-tune-bench-models", help="where the generated models are kept")
     parser.add_argument("--output", type=Path, help="append each result as a JSON line")
     parser.add_argument("--kernels", action="store_true", help="the quantized-matmul profile")
     parser.add_argument("--list", action="store_true", help="print the matrix and exit")
+    parser.add_argument("--loss-speed", action="store_true",
+                        help="the loss alone, chunked vs unchunked, rounds alternating")
     parser.add_argument("--kernels-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
@@ -270,7 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.kernels:  # in a child: the BLAS the product preloads
         return subprocess.run([sys.executable, __file__, "--kernels-child"], env=env).returncode
-    configs = [c for c in MATRIX if not args.only or any(o in c.name for o in args.only)]
+    if args.loss_speed and not os.environ.get("MLX_TUNE_BLAS"):
+        return subprocess.run([sys.executable, __file__, "--loss-speed"], env=env).returncode
+    if args.loss_speed:
+        loss_speed()
+        return 0
+    configs = [c for c in MATRIX if (not args.only or any(o in c.name for o in args.only))
+               and not any(s in c.name for s in args.skip)]
     if args.list:
         print("\n".join(c.name for c in configs))
         return 0

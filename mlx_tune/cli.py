@@ -19,9 +19,10 @@ import yaml
 
 from mlx_tune import __version__
 from mlx_tune.backends import registry
-from mlx_tune.config.schema import Spec, SpecError, leaf_fields, to_yaml
+from mlx_tune.config.schema import Spec, leaf_fields, to_yaml
 from mlx_tune.config.spec import build_spec
-from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from mlx_tune.errors import UserError
+from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 
 # Which top-level fields go under which heading in `mlx-tune train --help`.
 SECTIONS = {
@@ -32,7 +33,7 @@ SECTIONS = {
     "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
-                     "ema"),
+                     "memory", "ema"),
     "schedule": ("lr_schedule", "warmup_steps", "warmup_ratio", "min_lr", "cosine_restarts",
                  "onecycle"),
     "evaluation and early stopping": ("eval_steps", "eval_schedule", "val_batches",
@@ -41,6 +42,7 @@ SECTIONS = {
                                       "test_at_end", "test_batches"),
     "checkpoints and output": ("output_dir", "checkpoint_interval", "keep_checkpoints", "seed"),
     "reporting": ("report_every", "dashboard", "report_to", "tensorboard", "allow_sleep"),
+    "supervision (--supervise)": ("supervise",),
     "torch backend": ("torch_compile", "torch_threads"),
 }
 
@@ -116,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="resume from the newest valid checkpoint without asking")
     resume.add_argument("--force-fresh", action="store_true",
                         help="start over; the old run directory is moved aside, nothing deleted")
+    # Given by the supervisor to the runs it restarts: resume without asking, whatever
+    # --force-fresh the first run was started with.
+    train.add_argument("--supervisor-restart", action="store_true", help=argparse.SUPPRESS)
     train.add_argument("--accept-changes", action="store_true",
                        help="resume even though settings that change what the checkpoint "
                             "means (lora.alpha, batch_size, data content...) differ")
@@ -184,20 +189,10 @@ def add_morning_commands(sub: Any) -> None:
     report = sub.add_parser("report", help="the morning report of a run: terminal summary "
                             "and a self-contained HTML page with plots")
     report.add_argument("run_dir", metavar="RUN_DIR")
-    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html)")
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input, reported as one line."""
-    from mlx_tune.checkpoint.manager import CheckpointError
-    from mlx_tune.data import DataError
-    from mlx_tune.models.hub import ModelError
-    from mlx_tune.checkpoint.resume import ResumeError
-    from mlx_tune.export import ExportError
-    from mlx_tune.reporting.summary import ReportError
-    from mlx_tune.checkpoint.rundir import RunDirError
-    return (SpecError, DataError, ModelError, ResumeError, CheckpointError, ExportError,
-            ReportError, RunDirError)
+    report.add_argument("--html", help="HTML path (default: RUN_DIR/report.html); an existing "
+                        "file is replaced only if it is an mlx-tune report")
+    report.add_argument("--force", action="store_true",
+                        help="replace the --html file even if it is not an mlx-tune report")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -216,8 +211,12 @@ def run_command(args: argparse.Namespace) -> int:
         if args.print_config:
             print(to_yaml(spec), end="")
             return EXIT_OK
+        if spec.supervise.enabled:
+            from mlx_tune.supervise.night import supervise
+            return supervise(spec, getattr(args, "argv", None) or sys.argv[1:])
         from mlx_tune.training.recipe import train
-        mode = "auto" if args.auto_resume else "fresh" if args.force_fresh else "ask"
+        restarted = getattr(args, "supervisor_restart", False)
+        mode = "auto" if args.auto_resume or restarted else "fresh" if args.force_fresh else "ask"
         return train(spec, resume=mode, accept_changes=args.accept_changes).exit_code
     if args.command == "lr-find":
         from mlx_tune.commands.lr_find import lr_find_cli
@@ -228,23 +227,29 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from mlx_tune.system.blas import maybe_reexec_with_openblas
-    maybe_reexec_with_openblas(argv)
+    # Parsed first: --help, --version and a mistyped flag answer at once, with no BLAS
+    # notice before them. Every command then runs on OpenBLAS where the fix applies; the
+    # notice says so once, for the runs whose speed it is about (train, lr-find).
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor starts its runs with the same command line
+    from mlx_tune.system.blas import maybe_reexec_with_openblas
+    maybe_reexec_with_openblas(argv, notice=args.command in ("train", "lr-find"))
     try:
         return run_command(args)
     except KeyboardInterrupt:
         print("mlx-tune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except UserError as e:  # bad input: one line, and the error's own exit code
+        print(f"mlx-tune: error: {e}", file=sys.stderr)
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - the one place that turns errors into exit codes
-        if isinstance(e, _known_errors()):
-            print(f"mlx-tune: error: {e}", file=sys.stderr)
-            if isinstance(e, SpecError):
-                return EXIT_USAGE
-            return getattr(e, "exit_code", EXIT_ERROR)
         log = Path.cwd() / "mlx-tune-crash.log"
-        log.write_text(traceback.format_exc())
-        print(f"mlx-tune: error: {type(e).__name__}: {e} (traceback in {log})", file=sys.stderr)
+        try:
+            log.write_text(traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError as write_error:  # a read-only working directory: still one line
+            where = f"no traceback saved: {log}: {write_error.strerror or write_error}"
+        print(f"mlx-tune: error: {type(e).__name__}: {e} ({where})", file=sys.stderr)
         return EXIT_ERROR
 
 

@@ -2,12 +2,13 @@
 plausible but wrong one rejected (``data/preference``), and the same answers unpaired
 for KTO (``data/kto``). Called by ``make_dataset.py``; deterministic like it.
 
-A rejected answer is the chosen one with one fact swapped for another dish's, rendered
-with the same random choices (intro, tip), so the pair differs only in content:
+A rejected answer is the chosen one made wrong in one way, rendered with the same random
+choices (intro, tip), so the pair differs only in content. The ways are those of
+make_dataset's degraded records, which a cook would notice:
 
-* ``ingredients``: the ingredient list of another dish of the same category;
-* ``steps``: the steps of another dish of the same category;
-* ``time``: a timing answer with another dish's cooking time and oven temperature.
+* ``time``: a timing answer with the cooking time three or four times too long;
+* ``order``: the recipe with its steps in a shuffled order, numbered as if right;
+* ``ingredients``: the recipe with the ingredient list of another dish of its category.
 
 The base model was pre-trained on the faithful facts (``corpus/pretrain.txt``) and the
 quickstart's SFT adapter taught it the answer format, so a preference objective has a
@@ -40,25 +41,30 @@ def _render_pair(render: Callable, dish, wrong, rng: random.Random) -> tuple[str
     return chosen, rejected
 
 
+def _shuffled_steps(dish, rng: random.Random):
+    """The dish with its steps in another order (the first step never stays first)."""
+    steps = list(dish.steps)
+    while steps[0] == dish.steps[0]:
+        rng.shuffle(steps)
+    return replace(dish, steps=steps)
+
+
 def make_pair(dishes: list, rng: random.Random, m) -> dict:
     """One conversational preference record (TRL's prompt/chosen/rejected message lists).
     ``m`` is the make_dataset module: its knowledge base, prompts and renderers."""
     dish = rng.choice(dishes)
-    kind = rng.choice(["ingredients", "steps", "time", "time"])
+    kind = rng.choice(["time", "time", "order", "order", "ingredients"])
     if kind == "time" and dish.time:
         prompt = rng.choice(m.USER_TIME).format(d=dish.name, m=dish.method)
-        other = _other(dish, dishes, rng, lambda d: d.time and abs(d.time - dish.time) >= 10)
-        wrong = replace(dish, time=other.time, temp=other.temp if dish.temp else None)
+        wrong = replace(dish, time=dish.time * rng.choice([3, 4]) + rng.choice([5, 10]))
         chosen, rejected = _render_pair(m.timing_answer, dish, wrong, rng)
     else:
-        kind = "steps" if kind == "time" else kind
         prompt = rng.choice(m.USER_RECIPE).format(d=dish.name, a=m._article(dish.name))
-        if kind == "ingredients":
+        if kind == "ingredients" or len(dish.steps) < 2:
             other = _other(dish, dishes, rng, lambda d: d.ingredients != dish.ingredients)
             wrong = replace(dish, ingredients=other.ingredients)
         else:
-            other = _other(dish, dishes, rng, lambda d: d.steps != dish.steps)
-            wrong = replace(dish, steps=other.steps)
+            wrong = _shuffled_steps(dish, rng)
         chosen, rejected = _render_pair(m.render_recipe, dish, wrong, rng)
     return {"prompt": [{"role": "user", "content": prompt}],
             "chosen": [{"role": "assistant", "content": chosen}],

@@ -32,7 +32,7 @@ def match_targets(linear_names: Sequence[str], targets: Sequence[str]) -> list[s
     for target in targets:
         found = [n for n in linear_names if n.rsplit(".", 1)[-1] in TARGET_SUFFIXES[target]]
         if not found:
-            raise ValueError(f"lora.targets: this model has no '{target}' projection "
+            raise SpecError(f"lora.targets: this model has no '{target}' projection "
                              f"(its linear layers are: {', '.join(sorted(linear_names))})")
         keys.extend(found)
     return keys
@@ -47,6 +47,7 @@ class StepConfig:
     ema_decay: float | None  # None = no EMA
     world_size: int  # > 1: sums are all-reduced across ranks inside the step
     gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
+    chunked_loss: bool = False  # cross-entropy over chunks of positions (chunked_loss.py)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
-from mlx_tune.config.schema import Spec
+from mlx_tune.config.schema import Spec, SpecError
 
 # Checkpoint array names: "<prefix><name in the framework's own tree>".
 TRAINABLE = "trainable/"  # the trainable weights (LoRA/DoRA adapters, or all of them)
@@ -37,7 +37,7 @@ def with_prefix(arrays: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 def refuse_full_quantized(spec: Spec, bits: int | None) -> None:
     """A full fine-tune updates every weight, which a quantized base cannot hold."""
     if bits and spec.fine_tune_type == "full":
-        raise ValueError("fine_tune_type: full cannot train a quantized base; "
+        raise SpecError("fine_tune_type: full cannot train a quantized base; "
                          "use lora or dora, or drop 'quantize'")
 
 
@@ -45,7 +45,7 @@ def adapted_layers(spec: Spec, blocks: int) -> int:
     """How many of the model's ``blocks`` (the last ones) get adapters."""
     layers = blocks if spec.lora.layers == -1 else spec.lora.layers
     if layers > blocks:
-        raise ValueError(f"lora.layers is {layers} but the model has {blocks} "
+        raise SpecError(f"lora.layers is {layers} but the model has {blocks} "
                          "blocks (-1 = all)")
     return layers
 
@@ -56,10 +56,31 @@ def optimizer_args(spec: Spec) -> dict[str, Any]:
             "betas": spec.betas, "eps": spec.eps, "momentum": spec.momentum}
 
 
-def step_config(spec: Spec, world_size: int) -> StepConfig:
+def step_config(spec: Spec, world_size: int, backend: str = "mlx") -> StepConfig:
     return StepConfig(grad_clip=spec.grad_clip, label_smoothing=spec.label_smoothing,
                       ema_decay=spec.ema.decay if spec.ema.enabled else None,
-                      world_size=world_size, gradient_noise=spec.gradient_noise.eta > 0)
+                      world_size=world_size, gradient_noise=spec.gradient_noise.eta > 0,
+                      chunked_loss=chunked_loss(spec, backend))
+
+
+CHUNK_LOGITS = 1 << 23  # logits elements per chunk of the chunked loss: 32 MB in float32
+
+
+def chunk_positions(vocab: int, chunk_logits: int = CHUNK_LOGITS) -> int:
+    """Positions per chunk of the chunked loss: ~``chunk_logits`` logits, at least one.
+    Larger chunks re-read the output head fewer times (once per chunk and pass: what
+    bounds its speed on a GPU with a 128k vocabulary); smaller ones hold less."""
+    return max(1, chunk_logits // vocab)
+
+
+def chunked_loss(spec: Spec, backend: str) -> bool:
+    """memory.chunked_loss as given, else (auto) on where it costs no recomputation: MLX
+    with a frozen output head (LoRA, QLoRA, DoRA), whose chunks compute the hidden-state
+    gradient with the forward. torch's chunks and a trained head's recompute the head's
+    product in the backward pass (benchmarks/memory.py measures the cost)."""
+    if spec.memory.chunked_loss is not None:
+        return spec.memory.chunked_loss
+    return backend == "mlx" and spec.fine_tune_type != "full"
 
 
 T = TypeVar("T")

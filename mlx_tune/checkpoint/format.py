@@ -27,6 +27,7 @@ import struct
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from mlx_tune.errors import UserError
 from mlx_tune.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
@@ -46,7 +47,7 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """Base class for checkpoint problems."""
 
 

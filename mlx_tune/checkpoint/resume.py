@@ -17,6 +17,7 @@ from typing import Any, Callable, Collection, Literal
 from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
 from mlx_tune.checkpoint.rundir import check_is_run_dir, move_contents_aside
 from mlx_tune.config.schema import Spec, get
+from mlx_tune.errors import UserError
 
 FINGERPRINT_KEY = "fingerprint"
 ResumeMode = Literal["ask", "auto", "fresh"]
@@ -57,7 +58,7 @@ def spec_fingerprint(spec: Spec) -> dict[str, Any]:
     return out
 
 
-class ResumeError(Exception):
+class ResumeError(UserError):
     """The run cannot start as asked; the message says what to do instead."""
 
 

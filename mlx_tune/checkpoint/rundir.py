@@ -13,13 +13,16 @@ anything that does not look like an mlx-tune run (a dataset folder, a project ch
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mlx_tune.errors import UserError
 from mlx_tune.exit_codes import EXIT_DIR_IN_USE, EXIT_USAGE
 
 LOCK_NAME = ".mlx-tune.lock"
@@ -32,7 +35,7 @@ FOREIGN_MARKERS = (".git", "pyproject.toml", "setup.py", "train.jsonl", "valid.j
                    "val.jsonl", "config.json", "model.safetensors")
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """output_dir cannot be used as asked; one line saying why and what to do."""
 
     exit_code = EXIT_USAGE
@@ -53,10 +56,19 @@ class RunLock:
     def acquire(self) -> "RunLock":
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a link planted at the lock's name is refused, never written through.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o644)
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RunDirError(f"{self.path}: is a symbolic link; mlx-tune writes its run "
+                                  "lock only into a file it created (remove the link)") from None
             raise RunDirError(f"output_dir {self.dir}: cannot create the run directory or its "
                               f"lock file ({e.strerror or e})") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted at the name
+            os.close(fd)
+            raise RunDirError(f"{self.path}: is not a regular file; remove it (mlx-tune "
+                              "creates its run lock itself)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -18,8 +18,9 @@ from mlx_tune.backends import registry
 from mlx_tune.backends.select import select_backend
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
-from mlx_tune.reporting.text import append_record
-from mlx_tune.export.fuse import adapter_from_checkpoint, checkpoint_dir, run_spec
+from mlx_tune.reporting.text import append_record_or_warn
+from mlx_tune.export.fuse import (adapter_from_checkpoint, check_adapter, checkpoint_dir,
+                                   run_spec)
 from mlx_tune.training.testset import TestResult, find_test_file, score_test
 
 
@@ -37,8 +38,10 @@ def test_data(spec, data: str | None):
 
 
 def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
-                 log: Callable[[str], None] = print) -> TestResult:
-    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl."""
+                 log: Callable[[str], None] = print,
+                 warn: Callable[[str], None] = print) -> TestResult:
+    """Score the weights ``which`` names, append a ``test`` record to metrics.jsonl (a
+    run directory that cannot take it gets a ``warn`` line instead: the score stands)."""
     from mlx_tune.training.setup import resolve_accumulation, setup
 
     run_dir = Path(run_dir)
@@ -56,11 +59,14 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
         spec = replace(spec, model=str(source))
     run = setup(spec, log)
     backend = run.backend
-    backend.load(run.spec, run.model_path)
-    if not whole_model:
-        with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mlx-tune-evaluate-") as tmp:
+        adapter = None
+        if not whole_model:  # checked before minutes of model loading
             adapter = source if which == "final" else adapter_from_checkpoint(
                 source, run.spec, Path(run.model_path), Path(tmp) / "adapter")
+            check_adapter(adapter, run.spec, Path(run.model_path))
+        backend.load(run.spec, run.model_path)
+        if adapter is not None:
             try:
                 backend.load_adapter(adapter)
             except (ValueError, OSError) as e:
@@ -69,7 +75,7 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
                                         run.backend.world_size, log)
     result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
                         log=log, path=path, weights=which)
-    append_record(run_dir / "metrics.jsonl", {"type": "test", **asdict(result),
-                                              "checkpoint": which, "source": str(source),
-                                              "wall_time": time.time()})
+    append_record_or_warn(run_dir / "metrics.jsonl", {
+        "type": "test", **asdict(result), "checkpoint": which, "source": str(source),
+        "wall_time": time.time()}, warn)
     return result

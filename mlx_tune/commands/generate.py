@@ -49,6 +49,11 @@ def generate_cli(args: argparse.Namespace) -> int:
                              f"{type(adapter_config).__name__}")
         quantize = adapter_config.get("quantize")
     resolved = resolve_model(args.model, quantize=quantize, backend=backend)
+    if tools:  # the probe training uses: a template that drops tools is refused, not ignored
+        from mlx_tune.data.tokenize import check_tool_template
+        from mlx_tune.models.tokenizer import load_tokenizer
+        check_tool_template(load_tokenizer(resolved.path), f"--tools {args.tools}",
+                            "tools were given")
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     generate = registry.get(backend).load("generate")

@@ -26,8 +26,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mlx_tune.checkpoint.rundir import RunLock
 from mlx_tune.config.schema import Spec, SpecError
-from mlx_tune.files import atomic_write
+from mlx_tune.files import atomic_write, check_replaceable
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_OK
 from mlx_tune.reporting.plots import MissingExtra, write_lr_find_png
 
@@ -139,29 +140,19 @@ PNG_MARK = b"mlx-tune lr-find"  # the PNG's "Software" text chunk (reporting/plo
 CSV_HEADER = "lr,loss,smoothed_loss\n"
 
 
-def _is_ours(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4096)
-    if path.suffix == ".csv":
-        return head.startswith(CSV_HEADER.encode())
-    return head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head
+def _is_ours(head: bytes) -> bool:
+    return head.startswith(CSV_HEADER.encode()) or (
+        head.startswith(b"\x89PNG\r\n\x1a\n") and PNG_MARK in head)
 
 
 def check_plot_target(path: str | Path, force: bool = False) -> Path:
-    """Refuse (SpecError) to write the plot or its .csv over a file lr-find did not write,
-    unless ``force``; checked before the model loads, so a refusal costs nothing."""
+    """Refuse (WriteRefused) to write the plot or its .csv over a file lr-find did not
+    write, unless ``force``; checked before the model loads, so a refusal costs nothing."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise SpecError(f"lr-find: --plot {path} must name a .png file")
     for target in (path, path.with_suffix(".csv")):
-        if not (target.exists() or target.is_symlink()):
-            continue
-        if not target.is_file() or target.is_symlink():
-            raise SpecError(f"lr-find: {target} exists and is not a regular file; "
-                            "choose another --plot path")
-        if not force and not _is_ours(target):
-            raise SpecError(f"lr-find: {target} exists and was not written by lr-find; "
-                            "choose another --plot path or pass --force to replace it")
+        check_replaceable(target, _is_ours, what="lr-find", force=force)
     return path
 
 
@@ -227,13 +218,25 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
     plot = check_plot_target(args.plot or Path(spec.output_dir) / "lr_find.png",
                              getattr(args, "force", False))
     run = setup(spec)
-    run.load()
-    spec, backend, data = run.spec, run.backend, run.data
+    # The sweep writes into output_dir like a run does: one process at a time holds it
+    # (a second lr-find, or a train, is refused with exit 9 before any model loads).
+    lock = RunLock(spec.output_dir).acquire() if run.is_main else None
     try:
-        result = run_lr_find(spec, backend, data, start, end, steps,
-                             accumulation=run.accumulation)
+        run.load()
+        spec, backend, data = run.spec, run.backend, run.data
+        try:
+            result = run_lr_find(spec, backend, data, start, end, steps,
+                                 accumulation=run.accumulation)
+        finally:
+            data.close()
+        return _report(result, plot, args)
     finally:
-        data.close()
+        if lock is not None:
+            lock.release()
+
+
+def _report(result: LRFindResult, plot: Path, args: Any) -> int:
+    """Print the plot and the suggestion; write the PNG and the CSV beside it."""
     print(text_plot(result.lrs, result.smoothed, result.suggestion_index))
     png = plot
     table = png.with_suffix(".csv")  # the numbers behind the plot, for other tools

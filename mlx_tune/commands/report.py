@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from mlx_tune.reporting.plots import MissingExtra, render_panel
-from mlx_tune.reporting.summary import Summary, load_history, panels, summarize
+from mlx_tune.reporting.summary import ReportError, Summary, load_history, panels, summarize
 
 
 def _hms(seconds: float) -> str:
@@ -31,6 +31,12 @@ def summary_lines(s: Summary) -> list[tuple[str, str]]:
     rows.append(("checkpoints", ", ".join(s.checkpoints) or "none"))
     for f in s.fuses:
         rows.append(("fused", f))
+    if s.supervisor:  # --supervise: what the night took (supervise/night.py)
+        n = s.supervisor_counts
+        rows.append(("supervisor", f"{n['restart']} restart(s), {n['adaptation']} "
+                     f"adaptation(s), {n['cooldown']} cooldown(s)"
+                     + ("; gave up" if n["gave_up"] else "")))
+        rows.extend(("  *", line) for line in s.supervisor)
     rows.append(("warnings", "none" if not s.warnings else str(len(s.warnings))))
     rows.extend(("  -", w) for w in s.warnings)
     return rows
@@ -52,11 +58,23 @@ def render_html(s: Summary, images: dict[str, tuple[str, bytes]], note: str | No
             f"{figures}</body></html>\n")
 
 
-def report_cli(run_dir: Path, html_path: Path | None = None) -> int:
+def is_report(head: bytes) -> bool:
+    """A page render_html wrote (the only kind of file --html replaces unasked)."""
+    return head.startswith(b"<!doctype html>") and b"<title>mlx-tune report: " in head
+
+
+def report_cli(run_dir: Path, html_path: Path | None = None, force: bool = False) -> int:
     from rich.console import Console
     from rich.table import Table
-    from mlx_tune.files import atomic_write
+    from mlx_tune.files import atomic_write, check_replaceable
 
+    html_path = html_path or Path(run_dir) / "report.html"
+    try:  # --html NEW_DIR/report.html: the folder is made, as the plots' folder is
+        html_path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ReportError(f"--html {html_path}: {html_path.parent} is not a directory") from None
+    # Before any work: never over a file that is not an earlier report (data, notes).
+    check_replaceable(html_path, is_report, what="mlx-tune report", force=force)
     history = load_history(run_dir)
     summary = summarize(run_dir, history)
     table = Table(title=f"mlx-tune report: {run_dir}", show_header=False)
@@ -64,19 +82,43 @@ def report_cli(run_dir: Path, html_path: Path | None = None) -> int:
         table.add_row(key, value, style="yellow" if key == "  -" else None)
     console = Console()
     console.print(table)
-    images, note = {}, None
+    images, note, saved = {}, None, True
+    out_dir = Path(run_dir) / "report"
     try:
-        out_dir = Path(run_dir) / "report"
         for panel in panels(history):
-            png = render_panel(panel)
-            out_dir.mkdir(exist_ok=True)
-            atomic_write(out_dir / f"{panel.name}.png", png)
+            try:
+                png = render_panel(panel)
+            except (ValueError, OverflowError) as e:  # values matplotlib cannot scale
+                console.print(f"[yellow]warning: no {panel.name} plot: its values cannot be "
+                              f"drawn ({e})[/]")
+                continue
             images[panel.name] = (", ".join(s.label for s in panel.series), png)
+            if saved:
+                saved = _save_plot(out_dir, f"{panel.name}.png", png, console)
     except MissingExtra as e:
         note = f"no plots: {e}"
         console.print(f"[yellow]{note}[/]")
-    html_path = html_path or Path(run_dir) / "report.html"
-    atomic_write(html_path, render_html(summary, images, note))
+    try:
+        atomic_write(html_path, render_html(summary, images, note))
+    except OSError as e:
+        raise ReportError(f"{html_path}: cannot write the report ({e.strerror or e}); give "
+                          "--html PATH somewhere writable") from None
     console.print(f"report written to {html_path}"
-                  + (f" (plots in {Path(run_dir) / 'report'})" if images else ""))
+                  + (f" (plots in {out_dir})" if images and saved else ""))
     return 0
+
+
+def _save_plot(out_dir: Path, name: str, png: bytes, console) -> bool:
+    """The plot as a file beside the run too; a read-only run directory only loses these
+    copies (the page embeds every plot), with a warning."""
+    from mlx_tune.files import atomic_write
+    try:
+        if out_dir.is_symlink():  # planted: the plots would land wherever it points
+            raise OSError(f"{out_dir} is a symbolic link, not a folder report made")
+        out_dir.mkdir(exist_ok=True)
+        atomic_write(out_dir / name, png)
+        return True
+    except OSError as e:
+        console.print(f"[yellow]warning: plots not saved under {out_dir} "
+                      f"({e.strerror or e}); they are embedded in the HTML page[/]")
+        return False

@@ -95,45 +95,71 @@ def translate(raw: dict, source: str, lines: dict[str, int],
             given[key] = value
             lines.pop(key, None)
     for key, value in given.items():
-        if key in RENAMED:
-            put(key, RENAMED[key], value)
-        elif key in DROPPED_IF_DEFAULT:
-            if value != DROPPED_IF_DEFAULT[key]:
-                raise refuse(key, "has no mlx-tune equivalent (remove it)")
-        elif key == "train":
-            if value is not True:
-                raise refuse(key, "is false: mlx-tune train always trains (to score a run on "
-                                  "test data, set test: true)")
-            log("mlx-lm config: train true (mlx-tune train always trains)")
-        elif key == "adapter_path":
-            put(key, "output_dir", value)
-            log(f"mlx-lm config: the adapter is written to {value}/adapters, checkpoints and "
-                f"logs beside it")
-        elif key == "optimizer":
-            if value == "muon":
-                raise refuse(key, "'muon' has no mlx-tune equivalent (adamw, adam, sgd, "
-                                  "adafactor)")
-            put(key, "optimizer", value)
-        elif key == "optimizer_config":
-            _optimizer_config(value, raw.get("optimizer", "adam"), put, refuse)
-        elif key == "lora_parameters":
-            _lora(value, put, refuse)
-        elif key == "lr_schedule":
-            _schedule(value, put, refuse, raw.get("learning_rate"))
-        elif key == "hf_dataset":
-            _hf_dataset(value, put, refuse)
-        else:
-            raise refuse(key, "is not an mlx-lm LoRA config key that mlx-tune knows")
+        try:
+            _translate_key(key, value, raw, put, refuse, log)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+            # A value of a type the translation cannot use (a list where a mapping goes,
+            # text where a number goes): the key is named, never a raw Python error.
+            raise refuse(key, f"has a value of the wrong type ({value!r}); see mlx-lm's "
+                              "LORA.md for its form") from None
     if "lr_schedule" not in raw:  # mlx-lm: a constant learning rate, no warmup
         put("lr_schedule", "lr_schedule", "constant", shown="(none)")
         put("warmup_steps", "warmup_steps", 0, shown="(none)")
     return out, out_lines
 
 
+def _translate_key(key: str, value: Any, raw: dict, put, refuse, log) -> None:
+    if key in RENAMED:
+        put(key, RENAMED[key], value)
+    elif key in DROPPED_IF_DEFAULT:
+        if value != DROPPED_IF_DEFAULT[key]:
+            raise refuse(key, "has no mlx-tune equivalent (remove it)")
+    elif key == "train":
+        if value is not True:
+            raise refuse(key, "is false: mlx-tune train always trains (to score a run on "
+                              "test data, set test: true)")
+        log("mlx-lm config: train true (mlx-tune train always trains)")
+    elif key == "adapter_path":
+        put(key, "output_dir", value)
+        log(f"mlx-lm config: the adapter is written to {value}/adapters, checkpoints and "
+            f"logs beside it")
+    elif key == "optimizer":
+        if value == "muon":
+            raise refuse(key, "'muon' has no mlx-tune equivalent (adamw, adam, sgd, "
+                              "adafactor)")
+        put(key, "optimizer", value)
+    elif key == "optimizer_config":
+        _optimizer_config(value, raw.get("optimizer", "adam"), put, refuse)
+    elif key == "lora_parameters":
+        _lora(value, put, refuse)
+    elif key == "lr_schedule":
+        _schedule(value, put, refuse, raw.get("learning_rate"))
+    elif key == "hf_dataset":
+        _hf_dataset(value, put, refuse)
+    else:
+        raise refuse(key, "is not an mlx-lm LoRA config key that mlx-tune knows")
+
+
+def _number(value: Any) -> float | None:
+    """A float from a number or numeric text (YAML 1.1 reads 1e-5 as text), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _lora(value: Any, put, refuse) -> None:
     if not isinstance(value, dict):
         raise refuse("lora_parameters", "must be a mapping of rank, scale, dropout, keys")
     rank = value.get("rank", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise refuse("lora_parameters", f"rank is {rank!r}; expected an integer")
+    if "scale" in value and _number(value["scale"]) is None:
+        raise refuse("lora_parameters", f"scale is {value['scale']!r}; expected a number")
     for k, v in value.items():
         if k == "rank":
             put("lora_parameters.rank", "lora.rank", v)
@@ -141,7 +167,7 @@ def _lora(value: Any, put, refuse) -> None:
             put("lora_parameters.dropout", "lora.dropout", v)
         elif k == "scale":
             # mlx-lm scales the update by `scale`; ours by alpha / rank.
-            put("lora_parameters.scale", "lora.alpha", float(v) * rank, shown=v)
+            put("lora_parameters.scale", "lora.alpha", _number(v) * rank, shown=v)
         elif k == "keys":
             unknown = [key for key in v if key not in KEYS] if isinstance(v, list) else [v]
             if unknown:

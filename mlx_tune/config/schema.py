@@ -114,6 +114,30 @@ class EarlyStoppingSpec:
 
 
 @dataclass(frozen=True)
+class MemorySpec:
+    chunked_loss: Optional[bool] = _f(
+        None, "cross-entropy over chunks of positions: full-vocabulary logits of the whole "
+        "micro-batch never exist at once (null = auto: on for MLX with a frozen output head, "
+        "where it recomputes nothing; off on torch and for full fine-tuning, where it "
+        "recomputes the head)")
+
+
+@dataclass(frozen=True)
+class SuperviseSpec:
+    enabled: bool = _f(False, "run training as a child of a small supervisor that restarts it "
+                       "with --auto-resume after a crash, and halves the micro-batch after "
+                       "an out-of-memory one", flag="supervise")
+    max_restarts: int = _f(5, "crashes the supervisor recovers from before it gives up "
+                           "(exit 14)", low=0)
+    backoff_s: float = _f(10.0, "seconds before a restart; doubled for each crash in a row "
+                          "that made no progress (at most 16x)", low=0)
+    cooldown_every_h: Optional[float] = _f(None, "pause every this many hours of training: "
+                                           "checkpoint, exit, wait cooldown_s, resume "
+                                           "(unset or 0: never)", low=0)
+    cooldown_s: float = _f(300.0, "length of each cooldown pause in seconds", low=0)
+
+
+@dataclass(frozen=True)
 class CurriculumStage:
     until_epoch: int = _f(1, "this stage applies to epochs < until_epoch", low=1)
     max_tokens: Optional[int] = _f(None, "keep records of at most this many tokens", low=1)
@@ -169,7 +193,7 @@ class Spec:
                                   "num_epochs)", low=1)
     num_epochs: Optional[float] = _f(None, "passes over the training data, instead of "
                                      "max_steps (steps = epochs x records // batch_size)",
-                                     low=0)
+                                     low=0, high=1e6)
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "adam", "sgd", "adafactor"))
     learning_rate: float = _f(2e-4, "peak learning rate", low=0)
     weight_decay: float = _f(0.01, "decoupled weight decay (adamw) or L2 (sgd)", low=0)
@@ -180,6 +204,7 @@ class Spec:
     label_smoothing: float = _f(0.0, "label smoothing epsilon", low=0, high=0.99)
     gradient_noise: GradientNoiseSpec = field(default_factory=GradientNoiseSpec)
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    memory: MemorySpec = field(default_factory=MemorySpec)
     ema: EmaSpec = field(default_factory=EmaSpec)
     # -- schedule ------------------------------------------------------------
     lr_schedule: str = _f("cosine", "learning-rate schedule after warmup",
@@ -219,6 +244,7 @@ class Spec:
     tensorboard: Optional[bool] = _f(None, "shorthand for report_to: true adds tensorboard, "
                                            "false removes it (unset: report_to decides)")
     allow_sleep: bool = _f(False, "on macOS, let the machine idle-sleep during the run")
+    supervise: SuperviseSpec = field(default_factory=SuperviseSpec)
     # -- torch backend -------------------------------------------------------
     torch_compile: bool = _f(False, "torch: compile the model with torch.compile")
     torch_threads: Optional[int] = _f(None, "torch: CPU threads (default: half the physical cores; a busy machine runs 1 thread faster than 2)", low=1)

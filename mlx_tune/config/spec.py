@@ -104,6 +104,9 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict, where: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise bad
+        odd = [v for v in value if isinstance(v, float) and not math.isfinite(v)]
+        if odd:
+            raise SpecError(f"{where}: '{key}' has {odd[0]!r}; expected finite numbers")
         if meta.get("choices"):
             wrong = [v for v in value if v not in meta["choices"]]
             if wrong:
@@ -114,6 +117,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: dict, where: str) -> Any:
         raise SpecError(f"{where}: '{key}' is {value!r}; expected {_describe(tp, meta)}"
                         + (_suggest(str(value), [str(c) for c in meta["choices"]])))
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):  # NaN passes every bound check; inf is never a setting
+            raise SpecError(f"{where}: '{key}' is {value!r}; expected a finite number")
         low, high = meta.get("low"), meta.get("high")
         if (low is not None and value < low) or (high is not None and value > high):
             raise bad

@@ -18,12 +18,13 @@ from typing import Any, Iterator, Optional
 
 from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
                                     parse_tools)
+from mlx_tune.errors import UserError
 
 FORMATS = ("chat", "completions", "text")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be used; the message is one line meant for the user."""
 
 
@@ -82,6 +83,17 @@ def find_files(directory: str | Path) -> DataFiles:
         raise DataError(f"{d}: both valid.jsonl and val.jsonl exist; keep one of them")
     test = d / "test.jsonl"
     return DataFiles(d, train, valids[0] if valids else None, test if test.is_file() else None)
+
+
+def find_test_only(directory: str | Path) -> Optional[Path]:
+    """test.jsonl of a data directory, for scoring alone (`evaluate --data DIR`): no
+    train.jsonl is needed to score a test set. None when the directory has none."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise DataError(f"{d}: data directory not found (expected test.jsonl in it)")
+    test = d / "test.jsonl"
+    _check_regular(test)
+    return test if test.is_file() else None
 
 
 def _check_regular(path: Path) -> None:

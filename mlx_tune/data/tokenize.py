@@ -189,8 +189,9 @@ def tool_template_problem(tokenizer) -> str:
     return _PROBED[key]
 
 
-def check_tool_template(tokenizer, where: str) -> None:
-    """Refuse tool data for a template that cannot render it, naming model and remedy."""
+def check_tool_template(tokenizer, where: str, what: str = "the record uses tools") -> None:
+    """Refuse tools (training data, `generate --tools`) for a template that cannot render
+    them, naming model and remedy."""
     if not getattr(tokenizer, "chat_template", None):
         problem = "it has no chat template"
     else:
@@ -198,7 +199,7 @@ def check_tool_template(tokenizer, where: str) -> None:
     if problem:
         model = getattr(tokenizer, "name_or_path", "") or "the model"
         raise DataError(
-            f"{where}: the record uses tools, but the chat template of {model} cannot "
+            f"{where}: {what}, but the chat template of {model} cannot "
             f"render them ({problem}); use a tool-calling model (e.g. "
             "NousResearch/Hermes-2-Pro-Mistral-7B) or put a tool-aware 'chat_template' in "
             "its tokenizer_config.json, such as Hermes-2-Pro's ChatML one "

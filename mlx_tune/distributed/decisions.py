@@ -55,6 +55,14 @@ def share_resume_point(comm: Collectives, loaded: Loaded | None, output_dir: Pat
     return Loaded(path=Path(head["path"]), step=head["step"], arrays=arrays, meta=head["meta"])
 
 
+def any_rank(flag: bool, comm: Collectives) -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    if comm.world_size <= 1:
+        return flag
+    with peer_guard(comm):
+        return comm.all_sum_ints([int(bool(flag))])[0] > 0
+
+
 def broadcast_flag(flag: bool, comm: Collectives) -> bool:
     """Rank 0's ``flag`` on every rank."""
     if comm.world_size <= 1:

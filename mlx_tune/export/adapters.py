@@ -25,13 +25,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
 from mlx_tune.export import ExportError
+from mlx_tune.export.fit import check_fits_base
+from mlx_tune.files import check_new_dir
 
 MLX_WEIGHTS, PEFT_WEIGHTS, CONFIG = "adapters.safetensors", "adapter_model.safetensors", "adapter_config.json"
 SIDECAR = "mlx_tune_adapter.json"  # the torch backend's note on how to rebuild the base
@@ -63,16 +68,45 @@ def detect_format(path: Path) -> str:
     raise ExportError(f"{path}: no {MLX_WEIGHTS} (mlx-lm) or {PEFT_WEIGHTS} (peft) found")
 
 
-def _read_config(path: Path) -> dict:
+def read_json_object(file: Path) -> dict:
+    """A JSON object from ``file``; a missing, unreadable, truncated or non-object file
+    is one ExportError naming the file (and line)."""
     try:
-        config = json.loads((path / CONFIG).read_text())
+        config = json.loads(file.read_text())
     except FileNotFoundError:
-        raise ExportError(f"{path / CONFIG}: missing") from None
+        raise ExportError(f"{file}: missing") from None
     except json.JSONDecodeError as e:
-        raise ExportError(f"{path / CONFIG}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        raise ExportError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{file}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(config, dict):
-        raise ExportError(f"{path / CONFIG}: expected a JSON object")
+        raise ExportError(f"{file}: expected a JSON object")
     return config
+
+
+def _read_config(path: Path) -> dict:
+    return read_json_object(path / CONFIG)
+
+
+def load_tensors(file: Path) -> dict[str, mx.array]:
+    """Every array of a safetensors file; a truncated or corrupt file is one ExportError
+    naming it (MLX reads the whole header and checks every offset against the size)."""
+    try:
+        return mx.load(str(file))
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ExportError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def number(config: dict, key: str, where: Path, kind: type = float, default=None):
+    """``config[key]`` as ``kind`` (int or float), else one ExportError naming the key."""
+    value = config.get(key, default)
+    if value is None:
+        raise ExportError(f"{where}: key '{key}' missing (expected {kind.__name__})")
+    ok = not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int)
+    if not ok or not math.isfinite(value):
+        raise ExportError(f"{where}: key '{key}' is {value!r}; expected "
+                          + ("an integer" if kind is int else "a finite number"))
+    return kind(value)
 
 
 def _split(key: str, leaves: dict[str, str], where: Path) -> tuple[str, str]:
@@ -92,14 +126,27 @@ def read_mlx(path: Path) -> Adapter:
     params = config.get("lora_parameters")
     if not isinstance(params, dict) or "scale" not in params:
         raise ExportError(f"{path / CONFIG}: key 'lora_parameters' with 'rank' and 'scale' expected")
-    a, b, m = collect(mx.load(str(path / MLX_WEIGHTS)), "mlx", path / MLX_WEIGHTS)
+    where = f"{path / CONFIG}: lora_parameters"
+    a, b, m = collect(load_tensors(path / MLX_WEIGHTS), "mlx", path / MLX_WEIGHTS)
     rank = _check(a, b, m, kind, path / MLX_WEIGHTS)
-    if int(params.get("rank", rank)) != rank:
+    if number(params, "rank", where, int, default=rank) != rank:
         raise ExportError(f"{path / CONFIG}: lora_parameters.rank is {params['rank']} but the "
                           f"weights have rank {rank}")
     extra = {k: config[k] for k in ("quantize", "quantize_group_size", "model") if k in config}
-    return Adapter(kind, rank, float(params["scale"]), float(params.get("dropout", 0.0)),
-                   a, b, m, config.get("base_model") or config.get("model"), extra)
+    return Adapter(kind, rank, number(params, "scale", where),
+                   number(params, "dropout", where, default=0.0),
+                   a, b, m, _name(config, ("base_model", "model"), path / CONFIG), extra)
+
+
+def _name(config: dict, keys: tuple[str, ...], where: Path) -> str | None:
+    """The first of ``keys`` that is set: a model name or path, or None."""
+    for key in keys:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ExportError(f"{where}: key '{key}' is {value!r}; expected a model path or id")
+        if value:
+            return value
+    return None
 
 
 def read_peft(path: Path) -> Adapter:
@@ -115,19 +162,21 @@ def read_peft(path: Path) -> Adapter:
         raise ExportError(f"{where}: bias is {config.get('bias')!r}; only bias 'none' converts")
     if config.get("fan_in_fan_out"):
         raise ExportError(f"{where}: fan_in_fan_out adapters (GPT-2 Conv1D) do not convert")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r, alpha = number(config, "r", where, int), number(config, "lora_alpha", where)
+    if r < 1:
+        raise ExportError(f"{where}: key 'r' is {r}; expected an integer >= 1")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    a, b, m = collect(mx.load(str(path / PEFT_WEIGHTS)), "peft", path / PEFT_WEIGHTS)
+    a, b, m = collect(load_tensors(path / PEFT_WEIGHTS), "peft", path / PEFT_WEIGHTS)
     kind = "dora" if config.get("use_dora") else "lora"
     rank = _check(a, b, m, kind, path / PEFT_WEIGHTS)
     if rank != r:
         raise ExportError(f"{where}: r is {r} but the weights have rank {rank}")
     extra: dict = {}
     if (path / SIDECAR).is_file():
-        extra = {k: v for k, v in json.loads((path / SIDECAR).read_text()).items()
+        extra = {k: v for k, v in read_json_object(path / SIDECAR).items()
                  if k in ("quantize", "dtype", "model")}
-    return Adapter(kind, rank, scale, float(config.get("lora_dropout", 0.0)), a, b, m,
-                   config.get("base_model_name_or_path"), extra)
+    return Adapter(kind, rank, scale, number(config, "lora_dropout", where, default=0.0), a, b,
+                   m, _name(config, ("base_model_name_or_path",), where), extra)
 
 
 MLX_LEAVES = {".lora_a": "a", ".lora_b": "b", ".m": "m"}
@@ -153,6 +202,10 @@ def collect(tensors: dict[str, mx.array], fmt: str, where: Path | str) -> tuple[
 
 
 def _check(a: dict, b: dict, m: dict, kind: str, where: Path) -> int:
+    flat = [f"{k} has shape {tuple(v.shape)}" for part, ndim in ((a, 2), (b, 2), (m, 1))
+            for k, v in part.items() if v.ndim != ndim]
+    if flat:
+        raise ExportError(f"{where}: {flat[0]}; LoRA A and B are matrices, a magnitude a vector")
     if not a or set(a) != set(b):
         raise ExportError(f"{where}: every adapted module needs both A and B "
                           f"(found A for {len(a)}, B for {len(b)})")
@@ -172,24 +225,41 @@ def _layer_split(module: str) -> tuple[str, int, str]:
     return match["head"], int(match["idx"]), match["tail"]
 
 
-def num_blocks(base: str | Path | None) -> int | None:
-    """The base's number of transformer blocks, from its config.json (local or cached)."""
+def local_base(base: str | Path | None) -> Path | None:
+    """The base model's directory here: a local path, an alias of mlx-tune's own table
+    (the embedded ``tiny-mistral``, or the repo an alias names), or a repo id in the
+    Hugging Face cache (never downloaded); None when none of these."""
     if not base:
         return None
     path = Path(base)
-    if not path.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
-            path = Path(snapshot_download(str(base), allow_patterns=["config.json"],
-                                          local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached or not a repo id: the caller says so
-            return None
+    if path.is_dir():
+        return path
+    from mlx_tune.models.hub import PACKAGE_DIR, load_aliases
+    entry = {k.lower(): v for k, v in load_aliases().items()}.get(str(base).lower(), {})
+    if "path" in entry and (PACKAGE_DIR / entry["path"]).is_dir():
+        return PACKAGE_DIR / entry["path"]
+    base = entry.get("repo", base)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(base), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached or not a repo id: the caller says so
+        return None
+
+
+def num_blocks(base: str | Path | None) -> int | None:
+    """The base's number of transformer blocks, from its config.json (local or cached)."""
+    path = local_base(base)
+    if path is None:
+        return None
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
         return None
     config = config.get("text_config", config)
-    return config.get("num_hidden_layers") or config.get("n_layer")
+    blocks = config.get("num_hidden_layers") or config.get("n_layer")
+    return blocks if isinstance(blocks, int) and not isinstance(blocks, bool) else None
 
 
 def write_mlx(ad: Adapter, dst: Path, blocks: int | None) -> None:
@@ -245,8 +315,18 @@ def write_peft(ad: Adapter) -> tuple[dict, dict]:
     return weights, config
 
 
-def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None = None) -> Path:
-    """Convert the adapter in ``src`` to ``to`` ("mlx" or "peft") in ``dst``."""
+def read_adapter(path: Path) -> Adapter:
+    """The adapter in ``path``, either format, every file checked (config keys and types,
+    weights readable, A and B for each module, one rank): one ExportError naming the
+    file and key, never a raw error from a library."""
+    return read_mlx(path) if detect_format(path) == "mlx" else read_peft(path)
+
+
+def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None = None,
+                    log: Callable[[str], None] = print) -> Path:
+    """Convert the adapter in ``src`` to ``to`` ("mlx" or "peft") in ``dst``, a new or
+    empty directory, filled in one rename (never half a conversion, never over another
+    adapter)."""
     src, dst = Path(src), Path(dst)
     if to not in ("mlx", "peft"):
         raise ExportError(f"--to must be mlx or peft, got {to!r}")
@@ -254,12 +334,27 @@ def convert_adapter(src: Path | str, dst: Path | str, to: str, base: str | None 
         raise ExportError(f"{src}: not a directory")
     if src.resolve() == dst.resolve():
         raise ExportError("source and destination are the same directory")
-    fmt = detect_format(src)
-    ad = read_mlx(src) if fmt == "mlx" else read_peft(src)
-    if to == "mlx":
-        write_mlx(ad, dst, num_blocks(base or ad.base_model or ad.extra.get("model")))
-    else:
-        save_peft(ad, dst)
+    check_new_dir(dst, "convert-adapter")
+    ad = read_adapter(src)
+    named = base or ad.base_model or ad.extra.get("model")
+    base_dir = local_base(named)
+    if base_dir is not None:
+        check_fits_base(ad.a, ad.b, base_dir, src)
+    elif to == "peft":
+        log(f"the base model ({named or 'not named'}) is not available here: the adapter's "
+            "modules were not checked against it (pass --base MODEL_DIR to check)")
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if to == "mlx":
+            write_mlx(ad, tmp, num_blocks(base_dir))
+        else:
+            save_peft(ad, tmp)
+        if dst.is_dir():
+            dst.rmdir()  # empty, checked above: the rename takes its place
+        os.rename(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

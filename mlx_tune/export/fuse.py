@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_tune.export import ExportError
+from mlx_tune.files import check_new_dir
 from mlx_tune.export.adapters import Adapter, collect, num_blocks, save_peft, write_mlx
-from mlx_tune.reporting.text import append_record, read_metrics
+from mlx_tune.reporting.text import append_record_or_warn, read_metrics
 
 GGUF_TYPES = ("llama", "mistral", "mixtral")  # mlx_lm.gguf's supported architectures
 RECORD = "fused_from.json"
@@ -113,9 +114,23 @@ def adapter_from_checkpoint(path: Path, spec, model_dir: Path, dst: Path) -> Pat
     return dst
 
 
+def check_adapter(adapter: Path, spec, model_dir: Path) -> None:
+    """The adapter about to be fused or evaluated, checked before any library loads it:
+    its files readable, its modules the base's (one ExportError naming file and key)."""
+    from mlx_tune.export.adapters import load_tensors, read_adapter
+    from mlx_tune.export.fit import check_fits_base
+    if spec.fine_tune_type != "full":
+        ad = read_adapter(adapter)
+        check_fits_base(ad.a, ad.b, model_dir, adapter, strict=False)
+    elif (adapter / "adapters.safetensors").is_file():  # an MLX full fine-tune's weights
+        load_tensors(adapter / "adapters.safetensors")
+
+
 def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = False,
-             gguf: bool = False, log: Callable[[str], None] = print) -> FuseResult:
+             gguf: bool = False, log: Callable[[str], None] = print,
+             warn: Callable[[str], None] = print) -> FuseResult:
     run_dir, output = Path(run_dir), Path(output)
+    check_new_dir(output, "fuse --output")
     spec = run_spec(run_dir)
     source, step = checkpoint_dir(run_dir, which)
     from mlx_tune.models.hub import resolve_model
@@ -126,11 +141,10 @@ def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = Fals
         raise ExportError(f"GGUF export supports {', '.join(GGUF_TYPES)} models (mlx-lm's "
                           f"converter); this base is {model_type!r}. The Hugging Face "
                           "output can be converted with llama.cpp's convert_hf_to_gguf.py")
-    if output.exists() and any(output.iterdir()):
-        raise ExportError(f"{output}: exists and is not empty; choose a new --output")
     with tempfile.TemporaryDirectory(prefix="mlx-tune-fuse-") as tmp:
         adapter = source if which == "final" else adapter_from_checkpoint(
             source, spec, Path(model_dir), Path(tmp) / "adapter")
+        check_adapter(adapter, spec, Path(model_dir))
         from mlx_tune.backends import registry
         fuse = registry.get(spec.backend).load("fuse")
         fuse(Path(model_dir), adapter, output, spec, dequantize=dequantize or gguf, log=log)
@@ -139,14 +153,15 @@ def fuse_run(run_dir: Path, which: str, output: Path, *, dequantize: bool = Fals
         from mlx_tune.export.gguf import write_gguf
         gguf_path = str(write_gguf(output))
     result = FuseResult(output, which, step, str(source), spec.backend, spec.model, gguf_path)
-    record(run_dir, result)
+    record(run_dir, result, warn)
     return result
 
 
-def record(run_dir: Path, result: FuseResult) -> None:
+def record(run_dir: Path, result: FuseResult, warn: Callable[[str], None]) -> None:
     """Which weights were fused: next to the model, and in the run's metrics.jsonl (so
     ``mlx-tune report`` lists exports with the rest of the run's history)."""
     entry = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
     entry["fused_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (result.output / RECORD).write_text(json.dumps(entry, indent=2))
-    append_record(run_dir / "metrics.jsonl", {"type": "fuse", **entry, "wall_time": time.time()})
+    append_record_or_warn(run_dir / "metrics.jsonl",
+                          {"type": "fuse", **entry, "wall_time": time.time()}, warn)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import yaml
 
+from mlx_tune.errors import UserError
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # The alias table is package data (pyproject ships mlx_tune/configs/*.yaml): an installed
 # mlx-tune cannot see the repository's configs/ folder, which only holds a link to this file.
@@ -38,7 +40,7 @@ _REMOTE_CODE_PATTERNS = ["*.py"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model that cannot be resolved; the message is one line meant for the user."""
 
 

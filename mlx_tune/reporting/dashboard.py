@@ -206,7 +206,10 @@ def _header(info: dict) -> Text:
         parts.append(f"resumed at step {info['resume_step']}")
     if info.get("output_dir"):
         parts.append(str(info["output_dir"]))
-    return Text(" · ".join(parts), style="dim")
+    header = Text(" · ".join(parts), style="dim")
+    if info.get("supervisor"):  # restarts and adaptations so far (supervise/night.py)
+        header.append("\n" + str(info["supervisor"]), style="yellow")
+    return header
 
 
 def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:

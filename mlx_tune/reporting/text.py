@@ -25,9 +25,9 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
-from mlx_tune.files import atomic_write
+from mlx_tune.files import WriteRefused, atomic_write, open_append
 from mlx_tune.reporting.records import LEVELS, EvalReport, NullReporter, TrainReport
 
 
@@ -194,17 +194,24 @@ def _parse_complete(raw: bytes) -> dict | None:
     return rec if isinstance(rec, dict) else None
 
 
-def read_metrics(path: Path) -> tuple[list[dict], int]:
-    """The complete records of a metrics.jsonl, and how many lines were unreadable (a
-    torn line from a run killed mid-write is skipped, never fatal)."""
+def numbered_metrics(path: Path) -> tuple[list[tuple[int, dict]], int]:
+    """The complete records of a metrics.jsonl with their 1-based line numbers, and how
+    many lines were unreadable (a torn line from a run killed mid-write is skipped, never
+    fatal)."""
     records, torn = [], 0
-    for raw in Path(path).read_bytes().splitlines():
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
         rec = _parse_complete(raw)
         if rec is None:
             torn += bool(raw.strip())
         else:
-            records.append(rec)
+            records.append((number, rec))
     return records, torn
+
+
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The complete records of a metrics.jsonl, and how many lines were unreadable."""
+    numbered, torn = numbered_metrics(path)
+    return [rec for _, rec in numbered], torn
 
 
 def append_record(path: Path, record: dict) -> None:
@@ -213,22 +220,34 @@ def append_record(path: Path, record: dict) -> None:
     one unreadable line that readers skip, rather than swallowing this record; the file is
     never rewritten."""
     line = json.dumps(json_safe(record), default=str, allow_nan=False) + "\n"
-    try:
+    with open_append(path) as out:  # a regular file from here on: reading it cannot block
         with open(path, "rb") as fh:
             fh.seek(0, 2)
             if fh.tell() and (fh.seek(-1, 2), fh.read(1))[1] != b"\n":
                 line = "\n" + line
-    except FileNotFoundError:
-        pass
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
+        out.write(line)
+
+
+def append_record_or_warn(path: Path, record: dict, warn: Callable[[str], None]) -> bool:
+    """append_record for a command whose result is already made (evaluate, fuse): a run
+    directory that cannot take the record (read-only, full disk) costs the record, not the
+    result; ``warn`` gets one line saying so. True when the record was appended."""
+    try:
+        append_record(path, record)
+        return True
+    except (OSError, WriteRefused) as e:
+        warn(f"mlx-tune: warning: could not append the {record.get('type')} record to {path} "
+             f"({getattr(e, 'strerror', None) or e}); the result above is not in the run's "
+             "history")
+        return False
 
 
 def repair_jsonl(path: Path, resume_step: int | None) -> int:
     """Keep only complete JSON records (and, when resuming, those with step <= resume_step).
 
     Rewrites the file atomically only when something is dropped; returns how many lines
-    were dropped. Records without a ``step`` are kept (they cannot be placed in time).
+    were dropped. Records without a ``step`` are kept (they cannot be placed in time), and
+    so are ``supervisor`` records (supervise/night.py).
     """
     data = path.read_bytes()
     raw_lines = data.split(b"\n")
@@ -240,7 +259,10 @@ def repair_jsonl(path: Path, resume_step: int | None) -> int:
         if rec is None:
             continue
         step = rec.get("step")
-        if resume_step is not None and isinstance(step, (int, float)) and step > resume_step:
+        # The supervisor's records tell of the night (a crash at step 40 before a resume
+        # from 30): they stay when the steps after the resume point are redone.
+        if (resume_step is not None and isinstance(step, (int, float)) and step > resume_step
+                and rec.get("type") != "supervisor"):
             continue
         keep.append(raw + b"\n")
     dropped = len(complete) - len(keep) + (1 if tail else 0)
@@ -264,10 +286,11 @@ class JsonlReporter(NullReporter):
     def __init__(self, path: Path | str, resume_step: int | None = None) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.dropped = repair_jsonl(self.path, resume_step) if self.path.exists() else 0
+        open_append(self.path).close()  # a link or FIFO at the name is refused before use
+        self.dropped = repair_jsonl(self.path, resume_step)
         self._step = resume_step or 0
         self._resume_step = resume_step
-        self._fh: TextIO | None = open(self.path, "a", encoding="utf-8")
+        self._fh: TextIO | None = open_append(self.path)
 
     def _append(self, record: dict) -> None:
         if self._fh is None:

@@ -109,14 +109,15 @@ def exec_args(module: str, args: list[str], *, isolate: bool = True) -> list[str
 
 
 def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "mlx_tune",
-                               isolate: bool = True) -> None:
+                               isolate: bool = True, notice: bool = True) -> None:
     """Replace this process with a fresh interpreter running ``module`` with OpenBLAS
     preloaded; ``isolate`` keeps the current directory off its import path (``False``
     means plain ``python -m module``, for pytest and tests' probes that live there).
 
     Returns (doing nothing, or printing a one-time install hint) where the fix does not
     apply: not Linux, ``MLX_TUNE_NO_BLAS_FIX=1``, already preloaded or decided (marker),
-    mlx not from the CPU wheel, or no OpenBLAS anywhere.
+    mlx not from the CPU wheel, or no OpenBLAS anywhere. ``notice=False`` does the same
+    silently (the commands whose speed the BLAS is not about).
     """
     if not sys.platform.startswith("linux") or not sys.executable:
         return
@@ -129,16 +130,17 @@ def maybe_reexec_with_openblas(argv: list[str] | None = None, *, module: str = "
     if not _mlx_cpu_wheel():
         return
     choice = choose_openblas()
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if notice else (lambda _: None)
     for line in choice.passed_over:
-        print(f"mlx-tune: not using {line}", file=sys.stderr, flush=True)
+        say(f"mlx-tune: not using {line}")
     lib = choice.lib
     if lib is None:
         env[MARKER] = "reference"  # children inherit it: the hint is printed once per run
-        print(HINT, file=sys.stderr, flush=True)
+        say(HINT)
         return
     args = sys.argv[1:] if argv is None else list(argv)
-    print(f"mlx-tune: using {lib.describe()} for MLX's CPU matrix products; "
-          f"set {DISABLE}=1 to disable", file=sys.stderr, flush=True)
+    say(f"mlx-tune: using {lib.describe()} for MLX's CPU matrix products; "
+        f"set {DISABLE}=1 to disable")
     sys.stdout.flush()
     try:
         os.execve(sys.executable, exec_args(module, args, isolate=isolate), preload_env(lib))

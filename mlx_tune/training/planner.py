@@ -9,7 +9,10 @@ state + update temporaries + activations kept for the backward + logits + tempor
 
 Assumptions, and why. The MLX terms are calibrated on ``mx.get_peak_memory()`` of real
 steps (tiny-model variants: 2-16 layers, hidden 128-512, vocab 1k-8k, length 128-1024,
-fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all within 16%):
+fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all within 16%);
+the per-token terms (``K_TRANSIENT``, ``LOGIT_COPIES``, the chunked loss's) are refitted at
+Hermes-7B dimensions (benchmarks/memory.py: 1 layer, 512 and 1,024 tokens, float32,
+chunked and not, all within 3%; README "Memory at 7B dimensions"):
 
 * Attention: MLX *trains* with unfused attention (``mx.fast.scaled_dot_product_attention``
   falls back to matmul-softmax-matmul under autodiff, on Metal too, where that is faster),
@@ -22,6 +25,10 @@ fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all with
   dropout a masked copy (+ mask) per adapted module.
 * Logits: the loss runs in float32 on B*L*vocab and its backward holds ~``LOGIT_COPIES``
   such arrays at once; with a 32k vocabulary this is often the largest single item.
+  With the chunked loss (``memory.chunked_loss``, on by default for MLX LoRA-family
+  runs: backends/common.py) it holds the lesser of ``CHUNKED_FULL_COPIES`` full logits
+  (few chunks) and ``CHUNK_COPIES`` chunks' logits (many: MLX runs ahead of the arrays
+  it frees), plus the hidden-state gradient it keeps (benchmarks/memory.py).
 * Gradient checkpointing keeps each layer's input and recomputes ``CKPT_LAYERS`` layers'
   worth at a time (the recomputation overlaps the backward).
 * Optimizer state has the parameter's dtype (zeros_like(param) in both frameworks);
@@ -39,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlx_tune.backends import registry
+from mlx_tune.backends.common import chunk_positions, chunked_loss
 from mlx_tune.config.schema import Spec
 
 GB = 1e9
@@ -47,12 +55,14 @@ SAFETY = 0.75  # plan for this fraction of the detected memory
 
 # Calibration (see the module docstring).
 K_HIDDEN = 8.5  # hidden-size vectors kept per layer and token
-LOGIT_COPIES = 4.0  # float32 [B*L, vocab] arrays alive at the loss
-K_TRANSIENT = 10.0  # [B*L, hidden + intermediate] temporaries around the first backward layer
+LOGIT_COPIES = 5.0  # float32 [B*L, vocab] arrays alive at the loss (7B dims: 4.3-5.1)
+K_TRANSIENT = 4.5  # [B*L, hidden + intermediate] temporaries around the first backward layer
 ATTN_TRANSIENT = 2.0  # attention-probability-sized temporaries (backward of one layer)
 CKPT_LAYERS = 2.0
 FROZEN_LAYER_SHARE = 0.5  # layers below the first adapted one: forward only, partly overlapped
 QUANT_EXTRA = 2.0  # hidden vectors per layer and token: quantized matmuls copy inputs
+CHUNKED_FULL_COPIES = 2.0  # chunked loss, few chunks: full float32 logits alive at once
+CHUNK_COPIES = 20.0  # chunked loss, many chunks: chunks' logits alive at once
 
 
 @dataclass(frozen=True)
@@ -189,9 +199,20 @@ def estimate(shape: ModelShape, spec: Spec, micro_batch: int, length: int,
     else:
         kept = adapted * layer + FROZEN_LAYER_SHARE * (n - adapted) * layer
     activations = kept + ATTN_TRANSIENT * probs + K_TRANSIENT * T * d * (h + i)
-    logits = T * V * (4 * LOGIT_COPIES + (d if d != 4 else 0))
+    logits = loss_bytes(T, V, h, d, chunked_loss(spec, backend))
     return Estimate(micro_batch, length, accumulation, shape.params(), trainable, weights,
                     grads_opt, activations, logits)
+
+
+def loss_bytes(tokens: int, vocab: int, hidden: int, d: int, chunked: bool) -> float:
+    """What the loss holds at its peak: full float32 logits (and their copies), or, chunked,
+    a bounded number of chunks' logits plus the float32 hidden-state gradient it keeps."""
+    full = tokens * vocab * (4 * LOGIT_COPIES + (d if d != 4 else 0))
+    if not chunked:
+        return full
+    chunk = min(tokens, chunk_positions(vocab)) * vocab * 4
+    held = min(CHUNKED_FULL_COPIES * tokens * vocab * 4, CHUNK_COPIES * chunk)
+    return min(full, held + 4 * tokens * hidden)
 
 
 def divisors(n: int) -> list[int]:

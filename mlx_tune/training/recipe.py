@@ -22,11 +22,12 @@ from mlx_tune.checkpoint.rundir import RunLock, check_is_run_dir
 from mlx_tune.config.schema import Spec, to_dict
 from mlx_tune.config.spec import require, with_epochs
 from mlx_tune.data import content_fingerprint
-from mlx_tune.distributed.decisions import barrier, share_resume_point
+from mlx_tune.distributed.decisions import any_rank, barrier, share_resume_point
 from mlx_tune.distributed.peers import guard_run
 from mlx_tune.files import atomic_write
 from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.reporting.records import Reporters
+from mlx_tune.supervise import STATUS_ENV
 from mlx_tune.system.keepawake import keep_awake, release
 from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
 from mlx_tune.training.loop import RunResult, Trainer
@@ -113,6 +114,7 @@ def _build_trainer(run: Setup, opened: OpenedRun,
     the step restored), and the Trainer holding all of them; and the step resumed from."""
     log, is_main = run.log, run.is_main
     run.load()
+    faults.install_step(run.backend)
     spec, data = run.spec, run.data
     if is_main:
         write_spec(spec, output_dir)
@@ -123,7 +125,7 @@ def _build_trainer(run: Setup, opened: OpenedRun,
             f"{data.train_records} records / batch_size {spec.batch_size})")
     loaded, progress = opened.loaded, None
     if loaded is not None:
-        loaded, progress = _restore(spec, run, opened.manager, loaded)
+        loaded, progress = _restore(spec, run, opened.manager, loaded, output_dir)
         log(f"resumed from {loaded.path} at step {loaded.step}")
     # Logs continue from the resume step; a start from scratch supersedes whatever an
     # earlier attempt that never reached a checkpoint logged (step -1 keeps none of it).
@@ -150,8 +152,8 @@ def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step
         reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
-                            "resume_step": resume_step,
-                            "output_dir": str(output_dir)})
+                            "resume_step": resume_step, "output_dir": str(output_dir),
+                            "accumulation": run.accumulation, **supervisor_status()})
         with guard_run(backend) as watchdog, SignalGuard() as signals:
             result = trainer.run(signals, heartbeat=watchdog.beat)
             if is_main:
@@ -173,6 +175,13 @@ def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step
         release(keepawake)
 
 
+def supervisor_status() -> dict:
+    """Under --supervise, the supervisor's line (restarts, micro-batch) for the start record
+    and the dashboard."""
+    status = os.environ.get(STATUS_ENV)
+    return {"supervisor": status} if status else {}
+
+
 def _check_loaded(loaded) -> None:
     check_state(loaded.meta)
     if loaded.meta["step"] != loaded.step:
@@ -180,28 +189,34 @@ def _check_loaded(loaded) -> None:
                                 f"{loaded.step}")
 
 
-def _restore(spec: Spec, run: Setup, manager: CheckpointManager | None,
-             loaded: Loaded) -> tuple[Loaded, Progress]:
+def _restore(spec: Spec, run: Setup, manager: CheckpointManager | None, loaded: Loaded,
+             output_dir: Path) -> tuple[Loaded, Progress]:
     """Restore ``loaded``; a checkpoint whose tensors do not fit the backend (a missing
     optimizer tensor, a wrong shape) is skipped for the previous valid one, like a bad
-    checksum. Only single-process runs fall back: every rank must restore the same one."""
+    checksum. Distributed runs agree: when any rank cannot load it, every rank falls back
+    to the checkpoint rank 0 picks next (broadcast as the first one was)."""
+    backend, log = run.backend, run.log
     while True:
         try:
-            return loaded, restore(spec, run.backend, run.data, loaded.arrays, loaded.meta,
-                                   str(loaded.path))
+            progress = restore(spec, backend, run.data, loaded.arrays, loaded.meta,
+                               str(loaded.path))
+            error = None
         except Exception as e:  # noqa: BLE001 - any failure to load means "unusable"
-            reason = f"{loaded.path}: its state does not load ({describe_error(e)})"
-            if run.backend.world_size > 1 or manager is None:
-                raise CheckpointError(reason) from None
-            run.log(f"skipping {reason}")
-            step = loaded.step
-            del loaded
-            loaded = manager.latest_valid(run.log, check=_check_loaded, below=step)
-            if loaded is None:
-                # The backend may hold part of the rejected state: do not train on it.
-                raise CheckpointError(
-                    f"no checkpoint in {manager.root} loads into this run ({reason}); "
-                    "use --force-fresh to move the run aside and start over") from None
+            progress, error = None, describe_error(e)
+        if not any_rank(error is not None, backend):
+            return loaded, progress
+        reason = f"{loaded.path}: its state does not load ({error or 'on another rank'})"
+        log(f"skipping {reason}")
+        step = loaded.step
+        del loaded
+        below = (manager.latest_valid(log, check=_check_loaded, below=step)
+                 if manager is not None else None)
+        loaded = share_resume_point(backend, below, output_dir, spec, log)
+        if loaded is None:
+            # The backend may hold part of the rejected state: do not train on it.
+            raise CheckpointError(
+                f"no checkpoint in {output_dir / 'checkpoints'} loads into this run "
+                f"({reason}); use --force-fresh to move the run aside and start over")
 
 
 def _write_adapters(backend, spec: Spec, output_dir: Path, trainer: Trainer,

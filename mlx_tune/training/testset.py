@@ -17,7 +17,8 @@ from typing import Optional
 
 from mlx_tune.config.schema import Spec
 from mlx_tune.data import load_eval_file
-from mlx_tune.data.hf import find_data
+from mlx_tune.data.hf import find_data, is_dataset
+from mlx_tune.data.records import find_test_only
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class TestResult:
 
 
 def find_test_file(spec: Spec):
-    """test.jsonl of a data directory, or a dataset's 'test' split; None when absent."""
+    """test.jsonl of a data directory (train.jsonl not needed), or a dataset's 'test'
+    split; None when absent."""
+    if spec.data and not is_dataset(spec.data):
+        return find_test_only(spec.data)
     return find_data(spec).test
 
 

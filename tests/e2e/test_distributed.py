@@ -204,6 +204,64 @@ class KilledRun:
         assert self.error is None, self.error
 
 
+def break_optimizer_state(checkpoint: Path) -> None:
+    """Drop one optimizer tensor from a checkpoint and reseal its manifest: every file
+    verifies, but the state does not load into the optimizer."""
+    import mlx.core as mx
+    from mlx_tune.checkpoint.format import read_safetensors_header, sha256_file
+
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        path = checkpoint / entry["name"]
+        if not path.name.endswith(".safetensors"):
+            continue
+        arrays = mx.load(str(path))
+        dropped = sorted(k for k in arrays if k.startswith("optimizer/"))
+        if dropped:
+            del arrays[dropped[0]]
+            mx.save_safetensors(str(path), arrays)
+            entry.update(size=path.stat().st_size, sha256=sha256_file(path),
+                         arrays=read_safetensors_header(path))
+            (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+            return
+    raise AssertionError(f"{checkpoint} holds no optimizer tensor")
+
+
+class FallbackRun:
+    """1 process trains K steps with a checkpoint every 2; the last checkpoint is removed
+    and the one before it loses an optimizer tensor (its files still verify). 2 ranks
+    resume with --auto-resume: both must skip it for step 2 and finish."""
+
+    def __init__(self, config: Path, where: Path, env: dict):
+        self.out = where / "fallback"
+        self.config, self.where, self.env = config, where, env
+        self.prepare = Proc([sys.executable, *train_cmd(config, self.out,
+                                                          "--checkpoint-interval", "2")],
+                            env, where / "fallback-prepare.log")
+        self.ranks: list[Proc] = []
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._drive, daemon=True)
+        self.thread.start()
+
+    def _drive(self) -> None:
+        try:
+            if self.prepare.wait() != 0:
+                self.error = "the 1-process run failed: " + self.prepare.stderr()[-2000:]
+                return
+            checkpoints = self.out / "checkpoints"
+            shutil.rmtree(checkpoints / f"step-{K:07d}")
+            shutil.rmtree(self.out / "adapters")
+            break_optimizer_state(checkpoints / f"step-{K - 2:07d}")
+            self.ranks = ring_ranks(train_cmd(self.config, self.out, "--auto-resume"),
+                                    self.env, self.where, "fallback")
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            self.error = f"{type(e).__name__}: {e}"
+
+    def finish(self) -> None:
+        self.thread.join(timeout=500)
+        assert self.error is None, self.error
+
+
 SHARE_SCRIPT = r"""
 import json, sys
 from pathlib import Path
@@ -256,7 +314,8 @@ def launches(request, tmp_path_factory, tiny_model, recipes):
            "OMP_NUM_THREADS": "1"}
     runs: dict = {"where": where, "config": config, "env": env}
     py = sys.executable
-    mlx_e2e = {"test_two_ring_ranks_equal_one_process", "test_killed_rank_then_resume"}
+    mlx_e2e = {"test_two_ring_ranks_equal_one_process", "test_killed_rank_then_resume",
+               "test_ranks_fall_back_together_from_a_checkpoint_that_does_not_load"}
     if wanted & mlx_e2e:
         runs["one"] = Proc([py, *train_cmd(config, where / "one")], env, where / "one.log")
     if "test_two_ring_ranks_equal_one_process" in wanted and MLX_LAUNCH:
@@ -265,6 +324,8 @@ def launches(request, tmp_path_factory, tiny_model, recipes):
                            env, where / "two.log")
     if "test_killed_rank_then_resume" in wanted:
         runs["killed"] = KilledRun(config, where, env)
+    if "test_ranks_fall_back_together_from_a_checkpoint_that_does_not_load" in wanted:
+        runs["fallback"] = FallbackRun(config, where, env)
     if "test_uneven_batch_fails_on_every_rank" in wanted:
         runs["uneven"] = ring_ranks(train_cmd(config, where / "uneven", "--batch-size", "7"),
                                     env, where, "uneven")
@@ -280,7 +341,8 @@ def launches(request, tmp_path_factory, tiny_model, recipes):
                            *train_cmd(config, where / "t2", *torch)], env, where / "t2.log")
     yield runs
     for value in runs.values():  # a failed test must not leave ranks behind
-        procs = value if isinstance(value, list) else getattr(value, "ranks", [value])
+        procs = value if isinstance(value, list) else [*getattr(value, "ranks", [value]),
+                                                        getattr(value, "prepare", None)]
         for p in [*procs, getattr(value, "resume", None)]:
             if isinstance(p, Proc) and p.p.poll() is None:
                 p.p.kill()
@@ -329,6 +391,26 @@ def test_killed_rank_then_resume(launches):
     assert diff < MLX_TOL, f"killed + resumed vs uninterrupted: max abs diff {diff:.3g}"
     print(f"survivor exited {run.survivor_seconds:.1f} s after the kill; resumed run vs "
           f"uninterrupted: max abs diff {diff:.3g}")
+
+
+@pytest.mark.slow
+@needs_mlx_launch
+def test_ranks_fall_back_together_from_a_checkpoint_that_does_not_load(launches):
+    run: FallbackRun = launches["fallback"]
+    run.finish()
+    rank0, rank1 = run.ranks
+    out = ok(rank0)
+    assert rank1.wait() == 0, rank1.stderr()[-3000:]
+    bad = f"step-{K - 2:07d}"
+    assert f"{bad}: its state does not load" in out and "optimizer state" in out
+    assert "resumed from" in out and f"step-{K - 4:07d} at step {K - 4}" in out
+    assert f"reason=finished {K} steps" in out
+    first = [line for line in out.splitlines() if line.startswith("step ")][0]
+    assert first.startswith(f"step {K - 3}/"), first  # trained on from step 2, not 0 or 4
+    ok(launches["one"])
+    diff = adapter_diff(launches["where"] / "one" / "adapters" / "adapters.safetensors",
+                        run.out / "adapters" / "adapters.safetensors")
+    assert diff < MLX_TOL, f"fallen back + resumed on 2 ranks vs 1 process: {diff:.3g}"
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ from safetensors.numpy import load_file
 from mlx_tune.backends import registry
 from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult
 from mlx_tune.backends.launchers import LAUNCHERS
-from mlx_tune.config.spec import build_spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.export.adapters import detect_format
 from tests.unit.training.test_loop import FakeBackend
@@ -81,10 +80,9 @@ def entry(request, monkeypatch):
     return found
 
 
-def spec_for(entry, tiny_model, **kw):
+def spec_for(entry, tiny_spec):
     # The fake is registered after the schema read the names: set it past the choices.
-    spec = build_spec(None, {"model": str(tiny_model), "lora.rank": 4, "lora.layers": 2,
-                             "lora.dropout": 0.0, "batch_size": 2, "seed": 5, **kw})
+    spec = tiny_spec(lora={"rank": 4, "layers": 2, "dropout": 0.0}, batch_size=2, seed=5)
     return replace(spec, backend=entry.name)
 
 
@@ -131,8 +129,8 @@ def test_the_entry_names_what_the_rest_of_the_code_reads(entry):
 
 
 def test_a_restored_backend_continues_exactly_as_the_uninterrupted_one(entry, tiny_model,
-                                                                        tmp_path):
-    spec = spec_for(entry, tiny_model)
+                                                                        tiny_spec, tmp_path):
+    spec = spec_for(entry, tiny_spec)
     data = batches(3)
     reference = loaded(entry, spec, tiny_model)
     first = step(reference, data[0])
@@ -149,8 +147,8 @@ def test_a_restored_backend_continues_exactly_as_the_uninterrupted_one(entry, ti
     assert [step(restored, b) for b in data[1:]] == want
 
 
-def test_evaluation_counts_the_mask_s_targets(entry, tiny_model):
-    backend = loaded(entry, spec_for(entry, tiny_model), tiny_model)
+def test_evaluation_counts_the_mask_s_targets(entry, tiny_model, tiny_spec):
+    backend = loaded(entry, spec_for(entry, tiny_spec), tiny_model)
     data = batches(2, seed=1)
     result = backend.evaluate(data)
     assert isinstance(result, EvalResult) and len(result.astuple()) == len(EVAL_FIELDS)
@@ -164,8 +162,8 @@ def test_evaluation_counts_the_mask_s_targets(entry, tiny_model):
 
 
 def test_the_saved_adapter_is_in_the_registered_format_and_reloads(entry, tiny_model,
-                                                                   tmp_path):
-    spec = spec_for(entry, tiny_model)
+                                                                   tiny_spec, tmp_path):
+    spec = spec_for(entry, tiny_spec)
     trained = loaded(entry, spec, tiny_model)
     for b in batches(2):
         step(trained, b, lr=5e-2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import mlx.core as mx
 import numpy as np
@@ -107,7 +109,7 @@ def test_one_line_errors(run, tmp_path, capsys):
         assert (run_dir / "metrics.jsonl").read_text() == before
 
 
-def test_torch_run_matches_peft(tiny_model, tiny_spec, recipe_slice, tmp_path):
+def test_torch_run_matches_peft(tiny_model, tiny_spec, recipe_slice, tmp_path, capsys):
     """The torch backend's adapters (peft's format) and checkpoints, checked against
     transformers + peft's own loader and cross-entropy by hand."""
     torch = pytest.importorskip("torch")
@@ -149,3 +151,57 @@ def test_torch_run_matches_peft(tiny_model, tiny_spec, recipe_slice, tmp_path):
     assert main(["evaluate", str(run_dir), "--checkpoint", "step-2"]) == 0
     record = last_record(run_dir)
     assert record["checkpoint"] == "step-2" and math.isclose(record["loss"], loss(), rel_tol=1e-4)
+    capsys.readouterr()
+    check_refusals(run_dir, "adapter_model.safetensors", tmp_path, capsys)  # peft's files
+
+
+def test_a_directory_holding_only_test_jsonl_is_scored(run, tiny_model, tmp_path):
+    run_dir, data = run
+    only = tmp_path / "only-test"
+    only.mkdir()
+    shutil.copy(data / "test.jsonl", only / "test.jsonl")  # no train.jsonl: none is needed
+    assert main(["evaluate", str(run_dir), "--data", str(only)]) == 0
+    record = last_record(run_dir)
+    want, count = reference_loss(tiny_model, run_dir, only / "test.jsonl")
+    assert record["path"] == str(only / "test.jsonl") and record["tokens"] == count
+    assert math.isclose(record["loss"], want, rel_tol=1e-4)
+
+
+def damage_cases(adapters, weights):
+    """(what it does to an adapter directory, the culprit the one line must name)."""
+    config = adapters / "adapter_config.json"
+    return [
+        (lambda: os.truncate(adapters / weights, os.path.getsize(adapters / weights) - 64),
+         f"{adapters / weights}: not a readable safetensors file"),
+        (lambda: config.write_text(config.read_text()[:30]), f"{config}:"),
+        (lambda: config.write_text("[]"), f"{config}: expected a JSON object")]
+
+
+def check_refusals(run_dir, weights, tmp_path, capsys):
+    """evaluate and fuse refuse each damaged adapter in one line naming it, write nothing."""
+    pristine = tmp_path / "pristine"
+    shutil.copytree(run_dir / "adapters", pristine)
+    for i, (damage, culprit) in enumerate(damage_cases(run_dir / "adapters", weights)):
+        damage()
+        before = (run_dir / "metrics.jsonl").read_text()
+        for argv in (["evaluate", str(run_dir)],
+                     ["fuse", str(run_dir), "--output", str(tmp_path / f"fused{i}")]):
+            assert main(argv) == 1, argv
+            err = capsys.readouterr().err.strip()
+            assert culprit in err and "\n" not in err and "Traceback" not in err, err
+        assert (run_dir / "metrics.jsonl").read_text() == before
+        assert not (tmp_path / f"fused{i}").exists()
+        shutil.rmtree(run_dir / "adapters")
+        shutil.copytree(pristine, run_dir / "adapters")
+
+
+def test_damaged_adapters_are_one_line_errors(run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    check_refusals(run_dir, "adapters.safetensors", tmp_path, capsys)
+    # An adapter for modules this base does not have: named, before the model loads.
+    weights = mx.load(str(run_dir / "adapters" / "adapters.safetensors"))
+    mx.save_safetensors(str(run_dir / "adapters" / "adapters.safetensors"),
+                        {k.replace("q_proj", "qkv_proj"): v for k, v in weights.items()})
+    assert main(["evaluate", str(run_dir)]) == 1
+    assert "self_attn.qkv_proj, which the base" in capsys.readouterr().err

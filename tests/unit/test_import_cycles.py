@@ -81,6 +81,7 @@ LAYERS = [
     {"backends"},
     {"distributed"},
     {"reporting"},
+    {"supervise"},  # the --supervise parent: below training, which shows its status line
     {"training"},
     {"export"},
     {"commands"},

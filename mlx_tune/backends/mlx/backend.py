@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -19,6 +20,7 @@ from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResul
 from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
                                       optimizer_args, refuse_full_quantized,
                                       step_config, weights_swapped, with_prefix)
+from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.base_model import load_base
 from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
@@ -108,7 +110,12 @@ class MLXBackend(MlxCollectives):
             grad_checkpoint(model.layers[0])
         self.model, self.num_layers = model, layers
         self.optimizer = make_optimizer(spec.optimizer, **optimizer_args(spec))
-        self.step_fn = CompiledStep(model, self.optimizer, step_config(spec, self.world_size))
+        config = step_config(spec, self.world_size, "mlx")
+        if config.chunked_loss and not chunked_loss.supports(model):
+            if spec.memory.chunked_loss:  # asked for by name: say why it cannot be
+                chunked_loss.split_model(model)
+            config = replace(config, chunked_loss=False)  # auto: the plain loss
+        self.step_fn = CompiledStep(model, self.optimizer, config)
         model.train()
         total = sum(v.size for _, v in tree_flatten(model.parameters()))
         if bits:  # packed weights hold 32/bits values per uint32 element

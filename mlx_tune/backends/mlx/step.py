@@ -23,6 +23,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
 from mlx_tune.backends.base import EVAL_FIELDS, StepConfig
+from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.collectives import all_sum_packed
 
 
@@ -49,31 +50,50 @@ class SegmentMask:
         return keys, values
 
 
-def forward(model: nn.Module, inputs: mx.array, segments: mx.array | None) -> mx.array:
-    """Logits; with segments, under a block-diagonal causal mask [B, 1, T, T]."""
+def forward(model: nn.Module, inputs: mx.array, segments: mx.array | None,
+            call: Callable[..., mx.array] | None = None) -> mx.array:
+    """Logits (or, with ``call`` the model's body, its final hidden states); with
+    segments, under a block-diagonal causal mask [B, 1, T, T]."""
+    call = call or model
     if segments is None:
-        return model(inputs)
+        return call(inputs)
     i = mx.arange(inputs.shape[1])
     mask = (segments[:, None, :, None] == segments[:, None, None, :]) & (i[:, None] >= i[None])
-    return model(inputs, cache=[SegmentMask(mask)] * len(model.layers))
+    return call(inputs, cache=[SegmentMask(mask)] * len(model.layers))
 
 
 def token_loss_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
-                    segments: mx.array | None = None,
-                    label_smoothing: float = 0.0) -> tuple[mx.array, mx.array]:
-    """(sum of per-token cross-entropy over target tokens, number of target tokens)."""
+                    segments: mx.array | None = None, label_smoothing: float = 0.0,
+                    chunked: bool = False) -> tuple[mx.array, mx.array]:
+    """(sum of per-token cross-entropy over target tokens, number of target tokens);
+    ``chunked``: over chunks of positions, never the whole micro-batch's logits."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     seg = None if segments is None else segments[:, :-1]
+    if chunked:
+        body, head = chunked_loss.split_model(model)
+        logp, smooth = chunked_loss.token_logps(forward(model, inputs, seg, body), head,
+                                                targets, smooth=label_smoothing > 0)
+        ce = -logp if smooth is None else -((1 - label_smoothing) * logp
+                                             + label_smoothing * smooth)
+        return (ce * weights).sum(), weights.sum()
     logits = forward(model, inputs, seg).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, targets, label_smoothing=label_smoothing)
     return (ce * weights).sum(), weights.sum()
 
 
 def eval_sums(model: nn.Module, tokens: mx.array, mask: mx.array,
-              segments: mx.array | None = None) -> mx.array:
+              segments: mx.array | None = None, chunked: bool = False) -> mx.array:
     """The evaluation sums over target tokens, one vector in ``EVAL_FIELDS`` order."""
     inputs, targets, weights = tokens[:, :-1], tokens[:, 1:], mask[:, 1:]
     seg = None if segments is None else segments[:, :-1]
+    if chunked:
+        body, head = chunked_loss.split_model(model)
+        stats = chunked_loss.token_eval_stats(forward(model, inputs, seg, body), head, targets)
+        sums = {"loss_sum": -(stats["logp"] * weights).sum(), "tokens": weights.sum(),
+                "correct": (stats["correct"] * weights).sum(),
+                "confidence_sum": (stats["confidence"] * weights).sum(),
+                "entropy_sum": (stats["entropy"] * weights).sum()}
+        return mx.stack([sums[name] for name in EVAL_FIELDS])
     logits = forward(model, inputs, seg).astype(mx.float32)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     probs = mx.exp(logprobs)
@@ -111,7 +131,8 @@ class CompiledStep:
             self.ema["weights"] = tree_map(lambda p: mx.array(p), model.trainable_parameters())
         self.state = [model.state, optimizer.state, mx.random.state, self.ema]
         loss_and_grad = nn.value_and_grad(
-            model, partial(token_loss_sums, label_smoothing=config.label_smoothing))
+            model, partial(token_loss_sums, label_smoothing=config.label_smoothing,
+                           chunked=config.chunked_loss))
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def first(*batch):  # (tokens, mask) or, packed, (tokens, mask, segments)
@@ -132,7 +153,8 @@ class CompiledStep:
         # Every (rows, width) the compiled functions were called with: mx.compile keeps a
         # trace per input shape and never evicts it, so this is what a long run holds.
         self.shapes: set[tuple[int, ...]] = set()
-        self._eval = mx.compile(partial(eval_sums, model), inputs=[model.state])
+        self._eval = mx.compile(partial(eval_sums, model, chunked=config.chunked_loss),
+                                inputs=[model.state])
 
     def _update(self, grads, loss_sum, ntok, noise_std):
         cfg = self.config

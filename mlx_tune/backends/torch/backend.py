@@ -102,9 +102,10 @@ class TorchBackend(TorchCollectives):
                                         **optimizer_args(spec))
         cuda_amp = self.device.type == "cuda" and spec.dtype in ("auto", "bfloat16")
         self.step_fn = TorchStep(
-            self.forward, self.params, self.optimizer, step_config(spec, self.world_size),
+            self.forward, self.params, self.optimizer,
+            step_config(spec, self.world_size, "torch"),
             self.device, autocast=(lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-            if cuda_amp else nullcontext)
+            if cuda_amp else nullcontext, model=model)
         model.train()
         total = sum(stored_numel(p) for p in model.parameters())
         trainable = sum(p.numel() for p in self.params.values())

@@ -7,7 +7,7 @@ a time instead of B x T x vocab (times the copies softmax's backward holds).
 
 The hidden states come from a forward hook on the decoder body (``HiddenTap``): the step
 still calls the model through its (maybe DDP-wrapped, maybe compiled) forward, asking the
-head for the last position only (``logits_to_keep=1``), so DDP's gradient hooks and
+head for the last position only (``logits_to_keep``), so DDP's gradient hooks and
 torch.compile see the call they always see.
 """
 
@@ -18,15 +18,11 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_LOGITS = 1 << 23  # logits elements per chunk: 32 MB in float32
+from mlx_tune.backends.common import CHUNK_LOGITS, chunk_positions  # noqa: F401
+
 # transformers model types whose logits are exactly ``lm_head(decoder(...))``: no scaling
 # or soft-capping after the head.
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
-
-
-def chunk_positions(vocab: int, chunk_logits: int = CHUNK_LOGITS) -> int:
-    """Positions per chunk: ~``chunk_logits`` logits, at least one position."""
-    return max(1, chunk_logits // vocab)
 
 
 class HiddenTap:
@@ -65,9 +61,13 @@ class HiddenTap:
         """Final hidden states [B, T-1, H] at the positions that predict ``tokens[:, 1:]``
         (all of ``tokens`` is fed, as ``step.causal_logits`` does)."""
         kwargs = {} if positions is None else {"position_ids": positions}
+        # The head runs on one position only. As an index tensor, not the int 1: the
+        # int's strided slice made the CPU linear segfault (torch 2.13 with the
+        # preloaded OpenBLAS), the gathered copy is contiguous.
+        last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
         self.armed = True
         try:
-            forward(input_ids=tokens, use_cache=False, logits_to_keep=1, **kwargs)
+            forward(input_ids=tokens, use_cache=False, logits_to_keep=last, **kwargs)
         finally:
             self.armed = False
         return self.take()[:, :-1]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from mlx_tune.data.batch import Batch
 from mlx_tune.backends.base import EVAL_FIELDS, StepConfig
 from mlx_tune.backends.common import OPTIMIZER
+from mlx_tune.backends.torch.chunked_loss import HiddenTap, token_eval_stats, token_logps
 
 
 def causal_logits(forward: Callable, tokens: torch.Tensor,
@@ -47,13 +48,20 @@ def causal_logits(forward: Callable, tokens: torch.Tensor,
 
 
 def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
-                    label_smoothing: float = 0.0,
-                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token cross-entropy over target tokens, number of target tokens).
+                    label_smoothing: float = 0.0, positions: torch.Tensor | None = None,
+                    tap: HiddenTap | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token cross-entropy over target tokens, number of target tokens);
+    with ``tap``, chunked over positions (``chunked_loss.py``).
 
     torch's label smoothing, (1-eps)*CE + eps*mean_k(-log p_k), is MLX's
     ``logsumexp - (1-eps)*z_y - eps*mean(z)``, term for term."""
     targets, weights = tokens[:, 1:], mask[:, 1:]
+    if tap is not None:
+        logp, smooth = token_logps(tap.hidden_states(forward, tokens, positions), tap.head,
+                                   targets, vocab=tap.vocab, smooth=label_smoothing > 0)
+        ce = -logp if smooth is None else -((1 - label_smoothing) * logp
+                                            + label_smoothing * smooth)
+        return (ce * weights).sum(), weights.sum()
     logits = causal_logits(forward, tokens, positions)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                          label_smoothing=label_smoothing, reduction="none")
@@ -61,9 +69,18 @@ def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
 
 
 def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
-              positions: torch.Tensor | None = None) -> torch.Tensor:
+              positions: torch.Tensor | None = None,
+              tap: HiddenTap | None = None) -> torch.Tensor:
     """The evaluation sums over target tokens, one vector in ``EVAL_FIELDS`` order."""
     targets, weights = tokens[:, 1:], mask[:, 1:]
+    if tap is not None:
+        stats = token_eval_stats(tap.hidden_states(forward, tokens, positions), tap.head,
+                                 targets, vocab=tap.vocab)
+        sums = {"loss_sum": -(stats["logp"] * weights).sum(), "tokens": weights.sum(),
+                "correct": (stats["correct"] * weights).sum(),
+                "confidence_sum": (stats["confidence"] * weights).sum(),
+                "entropy_sum": (stats["entropy"] * weights).sum()}
+        return torch.stack([sums[name] for name in EVAL_FIELDS])
     logits = causal_logits(forward, tokens, positions)
     logprobs = torch.log_softmax(logits, dim=-1)
     probs = logprobs.exp()
@@ -97,9 +114,14 @@ class TorchStep:
 
     def __init__(self, forward: Callable, params: dict[str, torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device,
-                 autocast: Callable[[], AbstractContextManager] = nullcontext):
+                 autocast: Callable[[], AbstractContextManager] = nullcontext,
+                 model: torch.nn.Module | None = None):
         self.forward, self.params, self.optimizer = forward, params, optimizer
         self.config, self.device, self.autocast = config, device, autocast
+        # The chunked loss reads the decoder's hidden states through a hook on ``model``
+        # (the unwrapped one: ``forward`` may be DDP or torch.compile around it).
+        self.tap = HiddenTap(model if model is not None else forward) \
+            if config.chunked_loss else None
         self.ema: dict[str, torch.Tensor] = {}
         if config.ema_decay is not None:
             self.ema = {k: p.detach().clone() for k, p in params.items()}
@@ -121,7 +143,7 @@ class TorchStep:
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
                 with self.autocast():
                     loss, n = token_loss_sums(self.forward, tokens, mask,
-                                              self.config.label_smoothing, positions)
+                                              self.config.label_smoothing, positions, self.tap)
                 loss.backward()
             loss_sum += loss.detach()
             ntok += n
@@ -181,7 +203,7 @@ class TorchStep:
         tokens, mask, positions = to_device(batch, self.device)
         self.shapes.add(tuple(tokens.shape))
         with torch.no_grad(), self.autocast():
-            return eval_sums(self.forward, tokens, mask, positions)
+            return eval_sums(self.forward, tokens, mask, positions, self.tap)
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], *, learning_rate: float,

@@ -21,6 +21,7 @@ from mlx_tune.checkpoint.resume import normalize_fingerprint as fingerprint
 from mlx_tune.checkpoint.rundir import LOCK_NAME, RunDirError, RunDirInUse, RunLock, check_is_run_dir
 from mlx_tune.exit_codes import EXIT_DIR_IN_USE
 from mlx_tune.commands.lr_find import check_plot_target
+from mlx_tune.files import WriteRefused
 from mlx_tune.config.schema import SpecError
 from mlx_tune.config.spec import build_spec
 from mlx_tune.data import DataError, content_fingerprint
@@ -206,7 +207,7 @@ def test_lr_find_plot_replaces_only_its_own_output(tmp_path):
         check_plot_target(victim)
     photo = tmp_path / "photo.png"
     photo.write_bytes(b"\x89PNG\r\n\x1a\nsomeone else's picture")
-    with pytest.raises(SpecError, match="not written by lr-find"):
+    with pytest.raises(WriteRefused, match="not written by lr-find"):
         check_plot_target(photo)
     assert check_plot_target(photo, force=True) == photo
     pytest.importorskip("matplotlib")

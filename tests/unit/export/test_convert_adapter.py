@@ -20,4 +20,4 @@ def test_bad_adapters_are_one_line_errors(tmp_path, capsys):
     (bad / "adapter_config.json").write_text("{\n  \"fine_tune_type\": \"lora\",\n  oops }")
     assert main(["convert-adapter", "--to", "peft", str(bad), str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "adapter_config.json: line 3" in err and len(err.strip().splitlines()) == 1
+    assert "adapter_config.json:3: not valid JSON" in err and len(err.strip().splitlines()) == 1

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from mlx_tune import __version__
 from mlx_tune.system import blas
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -51,17 +50,20 @@ def test_console_script_ignores_a_malicious_module_in_cwd(tmp_path):
     marker = tmp_path / "PWNED"
     for name in ("yaml", "numpy", "runpy", "mlx_tune"):  # what the re-exec'd process imports
         (work / f"{name}.py").write_text(EVIL.format(marker=str(marker)))
-    done = launch([sys.executable, str(bindir / "mlx-tune"), "--version"], cwd=work)
+    # `train` re-execs and says so (--version answers before any re-exec).
+    done = launch([sys.executable, str(bindir / "mlx-tune"), "train", "--print-config",
+                   "--max-steps", "7"], cwd=work)
     assert "mlx-tune: using " in done.stderr  # the re-exec did happen
     assert not marker.exists(), done.stderr
     assert done.returncode == 0, done.stderr
-    assert __version__ in done.stdout
+    assert "max_steps: 7" in done.stdout
 
 
 @needs_reexec
 def test_python_dash_m_still_works_through_the_reexec(tmp_path):
     # `python -m` puts the current directory first for the first process (Python's own rule);
     # the re-exec'd one runs from a clean path and finds the package all the same.
-    done = launch([sys.executable, "-m", "mlx_tune", "--version"], cwd=tmp_path)
+    done = launch([sys.executable, "-m", "mlx_tune", "train", "--print-config",
+                   "--max-steps", "7"], cwd=tmp_path)
     assert "mlx-tune: using " in done.stderr and done.returncode == 0, done.stderr
-    assert __version__ in done.stdout
+    assert "max_steps: 7" in done.stdout
