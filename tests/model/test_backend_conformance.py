@@ -163,10 +163,10 @@ def test_evaluation_counts_the_mask_s_targets(entry, tiny_model, tiny_spec):
     assert m.cache >= 0 and m.footprint >= m.active and backend.compiled_shapes() >= 0
 
 
-def test_the_trial_step_measures_and_changes_nothing(entry, tiny_model):
+def test_the_trial_step_measures_and_changes_nothing(entry, tiny_model, tiny_spec):
     # The first-step memory check (training/first_step.py): a step whose effects are
     # undone, so the steps after it match a backend's that never ran it, bit for bit.
-    spec = spec_for(entry, tiny_model)
+    spec = spec_for(entry, tiny_spec)
     plain, tried = loaded(entry, spec, tiny_model), loaded(entry, spec, tiny_model)
     with tried.memory_limits(MemoryLimits(cache=64 * 2**20, limit_fraction=0.85)) as applied:
         assert isinstance(applied, AppliedLimits) and applied.notes is not None
