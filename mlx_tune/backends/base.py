@@ -91,6 +91,54 @@ class EvalResult:
         return tuple(getattr(self, name) for name in EVAL_FIELDS)
 
 
+@dataclass(frozen=True)
+class MemoryReading:
+    """Bytes, read at a report boundary. ``active``: what live arrays hold (the
+    framework's allocator); ``peak``: its highest value since the last reset; ``cache``:
+    freed buffers the allocator keeps for reuse (MLX's buffer cache, torch's reserved but
+    unallocated blocks); ``resident``: the process's resident set as the OS counts it
+    (None where it does not say)."""
+
+    active: int
+    peak: int
+    cache: int = 0
+    resident: int | None = None
+
+    @property
+    def footprint(self) -> int:
+        """What the process costs the machine: the larger of the resident set and
+        active + cache (Metal buffers may not all show in the resident set)."""
+        return max(self.resident or 0, self.active + self.cache)
+
+
+@dataclass(frozen=True)
+class MemoryLimits:
+    """What a run asks of the allocator (training/memory.py resolves them from the
+    spec). ``cache``: bytes the buffer cache may keep (0 = none); ``limit_fraction``:
+    the memory cap as a fraction of the device's recommended working set (MLX on Metal)
+    or of device memory (torch on CUDA)."""
+
+    cache: int
+    limit_fraction: float
+
+
+@dataclass(frozen=True)
+class AppliedLimits:
+    """What ``Backend.memory_limits`` set, in bytes (None: not set here), and one line per
+    setting saying what it is or why it does not apply."""
+
+    cache: int | None
+    wired: int | None = None
+    cap: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def info(self) -> dict[str, float | None]:
+        """MB figures for the run's start record (metrics.jsonl, dashboard, report)."""
+        mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
+        return {"cache_limit_mb": mb(self.cache), "wired_limit_mb": mb(self.wired),
+                "memory_cap_mb": mb(self.cap)}
+
+
 # The one place the order of the evaluation sums is written down.
 EVAL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvalResult))
 
@@ -172,7 +220,19 @@ class Backend(Collectives, Protocol):
         """Greedy reply; ``tools`` (function specs) go to the chat template."""
         ...
 
-    def memory(self) -> tuple[int, int]: ...
+    def memory(self) -> MemoryReading: ...
+
+    def reset_peak_memory(self) -> None: ...
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        """Apply ``limits`` for the run (cache bound; on macOS the wired limit and the
+        memory cap); yields what was set; the previous values come back on exit."""
+        ...
+
+    def trial_step(self, micro_batch: Batch) -> int:
+        """One optimizer step on ``micro_batch`` whose effects are then undone (weights,
+        optimizer state, EMA, random state: bit for bit); returns its peak memory, bytes."""
+        ...
 
     def compiled_shapes(self) -> int: ...
 

@@ -103,6 +103,23 @@ def weights_swapped(ema: T | None, snapshot: Callable[[], T],
         load(live)
 
 
+@contextmanager
+def state_undone(state_dict: Callable[[], tuple[dict[str, Any], dict]],
+                 load_state_dict: Callable[[dict[str, Any], dict], None],
+                 copy: Callable[[Any], Any]) -> Iterator[None]:
+    """Whatever the block does to the training state (weights, optimizer, EMA, random
+    generators) is undone on exit, through the checkpoint's own state_dict and
+    load_state_dict (the path that exact resume already proves bit for bit). ``copy``:
+    how to keep an array the block may write into (torch updates in place; MLX arrays
+    are immutable, so there the array itself will do)."""
+    arrays, meta = state_dict()
+    saved = {k: copy(v) for k, v in arrays.items()}
+    try:
+        yield
+    finally:
+        load_state_dict(saved, meta)
+
+
 def broadcast_header(comm: Collectives, arrays: Mapping[str, Any] | None) -> list:
     """``[name, shape, dtype name]`` of rank 0's arrays, on every rank: what the other
     ranks allocate before ``broadcast_arrays`` fills them. The dtype name is the same

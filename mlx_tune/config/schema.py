@@ -115,6 +115,20 @@ class EarlyStoppingSpec:
 
 @dataclass(frozen=True)
 class MemorySpec:
+    cache_limit_gb: Optional[float] = _f(
+        None, "bound on the buffer cache, GB (default: 25% of the memory budget; 0 = no "
+        "cache: freed buffers go back at once, as clearing every step would)", low=0)
+    limit_fraction: float = _f(0.85, "memory cap as a fraction of the Metal recommended "
+                               "working set (macOS) or of CUDA device memory", low=0.05, high=1)
+    growth_warmup: int = _f(100, "steps before the resident-memory baseline is taken", low=0)
+    growth_warning: float = _f(0.25, "warn when resident memory grew by this fraction of "
+                               "its baseline", low=0)
+    growth_stop: Optional[float] = _f(1.0, "stop (exit 12) when resident memory grew by this "
+                                      "fraction of its baseline (null = never)", low=0)
+    growth_min_gb: float = _f(1.0, "growth below this many GB neither warns nor stops", low=0)
+    growth_patience: int = _f(3, "reports in a row over growth_stop before stopping", low=1)
+    first_step_check: bool = _f(True, "before training, one discarded step on the widest "
+                                "batch; exit 11 when its peak exceeds the memory budget")
     chunked_loss: Optional[bool] = _f(
         None, "cross-entropy over chunks of positions: full-vocabulary logits of the whole "
         "micro-batch never exist at once (null = auto: on for MLX with a frozen output head, "

@@ -244,11 +244,19 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
         elapsed = time.monotonic() - s.started if s.started else None
         row("eta", fmt_duration(t.eta_seconds), "elapsed",
             f"{fmt_duration(elapsed)}  ({fmt_count(t.trained_tokens)} tokens)")
-        growth = Text(f"{fmt_int(t.memory_delta_mb, signed=True)} MB since start")
+        growth = Text(f"{fmt_int(t.memory_delta_mb, signed=True)} MB since baseline")
         if t.leak_warning:
             growth.append(f"  {LEAK_MARK}", style="bold red")
         row("memory", f"{fmt_int(t.memory_mb)} MB  (peak {fmt_int(t.peak_memory_mb)} MB)",
             "growth", growth)
+        resident = "?" if t.resident_mb is None else f"{fmt_int(t.resident_mb)} MB"
+        limit = s.info.get("cache_limit_mb")
+        row("cache", f"{fmt_int(t.cache_memory_mb)} MB"
+            + (f"  (limit {fmt_int(limit)} MB)" if limit is not None else ""),
+            "resident", resident)
+        if s.info.get("wired_limit_mb"):  # macOS (Metal): see backends/mlx/memory.py
+            row("wired limit", f"{fmt_int(s.info['wired_limit_mb'])} MB", "memory cap",
+                f"{fmt_int(s.info.get('memory_cap_mb') or 0)} MB")
         # on_checkpoint may arrive after the train report of the same step: prefer it.
         ck_step, ck_path = t.step - t.steps_since_checkpoint, t.last_checkpoint
         if s.ckpt and s.ckpt[0] >= ck_step:

@@ -55,6 +55,7 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    memory: str | None = None  # peaks of active, cache and resident memory; the first-step check
     supervisor: list[str] = field(default_factory=list)  # one line per supervisor event
     supervisor_counts: dict = field(default_factory=dict)  # event -> how many
 
@@ -162,7 +163,7 @@ def _warnings(h: History) -> list[str]:
     if leaks:
         worst = max(h.train, key=lambda r: r.get("memory_delta_mb") or 0)
         out.append(f"memory growth: suspected leak from step {leaks[0]['step']} "
-                   f"(+{worst.get('memory_delta_mb') or 0:.0f} MB by step {worst['step']})")
+                   f"(+{worst.get('memory_delta_mb') or 0:.0f} MB over the baseline by step {worst['step']})")
     skipped = max((r.get("skipped_steps") or 0 for r in h.train), default=0)
     if skipped:
         first = next(r["step"] for r in h.train if r.get("skipped_steps"))
@@ -184,6 +185,31 @@ def _warnings(h: History) -> list[str]:
     if h.damaged:
         out.append(f"{len(h.damaged)} damaged record(s) skipped, the first {h.damaged[0]}")
     return out
+
+
+def _memory(h: History) -> str | None:
+    """Highest active, cache and resident figures of the reports, the cache bound and
+    the first-step check of the last session."""
+    def top(key: str) -> float | None:
+        values = [r[key] for r in h.train if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    info = h.starts[-1].get("info", {}) if h.starts else {}
+    parts = []
+    if (peak := top("peak_memory_mb")) is not None:
+        parts.append(f"peak {peak:,.0f} MB active")
+    if (cache := top("cache_memory_mb")) is not None:
+        limit = info.get("cache_limit_mb")
+        parts.append(f"cache up to {cache:,.0f} MB"
+                     + (f" (limit {limit:,.0f} MB)" if limit is not None else ""))
+    if (resident := top("resident_mb")) is not None:
+        parts.append(f"resident up to {resident:,.0f} MB")
+    first = info.get("first_step")
+    if first:
+        parts.append(f"first step at the widest batch {first['peak_mb']:,.0f} MB"
+                     + (f" (planned {first['predicted_mb']:,.0f} MB)"
+                        if first.get("predicted_mb") else ""))
+    return "; ".join(parts) or None
 
 
 def summarize(run_dir: Path, h: History) -> Summary:
@@ -222,6 +248,7 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
         fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        memory=_memory(h),
         supervisor=[supervisor_line(r) for r in h.supervisor],
         supervisor_counts={e: sum(r.get("event") == e for r in h.supervisor)
                            for e in ("restart", "adaptation", "cooldown", "gave_up")})
@@ -262,5 +289,7 @@ def panels(h: History) -> list[Panel]:
         Panel("tokens_per_second", "Throughput", "tokens/s",
               [Series("tokens/s", steps, col("tokens_per_second"))]),
         Panel("memory", "Memory", "MB", [Series("memory", steps, col("memory_mb")),
-                                         Series("peak memory", steps, col("peak_memory_mb"))])]
+                                         Series("peak memory", steps, col("peak_memory_mb")),
+                                         Series("cache memory", steps, col("cache_memory_mb")),
+                                         Series("resident memory", steps, col("resident_mb"))])]
     return [p for p in out if any(s.steps for s in p.series)]

@@ -1,8 +1,9 @@
 """TensorBoard event files via tensorboardX (no TensorFlow, no tensorboard needed to write).
 
 Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``,
-``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory}`` (MB),
-text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
+``val/{loss,perplexity,accuracy,confidence,entropy}``,
+``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB; resident where the OS
+gives it), text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
 under ``<tag>/text_summary``).
 
 Resume: the writer is opened with ``purge_step=resume_step + 1``, which writes a
@@ -87,6 +88,9 @@ class TensorBoardReporter(NullReporter):
         add("train/tokens_per_second", r.tokens_per_second, step, wt)
         add("system/memory", r.memory_mb, step, wt)
         add("system/peak_memory", r.peak_memory_mb, step, wt)
+        add("system/cache_memory", r.cache_memory_mb, step, wt)
+        if r.resident_mb is not None:
+            add("system/resident_memory", r.resident_mb, step, wt)
 
     def on_eval(self, r: EvalReport) -> None:
         self._step = max(self._step, r.step)

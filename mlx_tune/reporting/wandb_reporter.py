@@ -1,7 +1,7 @@
 """Weights & Biases via the ``wandb`` package (the optional ``[wandb]`` extra).
 
 Keys: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``,
-``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory}`` (MB),
+``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB),
 ``test/{loss,perplexity,accuracy}``, a ``samples`` table per evaluation; the run's spec is
 the wandb config, ``run/*`` (model, parameters, output_dir) is added to it at start, and
 the stop reason and exit code go to the summary.
@@ -88,6 +88,8 @@ class WandbReporter(NullReporter):
             "train/learning_rate": r.learning_rate, "train/grad_norm": r.grad_norm,
             "train/tokens_per_second": r.tokens_per_second,
             "system/memory": r.memory_mb, "system/peak_memory": r.peak_memory_mb,
+            "system/cache_memory": r.cache_memory_mb,
+            **({} if r.resident_mb is None else {"system/resident_memory": r.resident_mb}),
         }, r.step)
 
     def on_eval(self, r: EvalReport) -> None:

@@ -14,13 +14,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mlx_tune.backends.base import Backend, StepResult
+from mlx_tune.backends.base import Backend, MemoryReading, StepResult
 from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
 from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
 from mlx_tune.training.signals import SignalGuard
+from mlx_tune.training.memory import MB, MemoryGrowth
 from mlx_tune.training.monitors import ThroughputMeter
 from mlx_tune.training.state import Interval, Progress, python_rng_state
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
@@ -58,8 +59,11 @@ class Trainer:
         self.spec, self.backend, self.data, self.reporters = spec, backend, data, reporters
         self.manager, self.schedule, self.accumulation = manager, schedule, accumulation
         progress = progress or Progress.fresh(spec)
-        self.state, self.stopper, self.memory = progress.state, progress.stopper, progress.memory
+        self.state, self.stopper = progress.state, progress.stopper
         self.throughput = ThroughputMeter(window=50)
+        # Memory growth is about this process: a resumed run takes a fresh baseline.
+        self.memory = MemoryGrowth(spec.memory)
+        self._reading: MemoryReading | None = None
         self.rank, self.world_size = backend.rank, backend.world_size
         self.save_failures = 0
         self._failed_step: int | None = None
@@ -79,7 +83,6 @@ class Trainer:
                 "interval": vars(s.interval), "first_val_loss": s.first_val_loss,
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
                 "early_stopping": self.stopper.state_dict(),
-                "memory": self.memory.state_dict(),
                 "rng": python_rng_state(), "fingerprint": self.fingerprint,
                 "spec": to_dict(self.spec), "world_size": self.world_size}
 
@@ -151,9 +154,14 @@ class Trainer:
             yield batch
 
     # -- reporting ------------------------------------------------------------------
-    def flush(self, pending: list[tuple[int, StepResult, float, float]]) -> Any:
-        """Read the lazy results of the interval in one sync; feed monitors and reporters.
-        Returns a stop decision or None."""
+    def flush(self, pending: list[tuple[int, StepResult, float, float]],
+              read_memory: bool = False) -> Any:
+        """Read the lazy results of the interval in one sync; feed monitors and reporters
+        (at a report boundary, ``read_memory``: the memory reading too, before the ranks
+        agree, so a growth stop is rank 0's decision for every rank). Returns a stop
+        decision or None."""
+        if read_memory:
+            self._reading = self.backend.memory()
         if not pending:
             return None
         flat = [v for _, r, _, _ in pending for v in (r.loss, r.tokens, r.grad_norm, r.finite)]
@@ -170,6 +178,8 @@ class Trainer:
             s.interval.grad_norm = norm
             self.throughput.update(step, wall, tokens)
             decision = decision or self.stopper.observe_step(step, loss, norm, ok)
+        if read_memory:
+            decision = self.memory.observe(s.step, self._reading.footprint) or decision
         pending.clear()
         self._last_lr = lr
         if self.world_size > 1:  # rank 0's decision, and any rank's signal, for every rank
@@ -201,8 +211,7 @@ class Trainer:
     def report(self) -> None:
         s, iv = self.state, self.state.interval
         shapes, bound = self.shapes()
-        active, peak = self.backend.memory()
-        self.memory.update(active)
+        m = self._reading or self.backend.memory()
         self.reporters.on_train(TrainReport(
             step=s.step, total_steps=self.spec.max_steps, epoch=getattr(self.data.train, "epoch", 0),
             loss=iv.loss_sum / iv.tokens if iv.tokens else float("nan"),
@@ -214,8 +223,10 @@ class Trainer:
             tokens_per_second=self.throughput.tokens_per_second or 0.0,
             steps_per_second=self.throughput.steps_per_second or 0.0,
             eta_seconds=self.throughput.eta_seconds(s.step, self.spec.max_steps),
-            trained_tokens=s.trained_tokens, memory_mb=active / 2**20,
-            peak_memory_mb=peak / 2**20, memory_delta_mb=self.memory.delta / 2**20,
+            trained_tokens=s.trained_tokens, memory_mb=m.active / MB,
+            peak_memory_mb=m.peak / MB, memory_delta_mb=self.memory.delta / MB,
+            cache_memory_mb=m.cache / MB,
+            resident_mb=None if m.resident is None else m.resident / MB,
             leak_warning=self.memory.leak_warning,
             steps_since_checkpoint=s.step - s.last_checkpoint_step,
             last_checkpoint=s.last_checkpoint, skipped_steps=self.stopper.skipped_steps,
@@ -257,7 +268,7 @@ class Trainer:
 
                 last = s.step == spec.max_steps
                 if s.step % spec.report_every == 0 or last:
-                    stop = self.flush(pending)
+                    stop = self.flush(pending, read_memory=True)
                     self.report()
                 if stop is None and is_eval_step(s.step, eval_steps=spec.eval_steps,
                                                  max_steps=spec.max_steps,

@@ -20,7 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from mlx_tune.backends import registry
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult
+from mlx_tune.backends.base import (EVAL_FIELDS, AppliedLimits, EvalResult, MemoryLimits,
+                                    MemoryReading, ModelInfo, StepResult)
 from mlx_tune.backends.launchers import LAUNCHERS
 from mlx_tune.data.batch import Batch
 from mlx_tune.export.adapters import detect_format
@@ -157,8 +158,26 @@ def test_evaluation_counts_the_mask_s_targets(entry, tiny_model, tiny_spec):
     assert 0 <= result.correct <= result.tokens
     with backend.ema_weights():
         pass
-    active, peak = backend.memory()
-    assert 0 <= active <= max(peak, active) and backend.compiled_shapes() >= 0
+    m = backend.memory()
+    assert isinstance(m, MemoryReading) and 0 <= m.active <= max(m.peak, m.active)
+    assert m.cache >= 0 and m.footprint >= m.active and backend.compiled_shapes() >= 0
+
+
+def test_the_trial_step_measures_and_changes_nothing(entry, tiny_model, tiny_spec):
+    # The first-step memory check (training/first_step.py): a step whose effects are
+    # undone, so the steps after it match a backend's that never ran it, bit for bit.
+    spec = spec_for(entry, tiny_spec)
+    plain, tried = loaded(entry, spec, tiny_model), loaded(entry, spec, tiny_model)
+    with tried.memory_limits(MemoryLimits(cache=64 * 2**20, limit_fraction=0.85)) as applied:
+        assert isinstance(applied, AppliedLimits) and applied.notes is not None
+        assert tried.trial_step(batches(1, seed=9)[0]) > 0
+    for backend in (plain, tried):
+        for b in batches(2):
+            step(backend, b)
+    want, got = plain.state_dict()[0], tried.state_dict()[0]
+    assert want.keys() == got.keys()
+    for key in want:  # tolist: exact values from numpy, MLX and torch alike
+        assert want[key].tolist() == got[key].tolist(), key
 
 
 def test_the_saved_adapter_is_in_the_registered_format_and_reloads(entry, tiny_model,

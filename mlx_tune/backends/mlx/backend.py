@@ -16,19 +16,22 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult, match_targets
+from mlx_tune.backends.base import (EVAL_FIELDS, AppliedLimits, EvalResult, MemoryLimits,
+                                    MemoryReading, ModelInfo, StepResult, match_targets)
 from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
-                                      optimizer_args, refuse_full_quantized,
+                                      optimizer_args, refuse_full_quantized, state_undone,
                                       step_config, weights_swapped, with_prefix)
 from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.base_model import load_base
 from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
+from mlx_tune.backends.mlx.memory import device_info, memory_limits
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.files import atomic_file, atomic_write
 from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.system.memory import resident_bytes
 
 def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
     """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the targets."""
@@ -130,6 +133,16 @@ class MLXBackend(MlxCollectives):
         loss, ntok, norm, finite = self.step_fn(arrays, lr, noise_std)
         return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
 
+    def trial_step(self, micro_batch: Batch) -> int:
+        # MLX arrays are immutable: the step rebinds the state, so the arrays themselves
+        # are the copy.
+        with state_undone(self.state_dict, self.load_state_dict, lambda a: a):
+            mx.eval(self.step_fn.state)
+            mx.reset_peak_memory()
+            result = self.step([micro_batch], 0.0, 0.0)
+            mx.eval(result.loss, self.step_fn.state)
+            return mx.get_peak_memory()
+
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         self.model.eval()
         try:
@@ -149,8 +162,15 @@ class MLXBackend(MlxCollectives):
             mx.eval(lazy)  # one sync for the whole report interval
         return [v.item() if isinstance(v, mx.array) else float(v) for v in values]
 
-    def memory(self) -> tuple[int, int]:
-        return mx.get_active_memory(), mx.get_peak_memory()
+    def memory(self) -> MemoryReading:
+        return MemoryReading(mx.get_active_memory(), mx.get_peak_memory(),
+                             mx.get_cache_memory(), resident_bytes())
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        return memory_limits(mx, limits, device_info(mx))
 
     def compiled_shapes(self) -> int:
         """Distinct input shapes the compiled step and evaluation have been called with."""

@@ -47,8 +47,18 @@ def messages(path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("type") == "message"]
 
 
+@pytest.fixture
+def fresh_wandb():
+    """wandb keeps its settings (the mode, the endpoint) in a process-wide singleton: an
+    earlier offline run in this process would make init succeed offline here."""
+    import wandb
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 def test_unanswering_endpoint_warns_once_and_keeps_the_other_trackers(
-        silent_server, tmp_path, monkeypatch, capsys):
+        silent_server, tmp_path, monkeypatch, capsys, fresh_wandb):
     monkeypatch.setenv("WANDB_BASE_URL", silent_server)
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_MODE", "online")
