@@ -27,10 +27,11 @@ from mlx_tune.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 # Which top-level fields go under which heading in `mlx-tune train --help`.
 SECTIONS = {
     "model": ("model", "backend", "fine_tune_type", "quantize", "quantize_group_size", "dtype",
-              "trust_remote_code", "lora"),
+              "trust_remote_code", "lora", "init_adapter"),
+    "objective": ("objective", "preference"),
     "data": ("data", "data_split", "data_fields", "max_length", "mask_prompt", "val_split", "streaming", "shuffle_buffer",
              "bucket_widths", "packing", "pack_length", "prefetch", "curriculum", "quality", "augmentation"),
-    "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "max_steps",
+    "optimization": ("batch_size", "gradient_accumulation_steps", "memory_budget_gb", "memory", "max_steps",
                      "num_epochs", "optimizer", "learning_rate", "weight_decay", "betas", "eps", "momentum",
                      "grad_clip", "label_smoothing", "gradient_noise", "gradient_checkpointing",
                      "memory", "ema"),

@@ -33,6 +33,8 @@ STOP_RULE_EXIT_CODES = {
     "val_plateau": EXIT_VAL_PLATEAU,
     "grad_spike": EXIT_GRAD_SPIKE,
     "nonfinite": EXIT_NONFINITE,
+    "not_training": EXIT_NOT_TRAINING,  # training/guard.py
+    "memory_growth": EXIT_MEMORY_GROWTH,  # training/memory.py
 }
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 from mlx_tune.data.batch import Batch
 from mlx_tune.checkpoint.format import ArrayCodec
 from mlx_tune.config.schema import Spec, SpecError
+from mlx_tune.objectives import SFT
+from mlx_tune.objectives.base import Objective, PreferenceSettings
 
 
 # Spec target names -> the last component of module names, in mlx-lm's and in
@@ -48,6 +50,12 @@ class StepConfig:
     world_size: int  # > 1: sums are all-reduced across ranks inside the step
     gradient_noise: bool = False  # add N(0, noise_std^2) to the clipped gradients
     chunked_loss: bool = False  # cross-entropy over chunks of positions (chunked_loss.py)
+    objective: Objective = SFT
+    settings: PreferenceSettings = field(default_factory=PreferenceSettings)
+
+
+# A metric as a sum and its own denominator: both add up across micro-batches and ranks.
+Metrics = dict[str, tuple[Any, Any]]
 
 
 @dataclass
@@ -56,43 +64,108 @@ class StepResult:
     turns them into floats only at report time (``Backend.to_floats``), so a step never
     forces a host sync it does not need."""
 
-    loss: Any  # mean loss per target token over the whole step, before the update
-    tokens: Any  # target tokens in the step
+    loss: Any  # the objective's loss over the whole step (loss_sum / count), before the update
+    tokens: Any  # target tokens in the step (what throughput counts)
     grad_norm: Any  # global gradient norm before clipping
     finite: Any  # 1 if the update was applied, 0 if it was skipped as non-finite
+    count: Any = None  # the loss's denominator (target tokens for sft, pairs...); None = tokens
+    metrics: Metrics = field(default_factory=dict)  # the objective's, as (sum, count)
+
+    def values(self) -> list[Any]:
+        """What the loop reads at report time, in this order: loss, tokens, grad norm,
+        finite, count, then each metric's sum and count."""
+        count = self.tokens if self.count is None else self.count
+        return [self.loss, self.tokens, self.grad_norm, self.finite, count,
+                *(v for pair in self.metrics.values() for v in pair)]
 
 
 @dataclass
 class EvalResult:
-    """Sums over target tokens; the loop derives means, so ranks and batches add up.
+    """Sums over the evaluated rows; the loop derives means, so ranks and batches add up.
 
-    A backend's evaluation computes the sums as one vector, in ``EVAL_FIELDS`` order
-    (built by name, ``[sums[f] for f in EVAL_FIELDS]``), so that a single collective adds
-    them up across ranks; ``from_sums`` reads the vector back by the same names."""
+    ``tokens`` is the loss's denominator (target tokens for sft, pairs for a paired
+    objective). A backend computes ``loss_sum``, ``tokens`` and each metric's (sum, count)
+    as one vector (``as_vector``, metric names in a fixed order), so that a single
+    collective adds them up across ranks; ``from_vector`` reads it back."""
 
     loss_sum: float = 0.0
     tokens: float = 0.0
-    correct: float = 0.0  # argmax == target
-    confidence_sum: float = 0.0  # probability of the argmax token
-    entropy_sum: float = 0.0  # entropy of the predictive distribution
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def as_vector(self) -> list[Any]:
+        return [self.loss_sum, self.tokens,
+                *(v for pair in self.metrics.values() for v in pair)]
 
     @classmethod
-    def from_sums(cls, sums: Sequence[float]) -> "EvalResult":
-        """The sums of a vector laid out in ``EVAL_FIELDS`` order."""
-        if len(sums) != len(EVAL_FIELDS):
-            raise ValueError(f"expected {len(EVAL_FIELDS)} evaluation sums "
-                             f"({', '.join(EVAL_FIELDS)}), got {len(sums)}")
-        return cls(**{name: float(v) for name, v in zip(EVAL_FIELDS, sums)})
+    def from_vector(cls, values: Sequence[float], names: Sequence[str]) -> "EvalResult":
+        if len(values) != 2 + 2 * len(names):
+            raise ValueError(f"expected {2 + 2 * len(names)} evaluation sums, got {len(values)}")
+        v = [float(x) for x in values]
+        return cls(v[0], v[1], {n: (v[2 + 2 * i], v[3 + 2 * i]) for i, n in enumerate(names)})
 
     def __add__(self, other: "EvalResult") -> "EvalResult":
-        return EvalResult.from_sums([a + b for a, b in zip(self.astuple(), other.astuple())])
+        names = list(dict.fromkeys([*self.metrics, *other.metrics]))
+        zero = (0.0, 0.0)
+        return EvalResult(self.loss_sum + other.loss_sum, self.tokens + other.tokens,
+                          {n: tuple(a + b for a, b in zip(self.metrics.get(n, zero),
+                                                           other.metrics.get(n, zero)))
+                           for n in names})
 
     def astuple(self) -> tuple[float, ...]:
-        return tuple(getattr(self, name) for name in EVAL_FIELDS)
+        """(loss_sum, tokens, then each metric's sum, in order)."""
+        return (self.loss_sum, self.tokens, *(s for s, _ in self.metrics.values()))
+
+    def means(self) -> dict[str, float]:
+        """Each metric as sum / count (nan where nothing was counted)."""
+        return {n: s / c if c else float("nan") for n, (s, c) in self.metrics.items()}
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Bytes, read at a report boundary. ``active``: what live arrays hold (the
+    framework's allocator); ``peak``: its highest value since the last reset; ``cache``:
+    freed buffers the allocator keeps for reuse (MLX's buffer cache, torch's reserved but
+    unallocated blocks); ``resident``: the process's resident set as the OS counts it
+    (None where it does not say)."""
+
+    active: int
+    peak: int
+    cache: int = 0
+    resident: int | None = None
+
+    @property
+    def footprint(self) -> int:
+        """What the process costs the machine: the larger of the resident set and
+        active + cache (Metal buffers may not all show in the resident set)."""
+        return max(self.resident or 0, self.active + self.cache)
 
 
-# The one place the order of the evaluation sums is written down.
-EVAL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EvalResult))
+@dataclass(frozen=True)
+class MemoryLimits:
+    """What a run asks of the allocator (training/memory.py resolves them from the
+    spec). ``cache``: bytes the buffer cache may keep (0 = none); ``limit_fraction``:
+    the memory cap as a fraction of the device's recommended working set (MLX on Metal)
+    or of device memory (torch on CUDA)."""
+
+    cache: int
+    limit_fraction: float
+
+
+@dataclass(frozen=True)
+class AppliedLimits:
+    """What ``Backend.memory_limits`` set, in bytes (None: not set here), and one line per
+    setting saying what it is or why it does not apply."""
+
+    cache: int | None
+    wired: int | None = None
+    cap: int | None = None
+    notes: tuple[str, ...] = ()
+
+    def info(self) -> dict[str, float | None]:
+        """MB figures for the run's start record (metrics.jsonl, dashboard, report)."""
+        mb = lambda b: None if b is None else round(b / 2**20, 1)  # noqa: E731
+        return {"cache_limit_mb": mb(self.cache), "wired_limit_mb": mb(self.wired),
+                "memory_cap_mb": mb(self.cap)}
+
 
 
 @dataclass
@@ -172,7 +245,19 @@ class Backend(Collectives, Protocol):
         """Greedy reply; ``tools`` (function specs) go to the chat template."""
         ...
 
-    def memory(self) -> tuple[int, int]: ...
+    def memory(self) -> MemoryReading: ...
+
+    def reset_peak_memory(self) -> None: ...
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        """Apply ``limits`` for the run (cache bound; on macOS the wired limit and the
+        memory cap); yields what was set; the previous values come back on exit."""
+        ...
+
+    def trial_step(self, micro_batch: Batch) -> int:
+        """One optimizer step on ``micro_batch`` whose effects are then undone (weights,
+        optimizer state, EMA, random state: bit for bit); returns its peak memory, bytes."""
+        ...
 
     def compiled_shapes(self) -> int: ...
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from mlx_tune.backends.base import Collectives, StepConfig
 from mlx_tune.config.schema import Spec, SpecError
+from mlx_tune.config.spec import preference_settings
+from mlx_tune.objectives import get_objective
 
 # Checkpoint array names: "<prefix><name in the framework's own tree>".
 TRAINABLE = "trainable/"  # the trainable weights (LoRA/DoRA adapters, or all of them)
@@ -60,7 +62,9 @@ def step_config(spec: Spec, world_size: int, backend: str = "mlx") -> StepConfig
     return StepConfig(grad_clip=spec.grad_clip, label_smoothing=spec.label_smoothing,
                       ema_decay=spec.ema.decay if spec.ema.enabled else None,
                       world_size=world_size, gradient_noise=spec.gradient_noise.eta > 0,
-                      chunked_loss=chunked_loss(spec, backend))
+                      chunked_loss=chunked_loss(spec, backend),
+                      objective=get_objective(spec.objective),
+                      settings=preference_settings(spec))
 
 
 CHUNK_LOGITS = 1 << 23  # logits elements per chunk of the chunked loss: 32 MB in float32
@@ -101,6 +105,23 @@ def weights_swapped(ema: T | None, snapshot: Callable[[], T],
         yield
     finally:
         load(live)
+
+
+@contextmanager
+def state_undone(state_dict: Callable[[], tuple[dict[str, Any], dict]],
+                 load_state_dict: Callable[[dict[str, Any], dict], None],
+                 copy: Callable[[Any], Any]) -> Iterator[None]:
+    """Whatever the block does to the training state (weights, optimizer, EMA, random
+    generators) is undone on exit, through the checkpoint's own state_dict and
+    load_state_dict (the path that exact resume already proves bit for bit). ``copy``:
+    how to keep an array the block may write into (torch updates in place; MLX arrays
+    are immutable, so there the array itself will do)."""
+    arrays, meta = state_dict()
+    saved = {k: copy(v) for k, v in arrays.items()}
+    try:
+        yield
+    finally:
+        load_state_dict(saved, meta)
 
 
 def broadcast_header(comm: Collectives, arrays: Mapping[str, Any] | None) -> list:

@@ -165,6 +165,44 @@ def check_memory(info: dict[str, Any]) -> list[Check]:
     return [Check("OK", "memory", value)]
 
 
+def check_memory_limits(info: dict[str, Any], *, platform: str = sys.platform,
+                        env: Any = os.environ) -> list[Check]:
+    """What a run sets (backends/mlx/memory.py), what this process holds now, and on
+    macOS the GPU watchdog's workaround."""
+    from mlx_tune.config.schema import MemorySpec
+    from mlx_tune.system.gpu_watchdog import WATCHDOG_ENV, watchdog_status
+    from mlx_tune.system.memory import resident_bytes
+    from mlx_tune.training.memory import CACHE_SHARE
+
+    fraction = MemorySpec().limit_fraction
+    cache = (f"buffer cache bounded at {CACHE_SHARE:.0%} of the memory budget "
+             "(memory.cache_limit_gb)")
+    working = info.get("max_recommended_working_set_size")
+    if working:
+        value = (f"a run wires {_gib(working)} (the recommended working set, as mlx-lm does), "
+                 f"caps MLX at {_gib(fraction * working)} (memory.limit_fraction {fraction:g}); "
+                 f"{cache}; all restored when it ends")
+    else:
+        value = (f"{cache}; wired limit and memory cap: not applicable here (no Metal "
+                 "working set)")
+    checks = [Check("OK", "memory limits", value)]
+    now = []
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
+        now.append(f"active {mx.get_active_memory() / 2**20:,.0f} MB, cache "
+                   f"{mx.get_cache_memory() / 2**20:,.0f} MB")
+    resident = resident_bytes()
+    if resident is not None:
+        now.append(f"resident {resident / 2**20:,.0f} MB")
+    if now:
+        checks.append(Check("INFO", "memory now", "this process: " + ", ".join(now)))
+    if platform == "darwin":
+        on, line = watchdog_status(env)
+        checks.append(Check("OK" if on else "WARN", "gpu watchdog", line, None if on else
+                            f"export {WATCHDOG_ENV}=1 in the shell that starts training"))
+    return checks
+
+
 def check_blas() -> list[Check]:
     s = blas_status()
     kind, lib = s["kind"], s["library"]
@@ -253,7 +291,7 @@ def collect_checks(*, import_torch: bool = True) -> list[Check]:
     library it links is mapped and can be reported."""
     checks = check_platform()
     mlx_checks, info = check_mlx()
-    checks += mlx_checks + check_memory(info) + check_blas()
+    checks += mlx_checks + check_memory(info) + check_memory_limits(info) + check_blas()
     checks += check_dependencies(import_torch=import_torch) + check_hf_cache()
     return checks
 

@@ -27,6 +27,12 @@ def summary_lines(s: Summary) -> list[tuple[str, str]]:
     if s.best_val_loss is not None:
         rows.append(("best validation loss", f"{s.best_val_loss:.4f} at step {s.best_step}"
                      + (f" (first {s.first_val_loss:.4f})" if s.first_val_loss else "")))
+    for name, (first, at_best, last) in s.val_metrics.items():
+        rows.append((f"validation {name}", " -> ".join(
+            "?" if v is None else f"{v:.4g}" for v in (first, last))
+            + ("" if at_best is None else f" ({at_best:.4g} at the best step)")))
+    if s.memory:
+        rows.append(("memory", s.memory))
     rows.append(("best checkpoint", s.best_checkpoint or "none"))
     rows.append(("checkpoints", ", ".join(s.checkpoints) or "none"))
     for f in s.fuses:

@@ -31,7 +31,7 @@ def _f(default: Any, help: str, *, low: float | None = None, high: float | None 
 TRACKERS = ("tensorboard", "wandb")
 # Record fields that data_fields can map to Hugging Face dataset columns.
 DATA_FIELDS = ("messages", "conversations", "tools", "prompt", "completion", "text", "quality",
-               "difficulty")
+               "difficulty", "chosen", "rejected")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_AUGMENT_TEMPLATES = ["Create a recipe: {text}", "Recipe for: {text}",
                              "{text}", "Please help me with this: {text}"]
@@ -113,8 +113,42 @@ class EarlyStoppingSpec:
     warmup: int = _f(50, "steps during which no rule triggers", low=0)
 
 
+OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "simpo", "kto")
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own).
+
+    dpo's reference policy is the model with its LoRA/DoRA adapter switched off (no second
+    model in memory), which is why dpo needs an adapter and a start from the base model."""
+
+    beta: float = _f(0.1, "dpo/kto: strength of the pull toward the reference; orpo: weight "
+                     "of the odds-ratio term; simpo: reward scale (the SimPO paper tunes "
+                     "2-10)", low=0)
+    loss_type: Optional[str] = _f(None, "dpo: sigmoid (default), ipo, hinge or robust",
+                                  choices=(None, "sigmoid", "ipo", "hinge", "robust"))
+    simpo_gamma: float = _f(0.5, "simpo: target reward margin", low=0)
+    desirable_weight: float = _f(1.0, "kto: weight of desirable examples", low=0)
+    undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", low=0)
+
+
 @dataclass(frozen=True)
 class MemorySpec:
+    cache_limit_gb: Optional[float] = _f(
+        None, "bound on the buffer cache, GB (default: 25% of the memory budget; 0 = no "
+        "cache: freed buffers go back at once, as clearing every step would)", low=0)
+    limit_fraction: float = _f(0.85, "memory cap as a fraction of the Metal recommended "
+                               "working set (macOS) or of CUDA device memory", low=0.05, high=1)
+    growth_warmup: int = _f(100, "steps before the resident-memory baseline is taken", low=0)
+    growth_warning: float = _f(0.25, "warn when resident memory grew by this fraction of "
+                               "its baseline", low=0)
+    growth_stop: Optional[float] = _f(1.0, "stop (exit 12) when resident memory grew by this "
+                                      "fraction of its baseline (null = never)", low=0)
+    growth_min_gb: float = _f(1.0, "growth below this many GB neither warns nor stops", low=0)
+    growth_patience: int = _f(3, "reports in a row over growth_stop before stopping", low=1)
+    first_step_check: bool = _f(True, "before training, one discarded step on the widest "
+                                "batch; exit 11 when its peak exceeds the memory budget")
     chunked_loss: Optional[bool] = _f(
         None, "cross-entropy over chunks of positions: full-vocabulary logits of the whole "
         "micro-batch never exist at once (null = auto: on for MLX with a frozen output head, "
@@ -159,6 +193,12 @@ class Spec:
                     choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = _f(False, "let the tokenizer/model run code shipped with the model")
     lora: LoraSpec = field(default_factory=LoraSpec)
+    init_adapter: Optional[str] = _f(None, "start from this trained adapter directory "
+                                     "(mlx-tune's final/ or adapters/ output)")
+    # -- objective -----------------------------------------------------------
+    objective: str = _f("sft", "what is optimized: sft, or preferences: dpo, orpo, simpo, kto",
+                        choices=OBJECTIVE_NAMES)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     # -- data ----------------------------------------------------------------
     data: Optional[str] = _f(None, "directory with train.jsonl (+ valid.jsonl or val.jsonl), "
                              "or a Hugging Face dataset: a Hub id or a dataset directory")

@@ -22,6 +22,8 @@ from mlx_tune.config.yaml_bounded import YamlTooLarge, compose_bounded, construc
 
 from mlx_tune.config import mlx_lm
 from mlx_tune.config.schema import DATA_FIELDS, DEFAULT_MAX_STEPS, CurriculumStage, Spec, SpecError, get, is_group, leaf_fields, type_hints
+from mlx_tune.objectives import get_objective
+from mlx_tune.objectives.base import PreferenceSettings
 
 
 
@@ -240,6 +242,55 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+PREFERENCE_KEYS = ("beta", "loss_type", "simpo_gamma", "desirable_weight", "undesirable_weight")
+
+
+def preference_settings(spec: Spec) -> PreferenceSettings:
+    """The spec's settings for the objective, under TRL's names (label_smoothing is the
+    spec's own key: token smoothing for sft, the label-flip rate for dpo and simpo)."""
+    p = spec.preference
+    return PreferenceSettings(beta=p.beta, loss_type=p.loss_type,
+                              label_smoothing=spec.label_smoothing, simpo_gamma=p.simpo_gamma,
+                              desirable_weight=p.desirable_weight,
+                              undesirable_weight=p.undesirable_weight)
+
+
+def check_objective(spec: Spec, where: str) -> None:
+    """What an objective cannot combine with, said before anything loads: settings it
+    would ignore (the objective's own check), packing, augmentation, a missing reference."""
+    try:
+        get_objective(spec.objective).check(preference_settings(spec))
+    except ValueError as e:
+        key = str(e).split(":")[0]
+        raise SpecError(f"{where}: " + ("preference." if key in PREFERENCE_KEYS else "")
+                        + str(e)) from None
+    if spec.objective == "sft":
+        return
+    if spec.packing:
+        raise SpecError(f"{where}: 'packing' is for sft only: a preference objective "
+                        f"({spec.objective}) scores each completion as a whole row next to "
+                        "its pair, which packing would mix with other examples; turn it off")
+    if spec.augmentation.enabled:
+        raise SpecError(f"{where}: 'augmentation' rewrites sft prompts only; turn it off for "
+                        f"'{spec.objective}'")
+    if spec.objective == "kto":
+        raise SpecError(f"{where}: objective 'kto' is not trainable yet: its unpaired batches "
+                        "(prompt/completion/label with mismatched KL rows) have no data path "
+                        "and step feed; use dpo, orpo or simpo")
+    if get_objective(spec.objective).needs_reference:
+        # The reference is the same model with its adapter off (backends/*/logps.py).
+        if spec.fine_tune_type == "full":
+            raise SpecError(f"{where}: '{spec.objective}' with fine_tune_type: full has no "
+                            "adapter to switch off for its reference policy, and precomputed "
+                            "reference log-probs are not available; use lora or dora, or "
+                            "orpo/simpo (no reference)")
+        if spec.init_adapter:
+            raise SpecError(f"{where}: '{spec.objective}' from init_adapter would take the base "
+                            "model, not that adapter, as its reference (precomputed reference "
+                            "log-probs are not available); use orpo or simpo, which need no "
+                            "reference")
+
+
 def finalize(spec: Spec) -> Spec:
     """Cross-field checks and derived defaults (min_lr, curriculum stages)."""
     where = "spec"
@@ -254,6 +305,7 @@ def finalize(spec: Spec) -> Spec:
         else spec.max_steps
     if spec.packing and spec.streaming:
         raise SpecError(f"{where}: 'packing' does not support 'streaming' yet; turn one off")
+    check_objective(spec, where)
     min_lr = spec.learning_rate / 10 if spec.min_lr is None else spec.min_lr
     if min_lr > spec.learning_rate:
         raise SpecError(f"{where}: 'min_lr' ({min_lr}) must not exceed 'learning_rate' "

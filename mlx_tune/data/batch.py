@@ -16,8 +16,12 @@ class Batch:
     ``mask[i, t]`` is 1 where token t is a training target, i.e. the loss includes
     predicting ``tokens[i, t]`` from ``tokens[i, :t]``. Position 0 is never a target.
     Backends compute ``inputs = tokens[:, :-1]``, ``targets = tokens[:, 1:]`` and weight
-    the per-token loss by ``mask[:, 1:]``; the loss is summed and divided by the number
-    of target tokens of the whole optimizer step (token-weighted).
+    the per-token log-probabilities by ``mask[:, 1:]``; the objective turns each row's
+    sums into a loss sum, divided by the count of the whole optimizer step.
+
+    A paired batch (dpo, orpo, simpo) holds 2n rows: the n chosen completions, then
+    their n rejected ones, in the same order (each row is prompt + completion; the mask
+    covers the completion only). Splitting keeps every pair in one part.
     """
 
     tokens: np.ndarray  # int32 [B, T]
@@ -25,6 +29,9 @@ class Batch:
     # Packed rows only: int32 [B, T], the example each token belongs to (1, 2, ...; 0 =
     # padding). Attention never crosses segments (see data/packing.py).
     segments: Optional[np.ndarray] = None
+    paired: bool = False
+    # The precomputed reference policy's log-prob sum of each row (float32 [B]).
+    ref_logps: Optional[np.ndarray] = None
 
     @property
     def n_targets(self) -> int:
@@ -32,17 +39,35 @@ class Batch:
 
     @property
     def size(self) -> int:
-        return int(self.tokens.shape[0])
+        """Examples (pairs, for a paired batch)."""
+        rows = int(self.tokens.shape[0])
+        return rows // 2 if self.paired else rows
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays a backend's step reads, by name (only those the batch has)."""
+        out = {"tokens": self.tokens, "mask": self.mask}
+        if self.segments is not None:
+            out["segments"] = self.segments
+        if self.ref_logps is not None:
+            out["ref_logps"] = self.ref_logps
+        return out
+
+    def rows(self, picks: list[np.ndarray]) -> "Batch":
+        """The batch of the examples at ``picks`` (indices into examples, for a paired
+        batch each brings its chosen and its rejected row)."""
+        idx = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        if self.paired:
+            idx = np.concatenate([idx, idx + self.size])
+        take = (lambda a: None if a is None else a[idx])
+        return Batch(self.tokens[idx], self.mask[idx], take(self.segments), self.paired,
+                     take(self.ref_logps))
 
     def split(self, parts: int) -> list["Batch"]:
         """Equal micro-batches along the batch axis (gradient accumulation, sharding)."""
         if self.size % parts:
             raise ValueError(f"batch of {self.size} cannot be split into {parts} equal parts")
         n = self.size // parts
-        seg = self.segments
-        return [Batch(self.tokens[i * n:(i + 1) * n], self.mask[i * n:(i + 1) * n],
-                      None if seg is None else seg[i * n:(i + 1) * n])
-                for i in range(parts)]
+        return [self.rows([np.arange(i * n, (i + 1) * n)]) for i in range(parts)]
 
 
 def shard_rows(batch: Batch, rank: int, world: int) -> Batch | None:
@@ -50,8 +75,7 @@ def shard_rows(batch: Batch, rank: int, world: int) -> Batch | None:
     gets no row): data-parallel validation, whose sums the backend adds up across ranks."""
     if world <= 1:
         return batch
-    tokens = np.array_split(batch.tokens, world)[rank]
-    if not len(tokens):
+    mine = np.array_split(np.arange(batch.size), world)[rank]
+    if not len(mine):
         return None
-    seg = None if batch.segments is None else np.array_split(batch.segments, world)[rank]
-    return Batch(tokens, np.array_split(batch.mask, world)[rank], seg)
+    return batch.rows([mine])

@@ -7,7 +7,7 @@ rows: a handful of shapes is cheap, a new shape every few steps is not.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -69,3 +69,11 @@ def bucket(lengths: Sequence[int], batch_size: int, rng: np.random.Generator | N
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
+
+
+def pad_pairs(pairs: Sequence, pad_id: int, max_length: int,
+              widths: Optional[Widths] = None) -> Batch:
+    """2n rows at one width: the chosen sides, then the rejected ones in the same order."""
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    b = pad_batch(rows, pad_id, max_length, widths)
+    return Batch(b.tokens, b.mask, paired=True)

@@ -166,3 +166,44 @@ def from_sharegpt(value: Any) -> list[dict]:
 
 def uses_tools(messages: Optional[tuple], tools: Optional[tuple]) -> bool:
     return bool(tools) or any(m["role"] == "tool" or "tool_calls" in m for m in messages or ())
+
+
+# -- preference records (tokenize.make_pair tokenizes them) -------------------------
+
+PAIRED_FIELDS = ("prompt", "chosen", "rejected")
+
+
+def _prompt(value: Any) -> tuple:
+    if isinstance(value, str):
+        return ({"role": "user", "content": value},)
+    if not isinstance(value, list) or not value:
+        raise MessageError("'prompt' must be a string or a non-empty list of {role, content} "
+                           "messages")
+    return tuple(_message(m, i) for i, m in enumerate(value))
+
+
+def _completion(value: Any, key: str) -> tuple:
+    if isinstance(value, str):
+        messages = ({"role": "assistant", "content": value},)
+    elif isinstance(value, list) and value:
+        messages = tuple(_message(m, i) for i, m in enumerate(value))
+        if messages[0]["role"] != "assistant":
+            raise MessageError(f"'{key}' must start with an assistant message, not "
+                               f"{messages[0]['role']!r}")
+    else:
+        raise MessageError(f"'{key}' must be a string or a non-empty list of assistant "
+                           "messages")
+    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
+        raise MessageError(f"'{key}' is empty: there is no completion to score")
+    return messages
+
+
+def parse_preference(obj: dict) -> dict:
+    """The Record fields of a paired record; MessageError says what is wrong."""
+    missing = [k for k in PAIRED_FIELDS if k not in obj or obj[k] is None]
+    if missing:
+        raise MessageError("preference records need 'prompt', 'chosen' and 'rejected'; "
+                           f"'{missing[0]}' is missing")
+    return {"messages": _prompt(obj["prompt"]), "chosen": _completion(obj["chosen"], "chosen"),
+            "rejected": _completion(obj["rejected"], "rejected"),
+            "tools": parse_tools(obj.get("tools"))}

@@ -20,7 +20,8 @@ from typing import Callable, Iterator, Optional
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.messages import uses_tools
 from mlx_tune.data.hf import find_data
-from mlx_tune.data.records import Record, is_split, iter_records
+from mlx_tune.data.tokenize import PairCounts, make_pair
+from mlx_tune.data.records import DataError, Record, is_split, iter_records
 from mlx_tune.data.tokenize import check_tool_template, unwrap
 
 
@@ -62,6 +63,20 @@ def _records(path, first_only: bool) -> Iterator[Record]:
             return
 
 
+PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")
+
+
+def check_kind(spec: Spec, record: Record) -> None:
+    """The objective and the data must agree: pairs for a paired objective, and only there."""
+    paired = spec.objective in PAIRED_OBJECTIVES
+    if paired and record.kind != "preference":
+        raise DataError(f"{record.where}: objective '{spec.objective}' needs preference "
+                        f"records ('prompt', 'chosen', 'rejected'), not {record.kind} records")
+    if not paired and record.kind == "preference":
+        raise DataError(f"{record.where}: a preference record ('chosen'/'rejected') but the "
+                        f"objective is '{spec.objective}'; set objective: dpo, orpo or simpo")
+
+
 def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> list[FileReport]:
     """Validate every data file of ``spec``; raise DataError on the first problem."""
     files = find_data(spec)
@@ -72,8 +87,19 @@ def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> lis
             continue
         first_only = path is not files.train  # evaluation files stay lazy (module docstring)
         report = FileReport(str(path if is_split(path) else Path(path)))
+        pairs = PairCounts("train", spec.max_length)
         for record in _records(path, first_only):
+            if not report.records:
+                check_kind(spec, record)
             report.add(record)
+            if record.kind == "preference" and not first_only:
+                make_pair(record, tokenizer, spec.max_length, pairs)
+        if pairs.message():
+            log(f"{report.path}: {pairs.message()}")
+        if pairs.seen and pairs.no_room == pairs.seen:
+            raise DataError(f"{report.path}: every pair's prompt leaves no room for its "
+                            f"completion within max_length={spec.max_length} (the first at "
+                            f"{pairs.first_no_room}); raise max_length")
         if report.first_tool:
             check_tool_template(tokenizer, report.first_tool)
         for note in report.notes(not first_only):

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
-                                    parse_tools)
+                                    parse_preference, parse_tools)
 from mlx_tune.errors import UserError
 
-FORMATS = ("chat", "completions", "text")
+FORMATS = ("chat", "completions", "text", "preference")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
 
 
@@ -43,6 +43,9 @@ class Record:
     tools: Optional[tuple] = None  # function specs passed to the chat template (chat only)
     dialect: str = field(default="", compare=False)  # "sharegpt" when read from conversations
     row: Optional[int] = field(default=None, compare=False)  # 0-based, Hugging Face datasets
+    # Preference records: ``messages`` is the prompt; the two completions, as messages.
+    chosen: Optional[tuple] = None
+    rejected: Optional[tuple] = None
 
     @property
     def where(self) -> str:
@@ -159,6 +162,8 @@ def iter_lines(path: Any) -> Iterator[tuple[int, Any]]:
 def detect_format(obj: Any) -> Optional[str]:
     if not isinstance(obj, dict):
         return None
+    if "chosen" in obj or "rejected" in obj:
+        return "preference"
     if "messages" in obj or "conversations" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
@@ -198,15 +203,22 @@ def parse_line(text: Any, path: Any, line: int, expect: Optional[str] = None) ->
     kind = detect_format(obj)
     if kind is None:
         raise DataError(f"{where}: record has none of 'messages', 'conversations' (ShareGPT), "
-                        "'prompt'/'completion', 'text'")
+                        "'prompt'/'completion', 'text', 'prompt'/'chosen'/'rejected'")
     if expect is not None and kind != expect:
         raise DataError(f"{where}: record is in {kind} format but the file is in {expect} "
                         "format (detected from its first record); one format per file")
     quality = _number(obj, "quality", where, float)
     difficulty = _number(obj, "difficulty", where, int)
     known = {"messages", "conversations", "tools", "prompt", "completion", "text", "quality",
-             "difficulty"}
+             "difficulty", "chosen", "rejected"}
     extra = {k: v for k, v in obj.items() if k not in known}
+    if kind == "preference":
+        try:
+            fields = parse_preference(obj)
+        except MessageError as e:
+            raise DataError(f"{where}: {e}") from None
+        return Record(line, kind, quality=quality, difficulty=difficulty, extra=extra,
+                      source=str(path), row=row, **fields)
     if kind == "chat":
         sharegpt = "messages" not in obj
         try:

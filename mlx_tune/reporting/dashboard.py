@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -212,6 +212,13 @@ def _header(info: dict) -> Text:
     return header
 
 
+def metric_rows(row: Callable[..., None], prefix: str, metrics: dict[str, float]) -> None:
+    """The objective's metrics, two to a row, by name."""
+    items = [(prefix + name, fmt_dec(value, 4)) for name, value in metrics.items()]
+    for i in range(0, len(items), 2):
+        row(*items[i], *(items[i + 1] if i + 1 < len(items) else ()))
+
+
 def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
     """Pure function of a snapshot: everything the live view shows."""
     t, e = s.train, s.eval
@@ -244,11 +251,19 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
         elapsed = time.monotonic() - s.started if s.started else None
         row("eta", fmt_duration(t.eta_seconds), "elapsed",
             f"{fmt_duration(elapsed)}  ({fmt_count(t.trained_tokens)} tokens)")
-        growth = Text(f"{fmt_int(t.memory_delta_mb, signed=True)} MB since start")
+        growth = Text(f"{fmt_int(t.memory_delta_mb, signed=True)} MB since baseline")
         if t.leak_warning:
             growth.append(f"  {LEAK_MARK}", style="bold red")
         row("memory", f"{fmt_int(t.memory_mb)} MB  (peak {fmt_int(t.peak_memory_mb)} MB)",
             "growth", growth)
+        resident = "?" if t.resident_mb is None else f"{fmt_int(t.resident_mb)} MB"
+        limit = s.info.get("cache_limit_mb")
+        row("cache", f"{fmt_int(t.cache_memory_mb)} MB"
+            + (f"  (limit {fmt_int(limit)} MB)" if limit is not None else ""),
+            "resident", resident)
+        if s.info.get("wired_limit_mb"):  # macOS (Metal): see backends/mlx/memory.py
+            row("wired limit", f"{fmt_int(s.info['wired_limit_mb'])} MB", "memory cap",
+                f"{fmt_int(s.info.get('memory_cap_mb') or 0)} MB")
         # on_checkpoint may arrive after the train report of the same step: prefer it.
         ck_step, ck_path = t.step - t.steps_since_checkpoint, t.last_checkpoint
         if s.ckpt and s.ckpt[0] >= ck_step:
@@ -264,6 +279,7 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
             shapes = Text(f"{t.compiled_shapes}" + (f" of {t.shape_bound}" if t.shape_bound else ""),
                           style="bold red" if over else "")
             row("compiled shapes", shapes)
+        metric_rows(row, "", t.metrics)
 
     trend = None
     if len(s.losses) > 1:  # its own full-width grid: the 4-column one would truncate it
@@ -276,14 +292,12 @@ def render_dashboard(s: _Snapshot, total_steps: int) -> RenderableType:
             trend.add_row("val points", points)
 
     if e is not None:
-        best_ppl = math.exp(min(e.best_val_loss, 700.0)) if math.isfinite(e.best_val_loss) else e.best_val_loss
-        val = Text(f"{fmt_dec(e.val_loss, 4)}  (ppl {fmt_fixed(e.perplexity, 1)})  @ step {e.step}")
+        val = Text(f"{fmt_dec(e.val_loss, 4)}  @ step {e.step}")
         if e.is_best:
             val.append("  ★ best", style="bold green")
-        row("val loss", val, "best", f"{fmt_dec(e.best_val_loss, 4)} @ {e.best_step}"
-            f"  (ppl {fmt_fixed(best_ppl, 1)})")
-        row("val acc", f"{fmt_dec(e.accuracy, 3)}  conf {fmt_dec(e.confidence, 3)}"
-            f"  entropy {fmt_dec(e.entropy, 3)}", "eval time", fmt_duration(e.seconds))
+        row("val loss", val, "best", f"{fmt_dec(e.best_val_loss, 4)} @ {e.best_step}")
+        metric_rows(row, "val ", e.metrics)
+        row("eval time", fmt_duration(e.seconds))
 
     parts: list[RenderableType] = [_header(s.info), bar, grid] + ([trend] if trend else [])
     if s.sample is not None:

@@ -41,9 +41,9 @@ class TrainReport:
     steps_per_second: float
     eta_seconds: float | None
     trained_tokens: int
-    memory_mb: float
+    memory_mb: float  # active: what live arrays hold
     peak_memory_mb: float
-    memory_delta_mb: float
+    memory_delta_mb: float  # growth of the footprint since its baseline (training/memory.py)
     leak_warning: bool
     steps_since_checkpoint: int
     last_checkpoint: str | None
@@ -51,6 +51,11 @@ class TrainReport:
     early_stopping: dict[str, int]  # EarlyStopping.counters(): {"plateau_counter": 1, ...}
     compiled_shapes: int = 0  # distinct input shapes the backend's compiled step has seen
     shape_bound: int = 0  # how many it should see at most (the run's widths); 0 = unknown
+    cache_memory_mb: float = 0.0  # freed buffers the allocator keeps (MLX cache, torch reserved)
+    resident_mb: float | None = None  # the process's resident set (OS); None where unknown
+    # The objective's metrics over the interval (e.g. "rewards/accuracies"), each its sum
+    # over the interval divided by its own count. Reporters write them by name, generically.
+    metrics: dict[str, float] = field(default_factory=dict)
     wall_time: float = field(default_factory=time.time)
 
 
@@ -58,10 +63,9 @@ class TrainReport:
 class EvalReport:
     step: int
     val_loss: float
-    perplexity: float
-    accuracy: float
-    confidence: float
-    entropy: float
+    # Everything else the evaluation measured, by name (sft: perplexity, accuracy,
+    # confidence, entropy; a preference objective: its rewards/... and logps/... metrics).
+    metrics: dict[str, float]
     best_val_loss: float
     best_step: int
     is_best: bool

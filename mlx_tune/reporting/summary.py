@@ -55,8 +55,11 @@ class Summary:
     checkpoints: list[str]
     warnings: list[str]
     fuses: list[str]
+    memory: str | None = None  # peaks of active, cache and resident memory; the first-step check
     supervisor: list[str] = field(default_factory=list)  # one line per supervisor event
     supervisor_counts: dict = field(default_factory=dict)  # event -> how many
+    # Each evaluation metric by name: (first, at the best step, last) validation value.
+    val_metrics: dict[str, tuple] = field(default_factory=dict)
 
 
 # What the report reads from each record type, by field: a record whose fields do not
@@ -71,7 +74,7 @@ FIELDS = {"step": INT, "exit_code": INT, "total_steps": INT, "skipped_steps": IN
           "learning_rate": NUMBER, "grad_norm": NUMBER, "tokens_per_second": NUMBER,
           "memory_mb": NUMBER, "peak_memory_mb": NUMBER, "memory_delta_mb": NUMBER,
           "reason": TEXT, "text": TEXT, "level": TEXT, "info": MAPPING,
-          "early_stopping": MAPPING}
+          "early_stopping": MAPPING, "metrics": MAPPING}
 
 
 def _fits(value, kind: str) -> bool:
@@ -162,7 +165,7 @@ def _warnings(h: History) -> list[str]:
     if leaks:
         worst = max(h.train, key=lambda r: r.get("memory_delta_mb") or 0)
         out.append(f"memory growth: suspected leak from step {leaks[0]['step']} "
-                   f"(+{worst.get('memory_delta_mb') or 0:.0f} MB by step {worst['step']})")
+                   f"(+{worst.get('memory_delta_mb') or 0:.0f} MB over the baseline by step {worst['step']})")
     skipped = max((r.get("skipped_steps") or 0 for r in h.train), default=0)
     if skipped:
         first = next(r["step"] for r in h.train if r.get("skipped_steps"))
@@ -184,6 +187,31 @@ def _warnings(h: History) -> list[str]:
     if h.damaged:
         out.append(f"{len(h.damaged)} damaged record(s) skipped, the first {h.damaged[0]}")
     return out
+
+
+def _memory(h: History) -> str | None:
+    """Highest active, cache and resident figures of the reports, the cache bound and
+    the first-step check of the last session."""
+    def top(key: str) -> float | None:
+        values = [r[key] for r in h.train if isinstance(r.get(key), (int, float))]
+        return max(values) if values else None
+
+    info = h.starts[-1].get("info", {}) if h.starts else {}
+    parts = []
+    if (peak := top("peak_memory_mb")) is not None:
+        parts.append(f"peak {peak:,.0f} MB active")
+    if (cache := top("cache_memory_mb")) is not None:
+        limit = info.get("cache_limit_mb")
+        parts.append(f"cache up to {cache:,.0f} MB"
+                     + (f" (limit {limit:,.0f} MB)" if limit is not None else ""))
+    if (resident := top("resident_mb")) is not None:
+        parts.append(f"resident up to {resident:,.0f} MB")
+    first = info.get("first_step")
+    if first:
+        parts.append(f"first step at the widest batch {first['peak_mb']:,.0f} MB"
+                     + (f" (planned {first['predicted_mb']:,.0f} MB)"
+                        if first.get("predicted_mb") else ""))
+    return "; ".join(parts) or None
 
 
 def summarize(run_dir: Path, h: History) -> Summary:
@@ -222,9 +250,19 @@ def summarize(run_dir: Path, h: History) -> Summary:
         best_step=best["step"] if best else None, best_checkpoint=best_dir,
         checkpoints=on_disk, warnings=_warnings(h),
         fuses=[f"{f.get('checkpoint')} (step {f.get('step')}) -> {f.get('output')}" for f in h.fuses],
+        memory=_memory(h),
         supervisor=[supervisor_line(r) for r in h.supervisor],
         supervisor_counts={e: sum(r.get("event") == e for r in h.supervisor)
-                           for e in ("restart", "adaptation", "cooldown", "gave_up")})
+                           for e in ("restart", "adaptation", "cooldown", "gave_up")},
+        val_metrics={name: (h.evals[0].get("metrics", {}).get(name),
+                            best.get("metrics", {}).get(name) if best else None,
+                            h.evals[-1].get("metrics", {}).get(name))
+                     for name in metric_names(h.evals)})
+
+
+def metric_names(records: list[dict]) -> list[str]:
+    """Every metric name the records carry, in the order first seen."""
+    return list(dict.fromkeys(n for r in records for n in (r.get("metrics") or {})))
 
 
 def supervisor_line(r: dict) -> str:
@@ -262,5 +300,14 @@ def panels(h: History) -> list[Panel]:
         Panel("tokens_per_second", "Throughput", "tokens/s",
               [Series("tokens/s", steps, col("tokens_per_second"))]),
         Panel("memory", "Memory", "MB", [Series("memory", steps, col("memory_mb")),
-                                         Series("peak memory", steps, col("peak_memory_mb"))])]
+                                         Series("peak memory", steps, col("peak_memory_mb")),
+                                         Series("cache memory", steps, col("cache_memory_mb")),
+                                         Series("resident memory", steps, col("resident_mb"))])]
+    for name in metric_names(h.train + h.evals):  # one panel per metric, train and validation
+        def values(records: list[dict], name: str = name) -> tuple[list, list]:
+            kept = [r for r in records if name in (r.get("metrics") or {})]
+            return [r["step"] for r in kept], [r["metrics"][name] for r in kept]
+        stem = "metric_" + "".join(c if c.isalnum() else "_" for c in name)
+        out.append(Panel(stem, name, name, [Series(f"train {name}", *values(h.train)),
+                                            Series(f"validation {name}", *values(h.evals), "o-")]))
     return [p for p in out if any(s.steps for s in p.series)]

@@ -1,8 +1,10 @@
 """TensorBoard event files via tensorboardX (no TensorFlow, no tensorboard needed to write).
 
-Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``,
-``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory}`` (MB),
-text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
+Tags: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``, ``val/loss``,
+``train/<metric>``, ``val/<metric>`` and ``test/<metric>`` for every metric a report
+carries (sft: perplexity, accuracy, ...; dpo: rewards/accuracies, ...),
+``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB; resident where the OS
+gives it), text ``samples/<i>``, ``run/info`` and ``run/stop_reason`` (tensorboardX stores text
 under ``<tag>/text_summary``).
 
 Resume: the writer is opened with ``purge_step=resume_step + 1``, which writes a
@@ -54,6 +56,13 @@ def _sample_markdown(sample: dict) -> str:
     return "\n".join(parts)
 
 
+def test_scalars(score: Any) -> dict[str, float]:
+    """A test score's numbers by name: its loss, perplexity (sft) and metrics."""
+    out = {"loss": score.loss, **({"perplexity": score.perplexity}
+                                  if score.perplexity is not None else {})}
+    return {**out, **score.metrics}
+
+
 class TensorBoardReporter(NullReporter):
     def __init__(self, logdir: Path | str, resume_step: int | None = None, *,
                  flush_secs: int = 60) -> None:
@@ -85,24 +94,27 @@ class TensorBoardReporter(NullReporter):
         add("train/learning_rate", r.learning_rate, step, wt)
         add("train/grad_norm", r.grad_norm, step, wt)
         add("train/tokens_per_second", r.tokens_per_second, step, wt)
+        for name, value in r.metrics.items():
+            add(f"train/{name}", value, step, wt)
         add("system/memory", r.memory_mb, step, wt)
         add("system/peak_memory", r.peak_memory_mb, step, wt)
+        add("system/cache_memory", r.cache_memory_mb, step, wt)
+        if r.resident_mb is not None:
+            add("system/resident_memory", r.resident_mb, step, wt)
 
     def on_eval(self, r: EvalReport) -> None:
         self._step = max(self._step, r.step)
         add, step = self.writer.add_scalar, r.step
         add("val/loss", r.val_loss, step)
-        add("val/perplexity", r.perplexity, step)
-        add("val/accuracy", r.accuracy, step)
-        add("val/confidence", r.confidence, step)
-        add("val/entropy", r.entropy, step)
+        for name, value in r.metrics.items():
+            add(f"val/{name}", value, step)
         for i, sample in enumerate(r.samples):
             self.writer.add_text(f"samples/{i}", _sample_markdown(sample), step)
         self.writer.flush()  # evals are rare and the moment people look at the board
 
     def on_test(self, score) -> None:
-        for name in ("loss", "perplexity", "accuracy"):
-            self.writer.add_scalar(f"test/{name}", getattr(score, name), score.step)
+        for name, value in test_scalars(score).items():
+            self.writer.add_scalar(f"test/{name}", value, score.step)
         self.writer.flush()
 
     def on_checkpoint(self, step: int, path: str) -> None:

@@ -2,15 +2,19 @@
 
 Plain line format (``format_train_line``), fields always in this order:
 
-    step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5 | ckpt=-150 | mem_mb=14051 | mem_delta=+245
+    step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5 | ckpt=-150 | mem_mb=14051 | cache_mb=512 | rss_mb=15220 | mem_delta=+245
 
 - percent: floor(100 * step / total_steps)
 - loss, loss_avg: 4 decimals, trailing zeros dropped but one kept (3.2, 3.0, 2.8471)
 - lr: ``%.1e`` with the exponent's leading zeros dropped (1.8e-4, 2.0e+0)
-- tok/s, mem_mb: rounded integers; eta_h: hours with one decimal, ``?`` while unknown
+- tok/s, mem_mb (active), cache_mb (the allocator's cache), rss_mb (the process's resident
+  set; left out where the OS does not say): rounded integers; eta_h: hours with one
+  decimal, ``?`` while unknown
 - ckpt: steps since the last checkpoint as a negative number (``ckpt=0`` right after one)
-- mem_delta: signed integer MB (growth since the start of the run)
+- mem_delta: signed integer MB (growth of the footprint since its baseline, taken after
+  ``memory.growth_warmup`` steps)
 - non-finite numbers print as nan / inf / -inf
+- `` | name=value`` for each of the objective's metrics (4 decimals), in its order
 - `` | shapes=N/B``: distinct input shapes the compiled step has seen / the run's bound
   (``shapes=N/B OVER`` past it: each shape is a compiled trace a long run keeps)
 - suffixes appear only when they carry news: `` | skipped=N`` once steps were skipped,
@@ -95,8 +99,11 @@ def format_train_line(r: TrainReport) -> str:
         f" | loss={fmt_dec(r.loss, 4)} | loss_avg={fmt_dec(r.loss_avg, 4)}"
         f" | lr={fmt_lr(r.learning_rate)} | tok/s={fmt_int(r.tokens_per_second)}"
         f" | eta_h={eta} | ckpt={ckpt}"
-        f" | mem_mb={fmt_int(r.memory_mb)} | mem_delta={fmt_int(r.memory_delta_mb, signed=True)}"
+        f" | mem_mb={fmt_int(r.memory_mb)} | cache_mb={fmt_int(r.cache_memory_mb)}"
+        + ("" if r.resident_mb is None else f" | rss_mb={fmt_int(r.resident_mb)}")
+        + f" | mem_delta={fmt_int(r.memory_delta_mb, signed=True)}"
     )
+    line += named_metrics(r.metrics)
     if r.compiled_shapes:
         line += f" | shapes={r.compiled_shapes}"
         if r.shape_bound:
@@ -108,12 +115,14 @@ def format_train_line(r: TrainReport) -> str:
     return line
 
 
+def named_metrics(metrics: dict[str, float]) -> str:
+    """`` | name=value`` for each metric, in the order the objective gives them."""
+    return "".join(f" | {name}={fmt_dec(value, 4)}" for name, value in metrics.items())
+
+
 def format_eval_line(r: EvalReport) -> str:
-    return (
-        f"eval step {r.step} | val_loss={fmt_dec(r.val_loss, 4)} | ppl={fmt_fixed(r.perplexity, 1)}"
-        f" | acc={fmt_dec(r.accuracy, 3)} | conf={fmt_dec(r.confidence, 3)}"
-        f" | entropy={fmt_dec(r.entropy, 3)} | best={fmt_dec(r.best_val_loss, 4)}@{r.best_step}"
-    )
+    return (f"eval step {r.step} | val_loss={fmt_dec(r.val_loss, 4)}{named_metrics(r.metrics)}"
+            f" | best={fmt_dec(r.best_val_loss, 4)}@{r.best_step}")
 
 
 def format_sample_line(i: int, sample: dict, limit: int = 300) -> str:

@@ -1,8 +1,8 @@
 """Weights & Biases via the ``wandb`` package (the optional ``[wandb]`` extra).
 
-Keys: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``,
-``val/{loss,perplexity,accuracy,confidence,entropy}``, ``system/{memory,peak_memory}`` (MB),
-``test/{loss,perplexity,accuracy}``, a ``samples`` table per evaluation; the run's spec is
+Keys: ``train/{loss,loss_avg,learning_rate,grad_norm,tokens_per_second}``, ``val/loss``,
+``test/loss``, and ``train/``, ``val/``, ``test/<metric>`` for every metric a report carries
+(as TensorBoard's), ``system/{memory,peak_memory,cache_memory,resident_memory}`` (MB), a ``samples`` table per evaluation; the run's spec is
 the wandb config, ``run/*`` (model, parameters, output_dir) is added to it at start, and
 the stop reason and exit code go to the summary.
 
@@ -88,14 +88,15 @@ class WandbReporter(NullReporter):
             "train/learning_rate": r.learning_rate, "train/grad_norm": r.grad_norm,
             "train/tokens_per_second": r.tokens_per_second,
             "system/memory": r.memory_mb, "system/peak_memory": r.peak_memory_mb,
+            "system/cache_memory": r.cache_memory_mb,
+            **({} if r.resident_mb is None else {"system/resident_memory": r.resident_mb}),
+            **{f"train/{name}": value for name, value in r.metrics.items()},
         }, r.step)
 
     def on_eval(self, r: EvalReport) -> None:
         self._step = max(self._step, r.step)
-        values: dict[str, Any] = {
-            "val/loss": r.val_loss, "val/perplexity": r.perplexity, "val/accuracy": r.accuracy,
-            "val/confidence": r.confidence, "val/entropy": r.entropy,
-        }
+        values: dict[str, Any] = {"val/loss": r.val_loss,
+                                  **{f"val/{name}": v for name, v in r.metrics.items()}}
         if r.samples:
             names = sorted({k for s in r.samples for k in (s.get("metrics") or {})})
             table = self._wandb.Table(columns=["step", "prompt", "output", *names])
@@ -107,8 +108,8 @@ class WandbReporter(NullReporter):
         self._log(values, r.step)
 
     def on_test(self, score: Any) -> None:
-        self._log({f"test/{n}": getattr(score, n) for n in ("loss", "perplexity", "accuracy")},
-                  score.step)
+        from mlx_tune.reporting.tensorboard import test_scalars
+        self._log({f"test/{n}": v for n, v in test_scalars(score).items()}, score.step)
 
     def on_stop(self, reason: str, exit_code: int) -> None:
         self._exit_code = exit_code

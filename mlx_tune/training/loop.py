@@ -14,13 +14,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mlx_tune.backends.base import Backend, StepResult
+from mlx_tune.backends.base import Backend, MemoryReading, StepResult
 from mlx_tune.training.cadence import gradient_noise_std, is_eval_step
 from mlx_tune.checkpoint.manager import CheckpointManager, CheckpointSaveError
 from mlx_tune.data.batch import shard_rows
 from mlx_tune.distributed.decisions import agree, broadcast_flag, broadcast_stop
 from mlx_tune.training.samples import run_samples
+from mlx_tune.training.guard import TrainingGuard
 from mlx_tune.training.signals import SignalGuard
+from mlx_tune.training.memory import MB, MemoryGrowth
 from mlx_tune.training.monitors import ThroughputMeter
 from mlx_tune.training.state import Interval, Progress, python_rng_state
 from mlx_tune.reporting.records import EvalReport, Reporters, TrainReport
@@ -58,8 +60,15 @@ class Trainer:
         self.spec, self.backend, self.data, self.reporters = spec, backend, data, reporters
         self.manager, self.schedule, self.accumulation = manager, schedule, accumulation
         progress = progress or Progress.fresh(spec)
-        self.state, self.stopper, self.memory = progress.state, progress.stopper, progress.memory
+        self.state, self.stopper = progress.state, progress.stopper
         self.throughput = ThroughputMeter(window=50)
+        # "Is it actually training?" (training/guard.py), judged in the session that takes
+        # the first steps; a resumed run has been judged already.
+        self.guard = TrainingGuard(backend)
+        self.guard.done = self.state.step > 0
+        # Memory growth is about this process: a resumed run takes a fresh baseline.
+        self.memory = MemoryGrowth(spec.memory)
+        self._reading: MemoryReading | None = None
         self.rank, self.world_size = backend.rank, backend.world_size
         self.save_failures = 0
         self._failed_step: int | None = None
@@ -79,7 +88,6 @@ class Trainer:
                 "interval": vars(s.interval), "first_val_loss": s.first_val_loss,
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
                 "early_stopping": self.stopper.state_dict(),
-                "memory": self.memory.state_dict(),
                 "rng": python_rng_state(), "fingerprint": self.fingerprint,
                 "spec": to_dict(self.spec), "world_size": self.world_size}
 
@@ -127,8 +135,10 @@ class Trainer:
                              else [b])]
         with (self.backend.ema_weights() if use_ema else nullcontext()):
             result = self.backend.evaluate(self._beating(batches))
-        tokens = max(result.tokens, 1.0)
-        val_loss = result.loss_sum / tokens
+        val_loss = result.loss_sum / max(result.tokens, 1.0)
+        metrics = result.means()
+        if self.spec.objective == "sft":  # token cross-entropy: its exponential means something
+            metrics = {"perplexity": math.exp(min(val_loss, 50.0)), **metrics}
         s = self.state
         if s.first_val_loss is None:
             s.first_val_loss = val_loss
@@ -136,9 +146,8 @@ class Trainer:
         decision = self.stopper.observe_eval(s.step, val_loss)
         samples = run_samples(self.backend, self.spec, self.data) if self.rank == 0 else []
         self.reporters.on_eval(EvalReport(
-            step=s.step, val_loss=val_loss, perplexity=math.exp(min(val_loss, 50.0)),
-            accuracy=result.correct / tokens, confidence=result.confidence_sum / tokens,
-            entropy=result.entropy_sum / tokens, best_val_loss=self.stopper.best_val_loss,
+            step=s.step, val_loss=val_loss, metrics=metrics,
+            best_val_loss=self.stopper.best_val_loss,
             best_step=self.stopper.best_step, is_best=self.stopper.is_new_best,
             seconds=time.perf_counter() - tic, samples=samples))
         if self.stopper.is_new_best and s.step > 0:
@@ -151,25 +160,38 @@ class Trainer:
             yield batch
 
     # -- reporting ------------------------------------------------------------------
-    def flush(self, pending: list[tuple[int, StepResult, float, float]]) -> Any:
-        """Read the lazy results of the interval in one sync; feed monitors and reporters.
-        Returns a stop decision or None."""
+    def flush(self, pending: list[tuple[int, StepResult, float, float]],
+              read_memory: bool = False) -> Any:
+        """Read the lazy results of the interval in one sync; feed monitors and reporters
+        (at a report boundary, ``read_memory``: the memory reading too, before the ranks
+        agree, so a growth stop is rank 0's decision for every rank). Returns a stop
+        decision or None."""
+        if read_memory:
+            self._reading = self.backend.memory()
         if not pending:
             return None
-        flat = [v for _, r, _, _ in pending for v in (r.loss, r.tokens, r.grad_norm, r.finite)]
-        values = self.backend.to_floats(flat)
+        flat = [v for _, r, _, _ in pending for v in r.values()]
+        values = iter(self.backend.to_floats(flat))
         decision, s = None, self.state
-        for i, (step, _, lr, wall) in enumerate(pending):
-            loss, tokens, norm, finite = values[4 * i: 4 * i + 4]
+        for step, result, lr, wall in pending:
+            loss, tokens, norm, finite, count = (next(values) for _ in range(5))
+            sums = {name: (next(values), next(values)) for name in result.metrics}
             ok = bool(finite) and math.isfinite(loss)
             if ok:
-                s.interval.loss_sum += loss * tokens
-                s.interval.tokens += tokens
+                s.interval.loss_sum += loss * count
+                s.interval.tokens += count
                 s.trained_tokens += int(tokens)
+                for name, (total, n) in sums.items():
+                    acc = s.interval.metrics.setdefault(name, [0.0, 0.0])
+                    acc[0] += total
+                    acc[1] += n
             s.interval.steps += 1
             s.interval.grad_norm = norm
             self.throughput.update(step, wall, tokens)
-            decision = decision or self.stopper.observe_step(step, loss, norm, ok)
+            decision = (decision or self.stopper.observe_step(step, loss, norm, ok)
+                        or self.guard.observe(step, lr, norm, ok))
+        if read_memory:
+            decision = self.memory.observe(s.step, self._reading.footprint) or decision
         pending.clear()
         self._last_lr = lr
         if self.world_size > 1:  # rank 0's decision, and any rank's signal, for every rank
@@ -201,8 +223,7 @@ class Trainer:
     def report(self) -> None:
         s, iv = self.state, self.state.interval
         shapes, bound = self.shapes()
-        active, peak = self.backend.memory()
-        self.memory.update(active)
+        m = self._reading or self.backend.memory()
         self.reporters.on_train(TrainReport(
             step=s.step, total_steps=self.spec.max_steps, epoch=getattr(self.data.train, "epoch", 0),
             loss=iv.loss_sum / iv.tokens if iv.tokens else float("nan"),
@@ -214,13 +235,17 @@ class Trainer:
             tokens_per_second=self.throughput.tokens_per_second or 0.0,
             steps_per_second=self.throughput.steps_per_second or 0.0,
             eta_seconds=self.throughput.eta_seconds(s.step, self.spec.max_steps),
-            trained_tokens=s.trained_tokens, memory_mb=active / 2**20,
-            peak_memory_mb=peak / 2**20, memory_delta_mb=self.memory.delta / 2**20,
+            trained_tokens=s.trained_tokens, memory_mb=m.active / MB,
+            peak_memory_mb=m.peak / MB, memory_delta_mb=self.memory.delta / MB,
+            cache_memory_mb=m.cache / MB,
+            resident_mb=None if m.resident is None else m.resident / MB,
             leak_warning=self.memory.leak_warning,
             steps_since_checkpoint=s.step - s.last_checkpoint_step,
             last_checkpoint=s.last_checkpoint, skipped_steps=self.stopper.skipped_steps,
             early_stopping=self.stopper.counters(),
-            compiled_shapes=shapes, shape_bound=bound))
+            compiled_shapes=shapes, shape_bound=bound,
+            metrics={name: total / n if n else float("nan")
+                     for name, (total, n) in iv.metrics.items()}))
         s.interval = Interval()
 
     # -- the loop -------------------------------------------------------------------
@@ -250,6 +275,7 @@ class Trainer:
                     batch = batch.split(self.world_size)[self.rank]
                 lr = self.schedule(s.step)
                 noise = gradient_noise_std(s.step, spec.gradient_noise.eta, spec.gradient_noise.gamma)
+                self.guard.before_step(lr)
                 result = self.backend.step(batch.split(self.accumulation), lr, noise)
                 self._heartbeat()
                 s.step += 1
@@ -257,7 +283,7 @@ class Trainer:
 
                 last = s.step == spec.max_steps
                 if s.step % spec.report_every == 0 or last:
-                    stop = self.flush(pending)
+                    stop = self.flush(pending, read_memory=True)
                     self.report()
                 if stop is None and is_eval_step(s.step, eval_steps=spec.eval_steps,
                                                  max_steps=spec.max_steps,

@@ -1,11 +1,11 @@
-"""Training-health monitors: early stopping, moving averages, ETA, memory.
+"""Training-health monitors: early stopping, moving averages, ETA.
 
 Pure Python and backend-agnostic: callers feed plain floats and get values or
-decisions back. What a checkpoint keeps (early stopping with its moving average,
-memory health) has ``state_dict()`` (JSON-serialisable: only finite floats, ints,
-None, lists) and ``load_state_dict(d)``, so a resumed run makes exactly the
-decisions an uninterrupted run would have made. The throughput meter starts afresh
-after a resume: its rates are about this process.
+decisions back. What a checkpoint keeps (early stopping with its moving average)
+has ``state_dict()`` (JSON-serialisable: only finite floats, ints, None, lists) and
+``load_state_dict(d)``, so a resumed run makes exactly the decisions an uninterrupted
+run would have made. The throughput meter starts afresh after a resume: its rates are
+about this process (as memory growth is, training/memory.py).
 
 Each stop rule ends the run with its own exit code (``STOP_RULE_EXIT_CODES`` in
 mlx_tune/exit_codes.py).
@@ -279,37 +279,3 @@ class ThroughputMeter:
             return 0.0
         rate = self.steps_per_second
         return None if not rate else (total_steps - current_step) / rate
-
-
-class MemoryHealth(_Stateful):
-    """Tracks memory readings (bytes) and warns on growth since the first one.
-
-    ``delta`` = latest - baseline (the first reading); ``growth`` = delta / baseline;
-    ``leak_warning`` when ``growth > growth_warning``.
-    """
-
-    _STATE = ("baseline", "current")
-
-    def __init__(self, growth_warning: float = 0.5) -> None:
-        self.growth_warning = float(growth_warning)
-        self.baseline: int | None = None
-        self.current: int | None = None
-
-    def update(self, memory_bytes: int) -> None:
-        self.current = int(memory_bytes)
-        if self.baseline is None:
-            self.baseline = self.current
-
-    @property
-    def delta(self) -> int:
-        """Bytes since the baseline (0 before there is one, so it can go straight to a report)."""
-        return self.current - self.baseline if self.baseline is not None and self.current is not None else 0
-
-    @property
-    def growth(self) -> float | None:
-        ok = self.baseline and self.current is not None
-        return (self.current - self.baseline) / self.baseline if ok else None
-
-    @property
-    def leak_warning(self) -> bool:
-        return (g := self.growth) is not None and g > self.growth_warning

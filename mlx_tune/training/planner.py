@@ -12,7 +12,7 @@ steps (tiny-model variants: 2-16 layers, hidden 128-512, vocab 1k-8k, length 128
 fp32/bf16, LoRA/QLoRA/full, with and without dropout and checkpointing: all within 16%);
 the per-token terms (``K_TRANSIENT``, ``LOGIT_COPIES``, the chunked loss's) are refitted at
 Hermes-7B dimensions (benchmarks/memory.py: 1 layer, 512 and 1,024 tokens, float32,
-chunked and not, all within 3%; README "Memory at 7B dimensions"):
+chunked and not, and 2 layers at 512: all within 3%; README "Memory at 7B dimensions"):
 
 * Attention: MLX *trains* with unfused attention (``mx.fast.scaled_dot_product_attention``
   falls back to matmul-softmax-matmul under autodiff, on Metal too, where that is faster),

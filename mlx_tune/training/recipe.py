@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -29,7 +30,11 @@ from mlx_tune.reporting.factory import make_reporters
 from mlx_tune.reporting.records import Reporters
 from mlx_tune.supervise import STATUS_ENV
 from mlx_tune.system.keepawake import keep_awake, release
-from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK
+from mlx_tune.exit_codes import EXIT_CHECKPOINT_FAILURES, EXIT_OK, EXIT_OVER_MEMORY_BUDGET
+from mlx_tune.system.gpu_watchdog import watchdog_status
+from mlx_tune.training.first_step import check_first_step
+from mlx_tune.training.memory import limits_for
+from mlx_tune.training.planner import budget_bytes
 from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
@@ -148,12 +153,29 @@ def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step
     spec, backend, info, is_main = trainer.spec, run.backend, run.info, run.is_main
     keepawake = keep_awake(os.getpid(), spec.allow_sleep,
                            log=run.log if sys.platform == "darwin" else None) if is_main else None
+    memory = ExitStack()  # the memory limits hold until the adapter is written
     try:
+        budget = budget_bytes(spec, backend=spec.backend)[0]
+        applied = memory.enter_context(backend.memory_limits(limits_for(spec.memory, budget)))
+        first = check_first_step(backend, spec, trainer.data, run.accumulation,
+                                 run.model_path, budget) if spec.memory.first_step_check else None
         reporters.on_start({"model": str(run.model_path), "backend": spec.backend,
                             "trainable_params": info.trainable_params,
                             "total_params": info.total_params, "total_steps": spec.max_steps,
                             "resume_step": resume_step, "output_dir": str(output_dir),
-                            "accumulation": run.accumulation, **supervisor_status()})
+                            "accumulation": run.accumulation, **supervisor_status(),
+                            **applied.info(), "first_step": first.info() if first else None})
+        for note in applied.notes + ((watchdog_status()[1],) if sys.platform == "darwin" else ()):
+            reporters.on_message(note)
+        if first is not None:
+            reporters.on_message(first.line(), "info" if first.fits else "error")
+            # Every rank measured its own step: one over the budget stops them all.
+            if backend.all_sum_ints([int(not first.fits)])[0]:
+                reason = (f"{first.line()}: stopped before training; try {first.proposal}"
+                          if not first.fits else "another rank's first step at the widest "
+                          "batch does not fit the memory budget: stopped before training")
+                reporters.on_stop(reason, EXIT_OVER_MEMORY_BUDGET)
+                return RunResult(EXIT_OVER_MEMORY_BUDGET, reason, trainer.state.step)
         with guard_run(backend) as watchdog, SignalGuard() as signals:
             result = trainer.run(signals, heartbeat=watchdog.beat)
             if is_main:
@@ -172,6 +194,7 @@ def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step
             barrier(backend)  # every rank reports success only once rank 0 has written it
         return result
     finally:
+        memory.close()
         release(keepawake)
 
 

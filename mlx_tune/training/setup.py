@@ -14,7 +14,7 @@ from typing import Callable
 
 from mlx_tune.backends.base import Backend, ModelInfo
 from mlx_tune.backends.select import make_backend, select_backend
-from mlx_tune.config.schema import Spec
+from mlx_tune.config.schema import Spec, SpecError
 from mlx_tune.config.spec import require
 from mlx_tune.data import DataBundle, load_data
 from mlx_tune.data.preflight import check_data
@@ -41,6 +41,12 @@ class Setup:
         # The data is checked with the model's tokenizer before the model itself loads.
         check_data(spec, load_tokenizer(self.model_path, spec.trust_remote_code), log)
         self.info = info = self.backend.load(spec, self.model_path)
+        if spec.init_adapter:  # a resumed run then restores its own trainable weights
+            try:
+                self.backend.load_adapter(Path(spec.init_adapter))
+            except (ValueError, OSError) as e:
+                raise SpecError(f"init_adapter: {e}") from None
+            log(f"init_adapter: starting from the adapter in {spec.init_adapter}")
         self.accumulation = resolve_accumulation(spec, self.model_path,
                                                  self.backend.world_size, log)
         pct = 100.0 * info.trainable_params / max(info.total_params, 1)

@@ -17,7 +17,7 @@ import numpy as np
 from mlx_tune.backends.base import Backend
 from mlx_tune.checkpoint.manager import CheckpointCorrupt
 from mlx_tune.config.schema import Spec
-from mlx_tune.training.monitors import EarlyStopping, MemoryHealth
+from mlx_tune.training.monitors import EarlyStopping
 
 
 @dataclass
@@ -26,9 +26,10 @@ class Interval:
     exactly the numbers an uninterrupted one would)."""
 
     loss_sum: float = 0.0
-    tokens: float = 0.0
+    tokens: float = 0.0  # the loss's denominator (target tokens for sft, pairs...)
     steps: int = 0
     grad_norm: float = 0.0
+    metrics: dict = field(default_factory=dict)  # the objective's: name -> [sum, count]
 
 
 @dataclass
@@ -44,15 +45,15 @@ class LoopState:
 
 @dataclass
 class Progress:
-    """The loop's counters and the monitors whose state a checkpoint keeps."""
+    """The loop's counters and the monitors whose state a checkpoint keeps (memory growth
+    is not one: it is about the process, training/memory.py)."""
 
     state: LoopState
     stopper: EarlyStopping
-    memory: MemoryHealth
 
     @classmethod
     def fresh(cls, spec: Spec) -> Progress:
-        return cls(LoopState(), EarlyStopping(spec.early_stopping), MemoryHealth())
+        return cls(LoopState(), EarlyStopping(spec.early_stopping))
 
 
 def python_rng_state() -> dict:
@@ -91,7 +92,7 @@ def check_state(meta: dict) -> None:
         need(interval, key, num, "interval.")
     need(meta, "first_val_loss", opt)
     need(meta, "last_val_loss", opt)
-    for key in ("data", "early_stopping", "memory", "fingerprint", "backend"):
+    for key in ("data", "early_stopping", "fingerprint", "backend"):
         need(meta, key, (dict,))
     rng = need(meta, "rng", (dict,))
     need(rng, "python", (list,), "rng.")
@@ -113,6 +114,5 @@ def restore(spec: Spec, backend: Backend, data: Any, arrays: dict, meta: dict,
     s.last_checkpoint, s.last_checkpoint_step = path, s.step
     data.train.load_state_dict(meta["data"])
     progress.stopper.load_state_dict(meta["early_stopping"])
-    progress.memory.load_state_dict(meta["memory"])
     restore_python_rng(meta["rng"])
     return progress

@@ -28,16 +28,18 @@ class TestResult:
     path: str
     weights: str  # "final", "final (EMA)", or the checkpoint `mlx-tune evaluate` scored
     loss: float
-    perplexity: float
-    accuracy: float
-    tokens: int
+    perplexity: Optional[float]  # sft only: exp(token cross-entropy)
+    metrics: dict  # the objective's evaluation metrics by name (accuracy... for sft)
+    tokens: int  # the loss's denominator: target tokens (sft) or pairs/examples
     batches: int
     seconds: float
 
     def line(self) -> str:
+        named = "".join(f" | {name} {value:.4g}" for name, value in self.metrics.items())
+        ppl = f" | ppl {self.perplexity:.2f}" if self.perplexity is not None else ""
         return (f"test ({self.path}, {self.weights} weights, step {self.step}): "
-                f"loss {self.loss:.4f} | ppl {self.perplexity:.2f} | acc {self.accuracy:.3f} "
-                f"| {self.tokens} target tokens in {self.batches} batches")
+                f"loss {self.loss:.4f}{ppl}{named} | {self.tokens} counted in {self.batches} "
+                "batches")
 
 
 def find_test_file(spec: Spec):
@@ -71,9 +73,9 @@ def score_test(spec: Spec, backend, accumulation: int, step: int,
     use_ema = spec.ema.enabled and spec.ema.use_for_eval
     with (backend.ema_weights() if use_ema else nullcontext()):
         result = backend.evaluate(batches)
-    tokens = max(result.tokens, 1.0)
-    loss = result.loss_sum / tokens
+    loss = result.loss_sum / max(result.tokens, 1.0)
     return TestResult(step=step, path=str(path), weights=f"{weights} (EMA)" if use_ema else weights,
-                     loss=loss, perplexity=math.exp(min(loss, 50.0)),
-                     accuracy=result.correct / tokens, tokens=int(result.tokens),
+                     loss=loss, perplexity=math.exp(min(loss, 50.0))
+                     if spec.objective == "sft" else None,
+                     metrics=result.means(), tokens=int(result.tokens),
                      batches=len(batches), seconds=time.perf_counter() - tic)

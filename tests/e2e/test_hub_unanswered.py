@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each case waits out the Hub timeout in a child process
+
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 

@@ -15,7 +15,7 @@ Image = pytest.importorskip("PIL.Image")
 pytest.importorskip("matplotlib")
 
 SERIES = ("train loss", "validation loss", "learning rate", "gradient norm", "tokens/s",
-          "peak memory")
+          "peak memory", "cache memory", "resident memory")
 PLOTS = ("loss", "lr", "grad_norm", "tokens_per_second", "memory")
 
 
@@ -25,8 +25,14 @@ def check_report(out, capsys) -> str:
     page = (out / "report.html").read_text()
     for series in SERIES:
         assert series in page, series
-    assert page.count("data:image/png;base64,") == len(PLOTS)
-    for name in PLOTS:
+    # One more panel per metric the evaluations carried (sft: perplexity, accuracy, ...).
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+               if x.strip()]
+    metrics = {n for r in records if r.get("type") == "eval" for n in r["metrics"]}
+    assert metrics == {"perplexity", "accuracy", "confidence", "entropy"}
+    plots = PLOTS + tuple(f"metric_{n}" for n in metrics)
+    assert page.count("data:image/png;base64,") == len(plots)
+    for name in plots:
         with Image.open(out / "report" / f"{name}.png") as img:
             img.load()
             assert img.format == "PNG" and img.size == (800, 360)
@@ -49,3 +55,12 @@ def test_report_of_a_finished_run(tiny_spec, tmp_path, capsys, monkeypatch):
     assert "failed saves: " in terminal
     trained = [r for r in records if r["type"] == "train"][-1]["trained_tokens"]
     assert f"{trained:,}" in terminal and len(evals) >= 2
+    # The memory line: the highest figures of the reports, and the first-step check.
+    train_recs = [r for r in records if r["type"] == "train"]
+    start = next(r for r in records if r["type"] == "start")["info"]
+    resident = max(r["resident_mb"] for r in train_recs)
+    flat = " ".join(terminal.replace("│", " ").split())  # rich wraps long rows
+    assert f"resident up to {resident:,.0f} MB" in flat
+    assert f"(limit {start['cache_limit_mb']:,.0f} MB)" in flat
+    assert f"first step at the widest batch {start['first_step']['peak_mb']:,.0f} MB" in flat
+

@@ -72,11 +72,13 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # and the command line sit on top.
 LAYERS = [
     {"mlx_tune", "exit_codes", "files", "errors"},
+    # The losses: framework-neutral and import nothing of the run, so the spec's check
+    # (config) can ask an objective which settings it reads.
+    {"objectives"},
     {"config"},
     {"system"},
     {"models"},
     {"data"},
-    {"objectives"},
     {"checkpoint"},
     {"backends"},
     {"distributed"},

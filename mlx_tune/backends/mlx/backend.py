@@ -6,6 +6,7 @@ module wires them to the backend Protocol (see base.py) and keeps the arrays.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from contextlib import AbstractContextManager
 from dataclasses import replace
@@ -14,21 +15,25 @@ from typing import Any, Iterable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult, match_targets
+from mlx_tune.backends.base import (AppliedLimits, EvalResult, MemoryLimits,
+                                    MemoryReading, ModelInfo, StepResult, match_targets)
 from mlx_tune.backends.common import (EMA, OPTIMIZER, RNG, TRAINABLE, adapted_layers,
-                                      optimizer_args, refuse_full_quantized,
+                                      optimizer_args, refuse_full_quantized, state_undone,
                                       step_config, weights_swapped, with_prefix)
 from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.base_model import load_base
 from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
+from mlx_tune.backends.mlx.memory import device_info, memory_limits
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
 from mlx_tune.config.schema import Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.files import atomic_file, atomic_write
 from mlx_tune.models.tokenizer import load_tokenizer
+from mlx_tune.system.memory import resident_bytes
 
 def lora_keys(block: nn.Module, targets: Sequence[str]) -> list[str]:
     """Module paths inside a transformer block (e.g. ``self_attn.q_proj``) for the targets."""
@@ -51,10 +56,10 @@ def adapter_config(spec: Spec, keys: list[str], num_layers: int, model_dir: Path
     }
 
 
-def arrays_of(batch: Batch) -> tuple[mx.array, ...]:
-    """(tokens, mask), plus segments for a packed batch."""
-    out = (mx.array(batch.tokens), mx.array(batch.mask))
-    return out if batch.segments is None else (*out, mx.array(batch.segments))
+def arrays_of(batch: Batch) -> dict[str, mx.array]:
+    """The batch's arrays by name: tokens, mask, and segments (packed) or ref_logps
+    (precomputed reference) when it has them."""
+    return {name: mx.array(value) for name, value in batch.arrays().items()}
 
 
 def set_leaf(tree: Any, dotted: str, value: Any) -> None:
@@ -127,19 +132,35 @@ class MLXBackend(MlxCollectives):
     # -- training ----------------------------------------------------------------
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
         arrays = [arrays_of(b) for b in micro_batches]
-        loss, ntok, norm, finite = self.step_fn(arrays, lr, noise_std)
-        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
+        loss, ntok, norm, finite, count, sums = self.step_fn(arrays, lr, noise_std)
+        metrics = {name: (sums[2 * i], sums[2 * i + 1])
+                   for i, name in enumerate(self.step_fn.metric_names)}
+        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
+                          metrics=metrics)
+
+    def trial_step(self, micro_batch: Batch) -> int:
+        # MLX arrays are immutable: the step rebinds the state, so the arrays themselves
+        # are the copy.
+        with state_undone(self.state_dict, self.load_state_dict, lambda a: a):
+            mx.eval(self.step_fn.state)
+            mx.reset_peak_memory()
+            result = self.step([micro_batch], 0.0, 0.0)
+            mx.eval(result.loss, self.step_fn.state)
+            return mx.get_peak_memory()
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         self.model.eval()
         try:
-            total = mx.zeros((len(EVAL_FIELDS),))
+            total = None
             for b in batches:
-                total = total + self.step_fn.eval_batch(*arrays_of(b))
+                vector = self.step_fn.eval_batch(arrays_of(b))
+                total = vector if total is None else total + vector
                 mx.eval(total)  # bound the graph: one batch of activations at a time
+            if total is None:
+                total = mx.zeros((2 + 2 * len(self.step_fn.eval_names),))
             if self.world_size > 1:
                 total = mx.distributed.all_sum(total, stream=mx.cpu)
-            return EvalResult.from_sums(total.tolist())
+            return EvalResult.from_vector(total.tolist(), self.step_fn.eval_names)
         finally:
             self.model.train()
 
@@ -149,12 +170,27 @@ class MLXBackend(MlxCollectives):
             mx.eval(lazy)  # one sync for the whole report interval
         return [v.item() if isinstance(v, mx.array) else float(v) for v in values]
 
-    def memory(self) -> tuple[int, int]:
-        return mx.get_active_memory(), mx.get_peak_memory()
+    def memory(self) -> MemoryReading:
+        return MemoryReading(mx.get_active_memory(), mx.get_peak_memory(),
+                             mx.get_cache_memory(), resident_bytes())
+
+    def reset_peak_memory(self) -> None:
+        mx.reset_peak_memory()
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        return memory_limits(mx, limits, device_info(mx))
 
     def compiled_shapes(self) -> int:
         """Distinct input shapes the compiled step and evaluation have been called with."""
         return len(self.step_fn.shapes)
+
+    def trainable_digest(self) -> str:
+        """A hash of the trainable weights' bytes (the not-training guard compares two)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, value in tree_flatten(self.model.trainable_parameters()):
+            h.update(name.encode())
+            h.update(memoryview(np.array(mx.view(value, mx.uint8))))
+        return h.hexdigest()
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:

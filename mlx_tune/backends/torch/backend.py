@@ -10,10 +10,10 @@ StepResult, EvalResult, checkpoint arrays) is the same as on MLX. The pieces aro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -22,14 +22,16 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, ModelInfo, StepResult
+from mlx_tune.backends.base import (AppliedLimits, EvalResult, MemoryLimits,
+                                    MemoryReading, ModelInfo, StepResult)
 from mlx_tune.backends.common import (EMA, RNG, TRAINABLE, adapted_layers, optimizer_args,
-                                      refuse_full_quantized, step_config, weights_swapped,
-                                      with_prefix)
+                                      refuse_full_quantized, state_undone, step_config,
+                                      weights_swapped, with_prefix)
 from mlx_tune.backends.torch.codec import TorchCodec
 from mlx_tune.backends.torch.collectives import TorchCollectives
 from mlx_tune.backends.torch.fourbit import FourBitGuard
 from mlx_tune.backends.torch.generation import greedy
+from mlx_tune.backends.torch.memory import TorchMemory
 from mlx_tune.backends.torch.loading import (SIDECAR, decoder_layers, default_device, load_base,
                                              lora_keys, stored_numel)
 from mlx_tune.backends.torch.step import (TorchStep, load_optimizer_arrays, make_optimizer,
@@ -50,6 +52,7 @@ class TorchBackend(TorchCollectives):
     def __init__(self) -> None:
         super().__init__(default_device())
         self.codec = TorchCodec()
+        self._memory = TorchMemory(self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
 
@@ -113,17 +116,29 @@ class TorchBackend(TorchCollectives):
 
     # -- training ----------------------------------------------------------------
     def step(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> StepResult:
-        loss, ntok, norm, finite = self.step_fn(micro_batches, lr, noise_std)
-        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite)
+        loss, ntok, norm, finite, count, metrics = self.step_fn(micro_batches, lr, noise_std)
+        self._memory.trim()
+        return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
+                          metrics=metrics)
+
+    def trial_step(self, micro_batch: Batch) -> int:
+        # The optimizer and the parameters are updated in place: keep copies.
+        with state_undone(self.state_dict, self.load_state_dict, lambda t: t.clone()):
+            self.reset_peak_memory()
+            self.to_floats([self.step([micro_batch], 0.0, 0.0).loss])
+            return self.memory().peak
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         with self.guard.inference(self.model):
-            total = torch.zeros(len(EVAL_FIELDS), device=self.device)
+            total, names = None, self.step_fn.eval_names
             for b in batches:
-                total += self.step_fn.eval_batch(b)
+                vector, names = self.step_fn.eval_batch(b)
+                total = vector if total is None else total + vector
+            if total is None:
+                total = torch.zeros(2 + 2 * len(names), device=self.device)
             if self.world_size > 1:
                 dist.all_reduce(total)
-            return EvalResult.from_sums(total.tolist())
+            return EvalResult.from_vector(total.tolist(), names)
 
     def to_floats(self, values: Sequence[Any]) -> list[float]:
         tensors = [v for v in values if isinstance(v, torch.Tensor)]
@@ -133,16 +148,28 @@ class TorchBackend(TorchCollectives):
         host = iter(torch.stack([t.detach().reshape(()).double() for t in tensors]).tolist())
         return [next(host) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
-    def memory(self) -> tuple[int, int]:
-        if self.device.type == "cuda":
-            return (torch.cuda.memory_allocated(self.device),
-                    torch.cuda.max_memory_allocated(self.device))
-        return process_memory()
+    def memory(self) -> MemoryReading:
+        return self._memory.reading()
+
+    def reset_peak_memory(self) -> None:
+        self._memory.reset_peak()
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        return self._memory.limits(limits)
 
     def compiled_shapes(self) -> int:
         """Distinct input shapes the model's forward has been called with in steps and
         evaluation (torch.compile, like mx.compile, specialises on them)."""
         return len(self.step_fn.shapes)
+
+    @torch.no_grad()
+    def trainable_digest(self) -> str:
+        """A hash of the trainable weights' bytes (the not-training guard compares two)."""
+        h = hashlib.blake2b(digest_size=16)
+        for name, p in self.params.items():
+            h.update(name.encode())
+            h.update(p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy())
+        return h.hexdigest()
 
     # -- state -------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Any], dict]:
@@ -243,19 +270,6 @@ class TorchBackend(TorchCollectives):
         with self.guard.inference(self.model):
             return greedy(self.model, self.tokenizer, messages, max_tokens, self.device,
                           tools=tools)
-
-
-def process_memory() -> tuple[int, int]:
-    """(resident set size, its peak) of this process, in bytes."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE"), peak
-    except (OSError, ValueError, IndexError):
-        return peak, peak
 
 
 def make_backend() -> TorchBackend:

@@ -1,9 +1,10 @@
 """The PyTorch training step: the same arithmetic as ``backends/mlx/step.py``, eagerly.
 
 One optimizer step = ``accumulate`` (forward + backward of each micro-batch; the loss is
-a per-token *sum*, so gradients of micro-batches add up exactly), then ``update``:
-divide by the step's total target tokens, global norm, finite guard, clipping,
-gradient noise, optimizer, EMA. Read it side by side with ``CompiledStep._update``.
+the objective's *sum*, so gradients of micro-batches add up exactly), then ``update``:
+divide by the step's total count (target tokens for sft, pairs...), global norm, finite
+guard, clipping, gradient noise, optimizer, EMA. Read it side by side with
+``CompiledStep._update``; what is differentiated is ``logps.py``.
 
 Where the frameworks force a difference, the meaning is kept:
 - MLX selects the old weights/optimizer state with ``where`` when a step is non-finite;
@@ -23,86 +24,35 @@ import torch
 import torch.nn.functional as F
 
 from mlx_tune.data.batch import Batch
-from mlx_tune.backends.base import EVAL_FIELDS, StepConfig
+from mlx_tune.backends.base import Metrics, StepConfig
 from mlx_tune.backends.common import OPTIMIZER
-from mlx_tune.backends.torch.chunked_loss import HiddenTap, token_eval_stats, token_logps
+from mlx_tune.backends.torch.chunked_loss import HiddenTap
+from mlx_tune.backends.torch.logps import (TOKEN_METRICS, as_tensor, causal_logits, eval_sums,
+                                           objective_eval, objective_terms, row_logps,
+                                           token_loss_sums)
 
-
-def causal_logits(forward: Callable, tokens: torch.Tensor,
-                  positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits predicting ``tokens[:, 1:]``, in float32.
-
-    MLX feeds ``tokens[:, :-1]``; the model is causal, so feeding all of ``tokens`` and
-    dropping the last position gives the same logits, and keeps the sequence length the
-    data layer chose: T-1 is odd for every even T, and CPU flash attention ran ~1.4x
-    slower at 511 than at 512 positions (GPU kernels favour aligned lengths too). This is
-    also what transformers' own loss does.
-
-    Packed rows pass ``positions`` that restart at each example: with no attention mask,
-    transformers' masking utilities read restarting position ids as packed sequences and
-    attend within each one only (masking_utils.find_packed_sequence_indices)."""
-    if positions is None:
-        return forward(input_ids=tokens, use_cache=False).logits[:, :-1].float()
-    return forward(input_ids=tokens, position_ids=positions,
-                   use_cache=False).logits[:, :-1].float()
-
-
-def token_loss_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
-                    label_smoothing: float = 0.0, positions: torch.Tensor | None = None,
-                    tap: HiddenTap | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of per-token cross-entropy over target tokens, number of target tokens);
-    with ``tap``, chunked over positions (``chunked_loss.py``).
-
-    torch's label smoothing, (1-eps)*CE + eps*mean_k(-log p_k), is MLX's
-    ``logsumexp - (1-eps)*z_y - eps*mean(z)``, term for term."""
-    targets, weights = tokens[:, 1:], mask[:, 1:]
-    if tap is not None:
-        logp, smooth = token_logps(tap.hidden_states(forward, tokens, positions), tap.head,
-                                   targets, vocab=tap.vocab, smooth=label_smoothing > 0)
-        ce = -logp if smooth is None else -((1 - label_smoothing) * logp
-                                            + label_smoothing * smooth)
-        return (ce * weights).sum(), weights.sum()
-    logits = causal_logits(forward, tokens, positions)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                         label_smoothing=label_smoothing, reduction="none")
-    return (ce.view_as(weights) * weights).sum(), weights.sum()
-
-
-def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,
-              positions: torch.Tensor | None = None,
-              tap: HiddenTap | None = None) -> torch.Tensor:
-    """The evaluation sums over target tokens, one vector in ``EVAL_FIELDS`` order."""
-    targets, weights = tokens[:, 1:], mask[:, 1:]
-    if tap is not None:
-        stats = token_eval_stats(tap.hidden_states(forward, tokens, positions), tap.head,
-                                 targets, vocab=tap.vocab)
-        sums = {"loss_sum": -(stats["logp"] * weights).sum(), "tokens": weights.sum(),
-                "correct": (stats["correct"] * weights).sum(),
-                "confidence_sum": (stats["confidence"] * weights).sum(),
-                "entropy_sum": (stats["entropy"] * weights).sum()}
-        return torch.stack([sums[name] for name in EVAL_FIELDS])
-    logits = causal_logits(forward, tokens, positions)
-    logprobs = torch.log_softmax(logits, dim=-1)
-    probs = logprobs.exp()
-    ce = -logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    correct = (logits.argmax(dim=-1) == targets).float()
-    confidence = probs.max(dim=-1).values
-    entropy = -(probs * logprobs).sum(dim=-1)
-    sums = {"loss_sum": (ce * weights).sum(), "tokens": weights.sum(),
-            "correct": (correct * weights).sum(), "confidence_sum": (confidence * weights).sum(),
-            "entropy_sum": (entropy * weights).sum()}
-    return torch.stack([sums[name] for name in EVAL_FIELDS])
+__all__ = ["TorchStep", "causal_logits", "eval_sums", "load_optimizer_arrays",
+           "make_optimizer", "optimizer_arrays", "row_logps", "to_device", "token_loss_sums"]
 
 
 def to_device(batch: Batch, device: torch.device
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(tokens, mask, positions restarting per example or None when not packed)."""
+    arrays = device_arrays(batch, device)
+    return arrays["tokens"], arrays["mask"], arrays.get("positions")
+
+
+def device_arrays(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """tokens, mask, and positions restarting per example (packed) or ref_logps
+    (precomputed reference) when the batch has them."""
     from mlx_tune.data.packing import segment_positions
-    tokens = torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64))
-    mask = torch.from_numpy(np.asarray(batch.mask, dtype=np.float32))
-    positions = None if batch.segments is None else \
-        torch.from_numpy(segment_positions(batch.segments)).to(device, non_blocking=True)
-    return tokens.to(device, non_blocking=True), mask.to(device, non_blocking=True), positions
+    out = {"tokens": torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64)),
+           "mask": torch.from_numpy(np.asarray(batch.mask, dtype=np.float32))}
+    if batch.segments is not None:
+        out["positions"] = torch.from_numpy(segment_positions(batch.segments))
+    if batch.ref_logps is not None:
+        out["ref_logps"] = torch.from_numpy(np.asarray(batch.ref_logps, dtype=np.float32))
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 class TorchStep:
@@ -110,13 +60,15 @@ class TorchStep:
 
     ``params`` maps names to the trainable parameters (the checkpoint's names);
     ``forward`` is the model or its ``torch.compile``d version; ``autocast`` returns the
-    mixed-precision context of every forward (a no-op on CPU)."""
+    mixed-precision context of every forward (a no-op on CPU); ``model`` is the peft
+    model whose adapter the reference pass switches off."""
 
     def __init__(self, forward: Callable, params: dict[str, torch.nn.Parameter],
                  optimizer: torch.optim.Optimizer, config: StepConfig, device: torch.device,
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
                  model: torch.nn.Module | None = None):
         self.forward, self.params, self.optimizer = forward, params, optimizer
+        self.model = forward if model is None else model
         self.config, self.device, self.autocast = config, device, autocast
         # The chunked loss reads the decoder's hidden states through a hook on ``model``
         # (the unwrapped one: ``forward`` may be DDP or torch.compile around it).
@@ -125,29 +77,39 @@ class TorchStep:
         self.ema: dict[str, torch.Tensor] = {}
         if config.ema_decay is not None:
             self.ema = {k: p.detach().clone() for k, p in params.items()}
+        self.eval_names: tuple[str, ...] = TOKEN_METRICS  # until an evaluation says
         # Every (rows, width) fed to ``forward``: torch.compile specialises on shapes as
         # mx.compile does, so both backends report the same count.
         self.shapes: set[tuple[int, ...]] = set()
 
-    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, micro_batches: Sequence[Batch]) -> tuple:
         """Forward + backward of each micro-batch; gradients of the loss *sums* add up in
-        ``.grad``. Returns (loss_sum, target tokens)."""
-        loss_sum = torch.zeros((), device=self.device)
-        ntok = torch.zeros((), device=self.device)
+        ``.grad``. Returns (loss_sum, count, target tokens, metrics as (sum, count))."""
+        zero = lambda: torch.zeros((), device=self.device)  # noqa: E731
+        loss_sum, count, ntok = zero(), zero(), zero()
+        metrics: Metrics = {}
         ddp = self.ddp()
         for i, batch in enumerate(micro_batches):
-            tokens, mask, positions = to_device(batch, self.device)
-            self.shapes.add(tuple(tokens.shape))
+            arrays = device_arrays(batch, self.device)
+            self.shapes.add(tuple(arrays["tokens"].shape))
             # Under DDP, gradients are reduced with the step's last micro-batch only.
             last = i == len(micro_batches) - 1
             with (ddp.no_sync() if ddp is not None and not last else nullcontext()):
                 with self.autocast():
-                    loss, n = token_loss_sums(self.forward, tokens, mask,
-                                              self.config.label_smoothing, positions, self.tap)
-                loss.backward()
-            loss_sum += loss.detach()
-            ntok += n
-        return loss_sum, ntok
+                    terms, n = objective_terms(self.forward, self.model, self.config, arrays,
+                                               self.tap)
+                # A loss cut off from the weights has no graph: its gradient is zero, which
+                # the not-training guard reports by name instead of autograd's error.
+                if terms.loss_sum.requires_grad:
+                    terms.loss_sum.backward()
+            loss_sum += terms.loss_sum.detach()
+            count += as_tensor(terms.count, self.device)
+            ntok += n.detach()
+            for name, (s, c) in terms.metrics.items():
+                old = metrics.get(name, (zero(), zero()))
+                metrics[name] = (old[0] + as_tensor(s, self.device),
+                                 old[1] + as_tensor(c, self.device))
+        return loss_sum, count, ntok, metrics
 
     def ddp(self) -> Any:
         """The DistributedDataParallel wrapper in ``forward`` (maybe compiled), if any:
@@ -157,8 +119,9 @@ class TorchStep:
         return module if isinstance(module, DistributedDataParallel) else None
 
     @torch.no_grad()
-    def update(self, loss_sum: torch.Tensor, ntok: torch.Tensor, lr: float,
-               noise_std: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, loss_sum: torch.Tensor, count: torch.Tensor, lr: float,
+               noise_std: float, metrics: Metrics | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cfg = self.config
         params = list(self.params.values())
         for p in params:
@@ -167,12 +130,13 @@ class TorchStep:
         grads = [p.grad for p in params]
         if cfg.world_size > 1:
             # Data parallel: every rank adds its sums; the division below makes the
-            # result the mean over the *global* batch's target tokens (as MLX does).
+            # result the mean over the *global* batch's count (as MLX does).
             # Gradients are summed here unless DDP already did it during backward.
             import torch.distributed as dist
-            for t in [loss_sum, ntok, *(grads if self.ddp() is None else [])]:
+            sums = [t for pair in (metrics or {}).values() for t in pair]
+            for t in [loss_sum, count, *sums, *(grads if self.ddp() is None else [])]:
                 dist.all_reduce(t)
-        denom = ntok.clamp(min=1.0)
+        denom = count.clamp(min=1.0)
         torch._foreach_div_(grads, denom)
         norm = torch.linalg.vector_norm(torch.stack(
             torch._foreach_norm(grads, 2, dtype=torch.float32)))
@@ -193,17 +157,29 @@ class TorchStep:
                     self.ema[k].mul_(d).add_(p.detach().to(self.ema[k].dtype), alpha=1 - d)
         # A non-finite step leaves weights, optimizer state and EMA exactly as they were.
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / denom, ntok, norm, finite.float()
+        return loss_sum / denom, norm, finite.float()
 
-    def __call__(self, micro_batches: Sequence[Batch], lr: float, noise_std: float):
-        loss_sum, ntok = self.accumulate(micro_batches)
-        return self.update(loss_sum, ntok, lr, noise_std)
+    def __call__(self, micro_batches: Sequence[Batch], lr: float, noise_std: float) -> tuple:
+        """(loss, target tokens, grad norm, finite, count, metrics), as MLX's step."""
+        loss_sum, count, ntok, metrics = self.accumulate(micro_batches)
+        if self.config.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(ntok)
+        loss, norm, finite = self.update(loss_sum, count, lr, noise_std, metrics)
+        return loss, ntok, norm, finite, count, metrics
 
-    def eval_batch(self, batch: Batch) -> torch.Tensor:
-        tokens, mask, positions = to_device(batch, self.device)
-        self.shapes.add(tuple(tokens.shape))
+    def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, tuple[str, ...]]:
+        """Evaluation sums as one vector (loss_sum, count, then each metric's sum and
+        count), and the metric names."""
+        arrays = device_arrays(batch, self.device)
+        self.shapes.add(tuple(arrays["tokens"].shape))
         with torch.no_grad(), self.autocast():
-            return eval_sums(self.forward, tokens, mask, positions, self.tap)
+            if self.config.objective.name == "sft":
+                return (eval_sums(self.forward, arrays["tokens"], arrays["mask"],
+                                  arrays.get("positions"), self.tap), TOKEN_METRICS)
+            vector, self.eval_names = objective_eval(self.forward, self.model, self.config,
+                                                     arrays, self.tap)
+            return vector, self.eval_names
 
 
 def make_optimizer(name: str, params: list[torch.nn.Parameter], *, learning_rate: float,

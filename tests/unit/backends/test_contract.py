@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult
+from mlx_tune.backends.base import EvalResult
 from mlx_tune.backends.common import (adapted_layers, optimizer_args, refuse_full_quantized,
                                       step_config, weights_swapped, with_prefix)
 from mlx_tune.config.spec import build_spec
@@ -43,13 +43,16 @@ def test_one_process_collectives_return_their_input(make):
 
 
 def test_eval_result_reads_sums_by_name():
-    sums = [10.0, 4.0, 1.0, 2.5, 3.0]
-    result = EvalResult.from_sums(sums)
-    assert {name: getattr(result, name) for name in EVAL_FIELDS} == dict(zip(EVAL_FIELDS, sums))
-    assert result.astuple() == tuple(sums)
-    assert (result + result).tokens == 8.0
-    with pytest.raises(ValueError, match="expected 5 evaluation sums"):
-        EvalResult.from_sums([1.0, 2.0])
+    vector = [10.0, 4.0, 1.0, 4.0, 2.5, 2.0]
+    result = EvalResult.from_vector(vector, ["accuracy", "rewards/margins"])
+    assert (result.loss_sum, result.tokens) == (10.0, 4.0)
+    assert result.metrics == {"accuracy": (1.0, 4.0), "rewards/margins": (2.5, 2.0)}
+    assert result.as_vector() == vector and result.astuple() == (10.0, 4.0, 1.0, 2.5)
+    assert result.means() == {"accuracy": 0.25, "rewards/margins": 1.25}
+    twice = result + result
+    assert twice.tokens == 8.0 and twice.metrics["rewards/margins"] == (5.0, 4.0)
+    with pytest.raises(ValueError, match="expected 6 evaluation sums"):
+        EvalResult.from_vector([1.0, 2.0], ["accuracy", "rewards/margins"])
 
 
 # Logits [2, 0, 0, 0] at every position: each field has its own hand-computed value, so
@@ -61,16 +64,17 @@ _Z = math.exp(2) + 3
 P_TOP, P_REST = math.exp(2) / _Z, 1 / _Z
 ENTROPY = -(P_TOP * math.log(P_TOP) + 3 * P_REST * math.log(P_REST))
 EXPECTED = {"loss_sum": -math.log(P_TOP) - math.log(P_REST), "tokens": 2.0,
-            "correct": 1.0,  # the argmax, token 0, is right for target 0 only
-            "confidence_sum": 2 * P_TOP, "entropy_sum": 2 * ENTROPY}
+            "accuracy": 0.5,  # the argmax, token 0, is right for target 0 only
+            "confidence": P_TOP, "entropy": ENTROPY}
 LOGITS = np.zeros((1, TOKENS.shape[1], V), dtype=np.float32)
 LOGITS[..., 0] = 2.0
 
 
 def check_sums(vector) -> None:
-    got = EvalResult.from_sums([float(v) for v in vector])
+    got = EvalResult.from_vector([float(v) for v in vector], ("accuracy", "confidence", "entropy"))
+    means = {"loss_sum": got.loss_sum, "tokens": got.tokens, **got.means()}
     for name, want in EXPECTED.items():
-        assert getattr(got, name) == pytest.approx(want, rel=1e-6), name
+        assert means[name] == pytest.approx(want, rel=1e-6), name
 
 
 def test_mlx_eval_sums_are_in_field_order():

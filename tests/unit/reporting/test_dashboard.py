@@ -28,7 +28,7 @@ def train(step: int = 900, **kw) -> TrainReport:
         loss_trend=-0.02, learning_rate=1.8e-4, grad_norm=0.85, tokens_per_second=1510.3,
         steps_per_second=0.42, eta_seconds=6.5 * 3600, trained_tokens=1_234_567,
         memory_mb=14051.4, peak_memory_mb=15020.0, memory_delta_mb=245.2, leak_warning=True,
-        steps_since_checkpoint=150, last_checkpoint="runs/x/checkpoints/step-0000750",
+        cache_memory_mb=512.3, resident_mb=15220.1, steps_since_checkpoint=150, last_checkpoint="runs/x/checkpoints/step-0000750",
         # A skipped step, a plateau check, then two skipped steps in a row.
         skipped_steps=3, early_stopping=counters([float("nan"), 3.0, float("nan"), float("nan")]),
     )
@@ -38,8 +38,8 @@ def train(step: int = 900, **kw) -> TrainReport:
 
 def evalr(step: int = 900, **kw) -> EvalReport:
     base = dict(
-        step=step, val_loss=2.91, perplexity=18.36, accuracy=0.412, confidence=0.37,
-        entropy=2.1, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
+        step=step, val_loss=2.91, metrics={"perplexity": 18.36, "accuracy": 0.412,
+                                           "confidence": 0.37, "entropy": 2.1}, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
         samples=[{"prompt": "Say hi [bold]", "text": "Hello there,\nfriend. " + "x" * 500,
                   "metrics": {}}],
     )
@@ -60,7 +60,8 @@ def text_of(d: RichDashboard) -> str:
 
 def test_render_shows_the_key_fields():
     d = RichDashboard(2000, console=quiet_console())
-    d._info = {"model": "Qwen/Qwen3-0.6B", "backend": "mlx", "trainable_params": 1_500_000}
+    d._info = {"model": "Qwen/Qwen3-0.6B", "backend": "mlx", "trainable_params": 1_500_000,
+               "cache_limit_mb": 4096.0, "wired_limit_mb": 49152.0, "memory_cap_mb": 41779.2}
     d.on_train(train())
     d.on_eval(evalr())
     d.close()
@@ -73,8 +74,10 @@ def test_render_shows_the_key_fields():
         "1510", "0.42",  # tokens/s, steps/s
         "6h 30m",  # eta
         "14051 MB", "peak 15020 MB", "+245 MB", LEAK_MARK,  # memory
+        "512 MB  (limit 4096 MB)", "15220 MB",  # cache and its bound, resident
+        "49152 MB", "41779 MB",  # wired limit and memory cap (macOS)
         "-150 steps", "runs/x/checkpoints/step-0000750",  # checkpoint
-        "2.91", "ppl 18.4", "2.85 @ 750",  # validation
+        "2.91", "val perplexity", "18.36", "2.85 @ 750",  # validation
         "plateau 1", "non-finite in a row 2",  # early stopping counters
         "Say hi [bold]", "Hello there,\\nfriend.",  # latest sample, markup not interpreted
     ):

@@ -28,7 +28,7 @@ from tests.report_fixtures import counters
 
 EXAMPLE_LINE = (
     "step 900/2000 45% | loss=3.2 | loss_avg=3.4 | lr=1.8e-4 | tok/s=1510 | eta_h=6.5"
-    " | ckpt=-150 | mem_mb=14051 | mem_delta=+245"
+    " | ckpt=-150 | mem_mb=14051 | cache_mb=512 | rss_mb=15220 | mem_delta=+245"
 )
 
 
@@ -38,7 +38,8 @@ def train(step: int = 900, **kw) -> TrainReport:
         learning_rate=1.8e-4, grad_norm=0.85, tokens_per_second=1510.3, steps_per_second=0.42,
         eta_seconds=6.5 * 3600, trained_tokens=1_234_567, memory_mb=14051.4,
         peak_memory_mb=15020.0, memory_delta_mb=245.2, leak_warning=False,
-        steps_since_checkpoint=150, last_checkpoint="runs/x/checkpoints/step-0000750",
+        cache_memory_mb=512.3, resident_mb=15220.1, steps_since_checkpoint=150,
+        last_checkpoint="runs/x/checkpoints/step-0000750",
         skipped_steps=0, early_stopping=counters([3.0, 3.0, 3.0, 3.0]),  # a plateau check
         wall_time=1_700_000_000.0 + step,
     )
@@ -48,8 +49,8 @@ def train(step: int = 900, **kw) -> TrainReport:
 
 def evalr(step: int = 900, **kw) -> EvalReport:
     base = dict(
-        step=step, val_loss=2.91, perplexity=18.36, accuracy=0.412, confidence=0.37,
-        entropy=2.1, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
+        step=step, val_loss=2.91, metrics={"perplexity": 18.36, "accuracy": 0.412,
+                                           "confidence": 0.37, "entropy": 2.1}, best_val_loss=2.85, best_step=750, is_best=False, seconds=12.5,
         samples=[{"prompt": "Say hi", "text": "hi\nthere", "metrics": {"len": 2.0}}],
     )
     base.update(kw)
@@ -64,10 +65,11 @@ def test_train_line_reproduces_the_documented_example():
 def test_train_line_formats_edges():
     r = train(step=1, total_steps=3, loss=2.847123, loss_avg=3.0, learning_rate=2e-5,
               tokens_per_second=0.4, eta_seconds=None, steps_since_checkpoint=0,
-              memory_mb=99.5, memory_delta_mb=-12.4, skipped_steps=2, leak_warning=True)
+              memory_mb=99.5, memory_delta_mb=-12.4, skipped_steps=2, leak_warning=True,
+              cache_memory_mb=0.0, resident_mb=None)  # where the OS gives no resident set
     assert format_train_line(r) == (
         "step 1/3 33% | loss=2.8471 | loss_avg=3.0 | lr=2.0e-5 | tok/s=0 | eta_h=?"
-        " | ckpt=0 | mem_mb=100 | mem_delta=-12 | skipped=2 | LEAK?"
+        " | ckpt=0 | mem_mb=100 | cache_mb=0 | mem_delta=-12 | skipped=2 | LEAK?"
     )
     nan = train(loss=float("nan"), loss_avg=float("inf"))
     assert "loss=nan | loss_avg=inf" in format_train_line(nan)
@@ -85,7 +87,8 @@ def test_dec_format():
 
 def test_eval_line():
     assert format_eval_line(evalr()) == (
-        "eval step 900 | val_loss=2.91 | ppl=18.4 | acc=0.412 | conf=0.37 | entropy=2.1 | best=2.85@750"
+        "eval step 900 | val_loss=2.91 | perplexity=18.36 | accuracy=0.412 | confidence=0.37"
+        " | entropy=2.1 | best=2.85@750"
     )
 
 
@@ -273,6 +276,8 @@ def test_tensorboard_writes_expected_tags_and_purges_on_resume(tmp_path):
                 "train/tokens_per_second", "system/memory"):
         assert [s for s, _ in scalars(events, tag)] == [10, 20, 30, 40, 50], tag
     assert scalars(events, "system/memory")[0][1] == pytest.approx(14051.4)
+    assert scalars(events, "system/cache_memory")[0][1] == pytest.approx(512.3)
+    assert scalars(events, "system/resident_memory")[0][1] == pytest.approx(15220.1)
     for tag, value in (("val/loss", 2.91), ("val/perplexity", 18.36), ("val/accuracy", 0.412)):
         assert scalars(events, tag) == [(50, pytest.approx(value))]
     (sample,) = texts(events, "samples/0")

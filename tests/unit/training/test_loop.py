@@ -16,7 +16,7 @@ import math
 import os
 import random
 import signal
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -24,16 +24,20 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mlx_tune.backends.base import EVAL_FIELDS, EvalResult, StepResult
-from mlx_tune.backends.common import EMA, OPTIMIZER, TRAINABLE, weights_swapped, with_prefix
+from mlx_tune.backends.base import (AppliedLimits, EvalResult, MemoryLimits,
+                                    MemoryReading, StepResult)
+from mlx_tune.backends.common import (EMA, OPTIMIZER, TRAINABLE, state_undone, weights_swapped,
+                                      with_prefix)
 from mlx_tune.checkpoint import faults
 from mlx_tune.checkpoint.format import NumpyCodec
 from mlx_tune.checkpoint.manager import CheckpointManager, Loaded
-from mlx_tune.config.schema import EarlyStoppingSpec, EmaSpec, Spec
+from mlx_tune.config.schema import EarlyStoppingSpec, EmaSpec, MemorySpec, Spec
 from mlx_tune.data.batch import Batch
 from mlx_tune.exit_codes import (EXIT_CHECKPOINT_FAILURES, EXIT_GRAD_SPIKE, EXIT_INTERRUPTED,
-                                 EXIT_NONFINITE, EXIT_OK, EXIT_PLATEAU, EXIT_VAL_PLATEAU)
+                                 EXIT_MEMORY_GROWTH, EXIT_NONFINITE, EXIT_OK, EXIT_PLATEAU,
+                                 EXIT_VAL_PLATEAU)
 from mlx_tune.reporting.factory import make_reporters
+from mlx_tune.system.memory import resident_bytes
 from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.state import restore
 
@@ -77,7 +81,9 @@ class FakeBackend:
     (non-finite) steps change nothing, as on the real backends. The optimizer state is
     the step count and a momentum-like sum. Validation's per-token loss is
     ``val_loss(step) + sum(weights in use)``: live weights, or EMA ones inside
-    ``ema_weights()``.
+    ``ema_weights()``. ``leak_bytes``: each step keeps a reference to that many more
+    bytes (written, so they are resident), a planted leak the process's resident set
+    shows.
     """
 
     name = "fake"
@@ -88,8 +94,9 @@ class FakeBackend:
                  grad_norm: Callable[[int], float] = constant(1.0),
                  finite: Callable[[int], float] = constant(1.0),
                  val_loss: Callable[[int], float] = constant(2.0),
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None, leak_bytes: int = 0) -> None:
         self.codec = NumpyCodec()
+        self.leak_bytes, self.leaked = leak_bytes, []
         self.loss, self.grad_norm, self.finite, self.val_loss = loss, grad_norm, finite, val_loss
         self.on_step = on_step or (lambda step: None)
         self.w = np.zeros(4, np.float32)
@@ -113,6 +120,8 @@ class FakeBackend:
         self.opt["t"] = self.opt["t"] + 1
         t = int(self.opt["t"])
         self.on_step(t)
+        if self.leak_bytes:
+            self.leaked.append(np.ones(self.leak_bytes, np.uint8))
         self.shapes.update(b.tokens.shape for b in micro_batches)
         tokens = sum(b.n_targets for b in micro_batches)
         loss, norm, ok = self.loss(t), self.grad_norm(t), self.finite(t)
@@ -128,19 +137,31 @@ class FakeBackend:
 
     def evaluate(self, batches: Iterable[Batch]) -> EvalResult:
         per_token = self.val_loss(int(self.opt["t"])) + float(self.w.sum())
-        sums = dict.fromkeys(EVAL_FIELDS, 0.0)
+        total = EvalResult()
         for b in batches:
             n = b.n_targets
-            sums.update(loss_sum=sums["loss_sum"] + per_token * n, tokens=sums["tokens"] + n,
-                        correct=sums["correct"] + n / 2, confidence_sum=sums["confidence_sum"] + n / 4,
-                        entropy_sum=sums["entropy_sum"] + n)
-        return EvalResult.from_sums([sums[f] for f in EVAL_FIELDS])
+            total = total + EvalResult(per_token * n, n, {"accuracy": (n / 2, n),
+                                                          "confidence": (n / 4, n),
+                                                          "entropy": (n, n)})
+        return total
 
     def to_floats(self, values: Sequence[Any]) -> list[float]:
         return [v._value if isinstance(v, Lazy) else float(v) for v in values]
 
-    def memory(self) -> tuple[int, int]:
-        return 64 * 2**20, 96 * 2**20
+    def memory(self) -> MemoryReading:
+        # The allocator's figures stay flat: a leak shows only in the resident set.
+        return MemoryReading(32 * 2**20, 48 * 2**20, 0, resident_bytes())
+
+    def reset_peak_memory(self) -> None:
+        pass
+
+    def memory_limits(self, limits: MemoryLimits) -> AbstractContextManager[AppliedLimits]:
+        return nullcontext(AppliedLimits(limits.cache))
+
+    def trial_step(self, micro_batch: Batch) -> int:
+        with state_undone(self.state_dict, self.load_state_dict, np.copy):
+            self.step([micro_batch], 0.0, 0.0)
+            return self.memory().peak
 
     def compiled_shapes(self) -> int:
         return len(self.shapes)
@@ -306,6 +327,36 @@ def test_each_stop_rule_ends_the_run_with_its_exit_code_after_a_checkpoint(tmp_p
     assert loaded.step == stop_step and loaded.meta["step"] == stop_step
     assert int(loaded.arrays[OPTIMIZER + "t"]) == stop_step
     assert max(steps_of(spec, "train")) == stop_step  # no step trained past the decision
+
+
+def test_a_planted_leak_trips_the_growth_stop_after_a_checkpoint(tmp_path):
+    # Each step keeps 16 MB more, resident (the OS's own count, /proc/self/statm): after
+    # the baseline at step 2, growth passes 25% of it (and the 32 MB floor) at some
+    # step; the rule waits for 2 reports over it in a row, then stops with exit 12,
+    # the stop step checkpointed first. The same settings without the leak never trip.
+    memory = {"growth_warmup": 2, "growth_stop": 0.25, "growth_warning": 0.1,
+              "growth_min_gb": 0.032, "growth_patience": 2}
+    spec = make_spec(tmp_path, max_steps=400, memory=MemorySpec(**memory))
+    backend = FakeBackend(spec, leak_bytes=16 * 2**20)
+    result = run(trainer(spec, backend))
+
+    assert result.exit_code == EXIT_MEMORY_GROWTH and 2 < result.step < 400
+    train = records(spec, "train")
+    baseline = train[1]  # step 2
+    assert baseline["step"] == 2 and baseline["memory_delta_mb"] == 0
+    over = [r["step"] for r in train[2:] if r["resident_mb"] - baseline["resident_mb"]
+            > max(0.25 * baseline["resident_mb"], 32e6 / 2**20)]
+    assert result.step == over[1]  # the second report over the limit stops
+    assert train[-1]["resident_mb"] - baseline["resident_mb"] >= 16 * (result.step - 2) * 0.9
+    assert any(r["leak_warning"] for r in train) and not train[0]["leak_warning"]
+    recs = records(spec)
+    assert recs[-1]["type"] == "stop" and recs[-1]["exit_code"] == EXIT_MEMORY_GROWTH
+    assert "(memory_growth)" in recs[-1]["reason"] and "resident memory grew" in recs[-1]["reason"]
+    assert recs[-2]["type"] == "checkpoint" and recs[-2]["step"] == result.step
+    assert manager_of(spec).latest_valid().step == result.step
+
+    healthy = make_spec(tmp_path / "healthy", max_steps=40, memory=MemorySpec(**memory))
+    assert run(trainer(healthy, FakeBackend(healthy))).exit_code == EXIT_OK
 
 
 def test_a_stop_decided_mid_interval_is_acted_on_at_the_report_boundary(tmp_path):
@@ -517,8 +568,10 @@ NOISY = {"loss": lambda s: 2.0 + math.sin(s), "grad_norm": lambda s: 1.0 + s % 3
 
 
 def comparable(spec: Spec) -> list[dict]:
-    """metrics.jsonl without what depends on the clock or the run's directory."""
-    clock = {"wall_time", "tokens_per_second", "steps_per_second", "eta_seconds", "seconds"}
+    """metrics.jsonl without what depends on the clock, the process (its resident set) or
+    the run's directory."""
+    clock = {"wall_time", "tokens_per_second", "steps_per_second", "eta_seconds", "seconds",
+             "resident_mb"}
     out = []
     for r in records(spec):
         if r["type"] == "start":

@@ -12,7 +12,6 @@ from mlx_tune.config.spec import build_spec
 from mlx_tune.exit_codes import StopDecision
 from mlx_tune.training.monitors import (
     EarlyStopping,
-    MemoryHealth,
     MovingAverage,
     ThroughputMeter,
 )
@@ -273,7 +272,7 @@ def test_state_dict_round_trip_matches_uninterrupted(split):
     assert max(t[2] for t in full if len(t) == 6) == 4 and full[-1][4] == 86
 
 
-# ------------------------------------------------------------ throughput / memory
+# ------------------------------------------------------------ throughput
 def test_throughput_rates_and_eta():
     tm = ThroughputMeter(window=4)
     assert tm.steps_per_second is None and tm.eta_seconds(0, 100) is None
@@ -290,20 +289,3 @@ def test_throughput_rates_and_eta():
     assert tm.steps_per_second is None
     tm.update(4, 50.0, 10)  # zero elapsed time: no rate rather than a division by zero
     assert tm.steps_per_second is None and tm.eta_seconds(4, 10) is None
-
-
-def test_memory_health():
-    gib = 1 << 30
-    mh = MemoryHealth(growth_warning=0.5)
-    assert mh.baseline is None and mh.growth is None and mh.delta == 0  # no reading yet
-    mh.update(4 * gib)  # the first reading is the baseline
-    assert mh.baseline == 4 * gib and mh.growth == 0.0
-    mh.update(6 * gib)
-    assert mh.growth == 0.5 and not mh.leak_warning  # not > 50%
-    mh.update(6 * gib + 1)
-    assert mh.leak_warning and mh.delta == 2 * gib + 1
-    restored = MemoryHealth()
-    restored.load_state_dict(json.loads(json.dumps(mh.state_dict())))
-    assert restored.growth == mh.growth and restored.leak_warning
-    restored.update(5 * gib)
-    assert not restored.leak_warning and restored.delta == gib
