@@ -3,16 +3,14 @@ captive portal) must not hang a run: the model or dataset comes from the cache w
 there, else one line says the Hub cannot be reached, in seconds.
 
 Each case runs in a child process (huggingface_hub reads its endpoint at import), against a
-loopback server that holds every connection open without a byte in reply.
+loopback server that holds every connection open without a byte in reply (conftest.silent_server).
 """
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,32 +19,6 @@ import pytest
 pytestmark = pytest.mark.slow  # each case waits out the Hub timeout in a child process
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def silent_endpoint():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
 
 
 def cached_repo(cache: Path, kind: str, repo_id: str, files: dict[str, str]) -> None:
@@ -80,8 +52,8 @@ except ModelError as e:
 """
 
 
-def test_uncached_model_fails_in_seconds_with_one_line(silent_endpoint, tmp_path):
-    done, took = run_child(MODEL, silent_endpoint, tmp_path)
+def test_uncached_model_fails_in_seconds_with_one_line(silent_server, tmp_path):
+    done, took = run_child(MODEL, silent_server, tmp_path)
     out = done.stdout.strip().splitlines()
     assert done.returncode == 0, done.stderr
     assert out[-1].startswith("ERROR") and "'org/model'" in out[-1]
@@ -89,11 +61,11 @@ def test_uncached_model_fails_in_seconds_with_one_line(silent_endpoint, tmp_path
     assert took < 60
 
 
-def test_cached_model_is_used_when_the_hub_does_not_answer(silent_endpoint, tmp_path):
+def test_cached_model_is_used_when_the_hub_does_not_answer(silent_server, tmp_path):
     cached_repo(tmp_path / "hub", "models", "org/model",
                 {"config.json": json.dumps({"model_type": "mistral"}),
                  "model.safetensors": "\0" * 8})
-    done, took = run_child(MODEL, silent_endpoint, tmp_path)
+    done, took = run_child(MODEL, silent_server, tmp_path)
     out = done.stdout.strip().splitlines()
     assert out[-1] == f"PATH {tmp_path / 'hub' / 'models--org--model' / 'snapshots' / SHA}"
     assert any("cannot be reached" in line and "cached snapshot" in line for line in out)
@@ -114,14 +86,14 @@ except DataError as e:
 """
 
 
-def test_dataset_id_uses_the_cache_or_fails_in_seconds(silent_endpoint, tmp_path):
+def test_dataset_id_uses_the_cache_or_fails_in_seconds(silent_server, tmp_path):
     pytest.importorskip("datasets")
-    done, took = run_child(DATASET, silent_endpoint, tmp_path)
+    done, took = run_child(DATASET, silent_server, tmp_path)
     assert done.stdout.strip().splitlines()[-1].startswith("ERROR"), done.stderr
     assert "'org/chats'" in done.stdout and took < 60
     rows = [{"text": f"row {i}"} for i in range(5)]
     cached_repo(tmp_path / "hub", "datasets", "org/chats",
                 {"data/train.jsonl": "".join(json.dumps(r) + "\n" for r in rows)})
-    done, took = run_child(DATASET, silent_endpoint, tmp_path)
+    done, took = run_child(DATASET, silent_server, tmp_path)
     assert done.stdout.strip().splitlines()[-1] == "ROWS 5", done.stdout + done.stderr
     assert took < 60

@@ -5,8 +5,6 @@ trackers."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 
 import pytest
 
@@ -15,32 +13,6 @@ pytest.importorskip("wandb")
 from mlx_tune.reporting.factory import make_reporters  # noqa: E402
 from mlx_tune.reporting.records import Reporters  # noqa: E402
 from mlx_tune.reporting.wandb_reporter import WandbReporter  # noqa: E402
-
-
-@pytest.fixture
-def silent_server():
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    held: list = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                held.append(server.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
 
 
 def messages(path) -> list[dict]:
