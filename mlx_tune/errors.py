@@ -10,6 +10,12 @@ from __future__ import annotations
 from mlx_tune.exit_codes import EXIT_ERROR, EXIT_USAGE
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name when it has none: a
+    library's multi-line error cut to what a one-line report can carry."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 class UserError(Exception):
     """Bad input or a refused request; the message is one line meant for the user."""
 

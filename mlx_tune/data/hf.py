@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from mlx_tune.data.records import VALID_NAMES, DataError, DataFiles, find_files
+from mlx_tune.errors import first_line
 
 VALID_SPLITS = ("validation", "valid", "val")
 TEST_SPLITS = ("test",)
@@ -179,7 +180,7 @@ def _snapshot(repo_id: str) -> Path:
         raise DataError(f"dataset '{repo_id}' was not found on the Hugging Face Hub (check the "
                         "spelling; a private dataset needs `hf auth login`)") from None
     except (HfHubHTTPError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise DataError(f"could not fetch dataset '{repo_id}': {first}") from None
     return Path(folder)
 
@@ -197,7 +198,7 @@ def _load(name: str, streaming: bool) -> tuple[Path, dict]:
         else:
             loaded = datasets.load_dataset(str(folder), streaming=streaming)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; one line for the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise DataError(f"dataset {name}: cannot be read by the datasets library "
                         f"({type(e).__name__}: {first})") from None
     if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import yaml
 
-from mlx_tune.errors import UserError
+from mlx_tune.errors import UserError, first_line
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # The alias table is package data (pyproject ships mlx_tune/configs/*.yaml): an installed
@@ -135,7 +135,7 @@ def hub_answers(repo_id: str, repo_type: str | None, timeout: float) -> str | No
     except Exception as e:  # noqa: BLE001 - timeouts and network errors of the http stack
         if "timeout" in type(e).__name__.lower():
             return f"no answer within {timeout:g} s"
-        return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return first_line(e)
     return None
 
 
@@ -209,7 +209,7 @@ def _snapshot(repo_id: str, *, trust_remote_code: bool,
     except RevisionNotFoundError:
         raise ModelError(f"model '{repo_id}': the requested revision does not exist") from None
     except (HfHubHTTPError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ModelError(f"could not fetch model '{repo_id}': {first}") from None
     path = Path(folder)
     if not (path / "config.json").is_file():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from mlx_tune.reporting.records import Reporters, one_line
+from mlx_tune.reporting.records import Reporters, exception_line
 from mlx_tune.reporting.text import JsonlReporter, PlainReporter
 
 
@@ -79,6 +79,6 @@ def start_wandb(output_dir: Path, config: dict[str, Any] | None, others: Reporte
         return WandbReporter(output_dir, config)
     except Exception as exc:  # noqa: BLE001 - any wandb failure: warn, train on
         kept = ", ".join(type(r).__name__ for r in others)
-        others.on_message(f"W&B could not start ({one_line(exc)}); training on without it "
+        others.on_message(f"W&B could not start ({exception_line(exc)}); training on without it "
                           f"(still reporting to: {kept})", "warning")
         return None

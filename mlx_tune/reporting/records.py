@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from mlx_tune.errors import first_line
+
 LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -116,10 +118,10 @@ class NullReporter:
         pass
 
 
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, for errors of libraries that write essays."""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+def exception_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (just ``Type`` when it has none)."""
+    first, kind = first_line(exc), type(exc).__name__
+    return kind if first == kind else f"{kind}: {first}"
 
 
 class Reporters(list):
@@ -148,7 +150,7 @@ class Reporters(list):
             return
         self._failed.add(key)
         name = getattr(rep, "label", type(rep).__name__)
-        text = f"reporter {name}.{method} failed (further failures silenced): {one_line(exc)}"
+        text = f"reporter {name}.{method} failed (further failures silenced): {exception_line(exc)}"
         print(text, file=sys.stderr, flush=True)
         for other in list(self):
             if other is rep:

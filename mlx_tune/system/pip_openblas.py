@@ -17,7 +17,7 @@ private directory, owned by this user, holds symlinks under the names the loader
 and goes first on the re-exec'd process's ``LD_LIBRARY_PATH``. Nothing on the system changes.
 
 Before a wheel's library is used, a child process preloads it and runs a small product
-(``works()``): a build for another CPU dies there (SIGILL), not in the user's run. The
+(``check()``): a build for another CPU dies there (SIGILL), not in the user's run. The
 verdict is cached in the private directory, keyed by the library and the CPU.
 """
 
@@ -174,14 +174,6 @@ def make_private_lib_dir(gfortran: Path) -> Path:
                           + "; ".join(problems) + f"); set {PRIVATE_ENV} to a writable folder")
 
 
-def private_lib_dir(gfortran: Path) -> Path | None:
-    """``make_private_lib_dir``, or None when no usable place can be had."""
-    try:
-        return make_private_lib_dir(gfortran)
-    except OSError:
-        return None
-
-
 # Run in a child with the library preloaded: the preload must be what provides cblas_sgemm
 # (the loader only warns, and carries on without it, when a preload cannot be opened) and
 # must compute a right product. Prints the path of the library that provides it.
@@ -264,8 +256,3 @@ def check(lib: str, lib_dir: Path | None) -> str | None:
         except OSError:
             pass  # not cached: the check runs again next time
     return None
-
-
-def works(lib: str, lib_dir: Path | None) -> bool:
-    """Whether ``lib`` passes ``check``."""
-    return check(lib, lib_dir) is None

@@ -100,7 +100,8 @@ def test_a_linked_private_root_is_refused_and_nothing_is_created_through_it(tmp_
     dangling = tmp_path / "dangling"
     dangling.symlink_to(tmp_path / "outside" / "x")
     monkeypatch.setenv(pip_openblas.PRIVATE_ENV, str(dangling))
-    assert pip_openblas.private_lib_dir(GFORTRAN) is None
+    with pytest.raises(pip_openblas.PrivateDirError):
+        pip_openblas.make_private_lib_dir(GFORTRAN)
     assert list(elsewhere.iterdir()) == [] and not (tmp_path / "outside").exists()
 
 

@@ -62,13 +62,13 @@ def probe(tmp_path: Path, **env: str) -> tuple[dict, str]:
 @needs_pip_openblas
 def test_private_dir_links_libgfortran_under_its_soname(tmp_path, monkeypatch):
     monkeypatch.setenv(pip_openblas.PRIVATE_ENV, str(tmp_path / "cache"))
-    folder = pip_openblas.private_lib_dir(GFORTRAN)
+    folder = pip_openblas.make_private_lib_dir(GFORTRAN)
     assert folder is not None and folder.parent == tmp_path / "cache"
     assert os.path.realpath(folder / "libgfortran.so.5") == os.path.realpath(GFORTRAN)
     # the renamed libquadmath that libgfortran's RPATH ($ORIGIN) will look for beside it
     for dep in GFORTRAN.parent.glob("libquadmath*.so*"):
         assert (folder / dep.name).resolve() == dep.resolve()
-    assert pip_openblas.private_lib_dir(GFORTRAN) == folder  # reused, not rebuilt
+    assert pip_openblas.make_private_lib_dir(GFORTRAN) == folder  # reused, not rebuilt
     assert len(list((tmp_path / "cache").iterdir())) == 1   # no leftover temporary folder
 
 
@@ -76,16 +76,18 @@ def test_private_dir_links_libgfortran_under_its_soname(tmp_path, monkeypatch):
 def test_a_planted_or_writable_private_dir_is_refused(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv(pip_openblas.PRIVATE_ENV, str(root))
-    folder = pip_openblas.private_lib_dir(GFORTRAN)
+    folder = pip_openblas.make_private_lib_dir(GFORTRAN)
     # someone points the link at another library: never put that on the loader's path
     (folder / "libgfortran.so.5").unlink()
     (folder / "libgfortran.so.5").symlink_to("/proc/self/exe")
-    assert pip_openblas.private_lib_dir(GFORTRAN) is None
+    with pytest.raises(pip_openblas.PrivateDirError):
+        pip_openblas.make_private_lib_dir(GFORTRAN)
     (folder / "libgfortran.so.5").unlink()
     (folder / "libgfortran.so.5").symlink_to(GFORTRAN)
-    assert pip_openblas.private_lib_dir(GFORTRAN) == folder
+    assert pip_openblas.make_private_lib_dir(GFORTRAN) == folder
     folder.chmod(0o777)  # writable by others: anyone could add a library
-    assert pip_openblas.private_lib_dir(GFORTRAN) is None
+    with pytest.raises(pip_openblas.PrivateDirError):
+        pip_openblas.make_private_lib_dir(GFORTRAN)
 
 
 @needs_pip_openblas
@@ -93,14 +95,14 @@ def test_a_library_that_cannot_compute_is_not_used(tmp_path, monkeypatch):
     # A build for another CPU would die with SIGILL; a library without cblas_sgemm fails the
     # same child-process check. The real wheel passes, and the verdict is cached.
     monkeypatch.setenv(pip_openblas.PRIVATE_ENV, str(tmp_path / "cache"))
-    folder = pip_openblas.private_lib_dir(GFORTRAN)
+    folder = pip_openblas.make_private_lib_dir(GFORTRAN)
     libc = next(p for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/lib/aarch64-linux-gnu/libm.so.6",
                             "/lib64/libm.so.6") if os.path.exists(p))
-    assert not pip_openblas.works(libc, folder)
+    assert pip_openblas.check(libc, folder) is not None
     assert not list(folder.glob("ok-*"))
-    assert pip_openblas.works(WHEEL[0], folder)
+    assert pip_openblas.check(WHEEL[0], folder) is None
     assert len(list(folder.glob("ok-*"))) == 1
-    assert pip_openblas.works(WHEEL[0], folder)  # from the cache
+    assert pip_openblas.check(WHEEL[0], folder) is None  # from the cache
 
 
 def test_pip_override_skips_the_system_search(monkeypatch):
