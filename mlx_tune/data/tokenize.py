@@ -8,7 +8,6 @@ the side where the full rendering puts it.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -266,13 +265,8 @@ def make_example(record: Record, tokenizer, mask_prompt: bool, max_length: int,
 def tokenize_all(records: Iterable[Record], tokenizer, mask_prompt: bool, max_length: int,
                  name: str, log: Callable[[str], None], limit: str = "max_length"
                  ) -> list[Example]:
-    """Tokenize a dataset; one summary line for truncated and dropped records."""
-    records = iter(records)
-    first = next(records, None)
-    records = itertools.chain([] if first is None else [first], records)
-    if first is not None and first.kind == "unpaired":  # KTO: each with its KL row
-        from mlx_tune.data.unpaired import tokenize_unpaired  # it builds on this module
-        return tokenize_unpaired(records, tokenizer, max_length, name, log)
+    """Tokenize a dataset; one summary line for truncated and dropped records. (Unpaired
+    records go through unpaired.tokenize_split: each borrows another's completion.)"""
     counts, pairs = Truncation(name, max_length, limit), PairCounts(name, max_length)
     out = [ex for r in records
            if (ex := make_example(r, tokenizer, mask_prompt, max_length,

@@ -18,12 +18,13 @@ completion token is dropped and counted. ``batching.pad_unpaired`` lays n exampl
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from mlx_tune.data.tokenize import encode_side
+from mlx_tune.data.tokenize import encode_side, tokenize_all
 
 Row = tuple  # (ids int32 [length], mask uint8 [length])
 
@@ -127,3 +128,15 @@ def tokenize_unpaired(records: Iterable[Any], tokenizer, max_length: int, name: 
     if counts.message():
         log(counts.message())
     return out
+
+
+def tokenize_split(records: Iterable[Any], tokenizer, mask_prompt: bool, max_length: int,
+                   name: str, log: Callable[[str], None], limit: str = "max_length") -> list:
+    """A split's examples in any format: ``tokenize.tokenize_all``, except that unpaired
+    records are tokenized together, each with its KL row."""
+    records = iter(records)
+    first = next(records, None)
+    records = itertools.chain([] if first is None else [first], records)
+    if first is not None and first.kind == "unpaired":
+        return tokenize_unpaired(records, tokenizer, max_length, name, log)
+    return tokenize_all(records, tokenizer, mask_prompt, max_length, name, log, limit)

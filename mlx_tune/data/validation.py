@@ -16,8 +16,8 @@ from mlx_tune.data import seeding
 from mlx_tune.data.batching import bucket, pad_batch, pad_id_of, pad_pairs, pad_unpaired
 from mlx_tune.data.records import (Record, first_format, is_split, iter_lines, iter_records,
                                    parse_line)
-from mlx_tune.data.tokenize import Example, PairExample, tokenize_all, unwrap
-from mlx_tune.data.unpaired import UnpairedExample
+from mlx_tune.data.tokenize import Example, PairExample, unwrap
+from mlx_tune.data.unpaired import UnpairedExample, tokenize_split
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, example_limit, pack_rows
 
@@ -88,7 +88,7 @@ class LazyValidation:
         if self._batches is None:
             spec = self._spec
             limit, setting = example_limit(spec)
-            examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
+            examples = tokenize_split(self._iter_records(), self._tokenizer, spec.mask_prompt,
                                     limit, self.name, self._log, setting)
             if spec.packing:  # packed like training: the same single shape
                 batches = _packed(examples, spec.batch_size, pad_id_of(self._tokenizer),
@@ -134,7 +134,7 @@ def load_eval_file(path: Any, spec: Spec, tokenizer, *,
     """Every record of a test file as length-sorted batches (the last padded with empty
     rows); widths chosen from the file's own lengths unless given."""
     tokenizer = unwrap(tokenizer)
-    examples = tokenize_all(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
+    examples = tokenize_split(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
                             path.split if is_split(path) else Path(path).stem, log)
     if widths is None:
         widths = Widths.choose([ex.length for ex in examples], spec.max_length,
