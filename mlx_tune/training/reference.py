@@ -143,8 +143,9 @@ def compute_reference(backend: Backend, spec: Spec, data: DataBundle, accumulati
             if done / total >= shown + 0.25 and done < total:
                 shown = done / total
                 log(f"reference: {done}/{total} batches, {time.perf_counter() - tic:.0f} s")
+    counts = ", ".join(f"{name} {len(batches)} batches" for name, batches in sets)
     log(f"reference: {len(table.values)} distinct rows scored in "
-        f"{time.perf_counter() - tic:.1f} s ({', '.join(f'{n} {len(b)} batches' for n, b in sets)})")
+        f"{time.perf_counter() - tic:.1f} s ({counts})")
     return table
 
 

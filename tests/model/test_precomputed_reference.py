@@ -1,8 +1,9 @@
-"""preference.reference: precomputed on the tiny model (MLX), against independent references:
+"""preference.reference: precomputed on the tiny model, against independent references:
 from the base model it is the adapter-off policy, so a DPO run gives the same losses and
-metrics either way; from init_adapter it is that adapter's policy, so before any update
-every reward is 0 and the loss ln 2 (while adapter_off would compare with the base
-model); and full fine-tuning, which has no adapter to switch off, trains with it."""
+metrics either way (MLX and torch); from init_adapter (MLX) it is that adapter's policy,
+so before any update every reward is 0 and the loss ln 2 (while adapter_off would compare
+with the base model); and full fine-tuning, which has no adapter to switch off, trains
+with it."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def pairs(tmp_path_factory) -> Path:
     return dest
 
 
-def loaded(spec):
-    backend = make_backend("mlx")
+def loaded(spec, name: str = "mlx"):
+    backend = make_backend(name)
     backend.load(spec, Path(spec.model))
     if spec.init_adapter:
         backend.load_adapter(Path(spec.init_adapter))
@@ -54,10 +55,13 @@ def scored(backend, spec):
     return data, compute_reference(backend, spec, data, 1, log=lambda m: None)
 
 
-def test_from_the_base_model_it_is_the_adapter_off_reference(tiny_spec, pairs):
-    off = tiny_spec(SHORT, data=pairs)
-    pre = tiny_spec(SHORT, data=pairs, **{"preference.reference": "precomputed"})
-    a, b = loaded(off), loaded(pre)
+@pytest.mark.parametrize("name", ["mlx", pytest.param("torch", marks=pytest.mark.torch)])
+def test_from_the_base_model_it_is_the_adapter_off_reference(tiny_spec, pairs, name):
+    if name == "torch":
+        pytest.importorskip("peft")
+    off = tiny_spec(SHORT, data=pairs, torch_threads=1)
+    pre = tiny_spec(SHORT, data=pairs, torch_threads=1, **{"preference.reference": "precomputed"})
+    a, b = loaded(off, name), loaded(pre, name)
     data, table = scored(b, pre)
     # Every chosen and rejected row once (rows that truncation made identical share a key).
     assert 16 < len(table.values) <= 2 * (8 + 4 + 4)
