@@ -175,6 +175,20 @@ def prepare_reference(backend: Backend, spec: Spec, data: DataBundle, accumulati
     return pinned
 
 
+def sweep_reference(backend: Backend, data: DataBundle, steps: int,
+                    accumulation: int) -> DataBundle:
+    """lr-find: the ``steps`` batches the sweep will draw, scored by the model as loaded
+    before its first step (the stream is rewound after), and ``data`` attaching them."""
+    position = data.train.state_dict()
+    table = ReferenceTable({}, {})
+    for _ in range(steps):
+        batch = data.train.next_batch()
+        for part in batch.split(accumulation):
+            table.add(part, backend.score_rows(part))
+    data.train.load_state_dict(position)
+    return with_reference(data, table)
+
+
 # -- every batch that reaches a step or an evaluation carries its values ---------------
 class ReferencedTrain:
     """The training stream, each batch with its rows' reference log-probs attached."""

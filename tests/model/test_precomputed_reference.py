@@ -8,6 +8,7 @@ with it."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from mlx_tune.backends.select import make_backend
 from mlx_tune.data import load_data
-from mlx_tune.training.reference import compute_reference
+from mlx_tune.training.reference import compute_reference, sweep_reference
 
 PREFERENCE = Path(__file__).resolve().parents[2] / "data" / "preference"
 SHORT = {"max_length": 64, "objective": "dpo", "lora": {"rank": 4, "dropout": 0.0},
@@ -91,12 +92,17 @@ def test_from_init_adapter_it_is_that_adapter_s_policy(tiny_spec, pairs, tmp_pat
     backend = loaded(spec)
     data, table = scored(backend, spec)
     try:
-        batch = data.train.next_batch()
+        # lr-find's reference: the sweep's own batches, scored first, the stream rewound.
+        position = data.train.state_dict()
+        swept = sweep_reference(backend, data, 1, 1)
+        assert data.train.state_dict() == position
+        batch = swept.train.next_batch()
+        assert batch.ref_logps == pytest.approx(table.lookup(batch), rel=1e-5)
         # Without the table the step falls back to the adapter switched off: the base
         # model, which is not where this run starts.
-        off = backend.evaluate([batch]).metrics["rewards/chosen"]
+        off = backend.evaluate([replace(batch, ref_logps=None)]).metrics["rewards/chosen"]
         assert abs(off[0] / off[1]) > 1e-3
-        first = floats(backend, backend.step([table.attach(batch)], 1e-3, 0.0))
+        first = floats(backend, backend.step([batch], 1e-3, 0.0))
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
         for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             assert first[name] == pytest.approx(0.0, abs=1e-4), name
