@@ -108,3 +108,35 @@ def test_the_mlx_loss_equals_trls_kto_loss_on_independent_log_probs(kto_pair):
     for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         total, count = result.metrics[name]
         assert total / count == pytest.approx(trl_metrics[name], rel=1e-3, abs=1e-4), name
+
+
+def test_kto_training_moves_each_label_to_its_side_of_the_baseline(tiny_spec, tmp_path):
+    """A short MLX run on a set whose two labels differ in kind (recipe questions answered
+    with the shipped answer's first line, desirable, or with a refusal, undesirable):
+    validation rewards/accuracies, the fraction of examples on the side of the KL baseline
+    their label asks for, rises from 0 (every reward ties the baseline before training)
+    to well above chance, and desirable rewards end above undesirable ones."""
+    import json
+
+    from mlx_tune.data.testing import write_jsonl
+    from mlx_tune.training.recipe import train
+
+    def split(name: str, n: int) -> list[dict]:
+        rows = [json.loads(line) for line in (KTO / f"{name}.jsonl").read_text().splitlines()]
+        return [{"prompt": r["prompt"],
+                 "completion": (r["completion"][0]["content"].split("\n")[0] if i % 2 == 0
+                                else "Sorry, I would rather not talk about food today."),
+                 "label": i % 2 == 0} for i, r in enumerate(rows[:n])]
+    data = tmp_path / "kto"
+    write_jsonl(data / "train.jsonl", split("train", 96))
+    write_jsonl(data / "valid.jsonl", split("valid", 16))
+    spec = tiny_spec(data=data, objective="kto", max_length=64, max_steps=20, eval_steps=10,
+                     val_batches=4, learning_rate=2e-3, checkpoint_interval=20)
+    result = train(spec, resume="fresh", log=lambda m: None)
+    assert result.exit_code == 0, result.reason
+    evals = [json.loads(line) for line in (Path(spec.output_dir) / "metrics.jsonl").open()]
+    evals = [e["metrics"] for e in evals if e.get("type") == "eval"]
+    accuracy = [e["rewards/accuracies"] for e in evals]
+    assert len(evals) == 3 and accuracy[0] == 0.0
+    assert accuracy[-1] >= 0.8, accuracy
+    assert evals[-1]["rewards/chosen"] > evals[-1]["rewards/rejected"], evals[-1]
