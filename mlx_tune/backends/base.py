@@ -254,6 +254,13 @@ class Backend(Collectives, Protocol):
         memory cap); yields what was set; the previous values come back on exit."""
         ...
 
+    def score_rows(self, batch: Batch) -> Any:
+        """Each row's sum of log p(target) over its target tokens, as a float32 numpy
+        array [rows]: the model as it is, in evaluation mode (no dropout), no gradient,
+        the step's own ``row_logps`` (chunked when the step is). The precomputed
+        reference policy (training/reference.py) is these values before step 0."""
+        ...
+
     def trial_step(self, micro_batch: Batch) -> int:
         """One optimizer step on ``micro_batch`` whose effects are then undone (weights,
         optimizer state, EMA, random state: bit for bit); returns its peak memory, bytes."""

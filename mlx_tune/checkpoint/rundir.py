@@ -29,7 +29,7 @@ LOCK_NAME = ".mlx-tune.lock"
 # What a run writes into output_dir (see training/recipe.py and reporting/factory.py).
 RUN_MARKERS = ("spec.yaml", "checkpoints", "adapters", "metrics.jsonl", LOCK_NAME)
 RUN_FILES = RUN_MARKERS + ("adapters_ema", "tensorboard", "lr_find.png", "lr_find.csv",
-                           "mlx-tune-crash.log")
+                           "mlx-tune-crash.log", "reference_logps.safetensors")
 # Signs that a directory is something else that must never be moved aside.
 FOREIGN_MARKERS = (".git", "pyproject.toml", "setup.py", "train.jsonl", "valid.jsonl",
                    "val.jsonl", "config.json", "model.safetensors")

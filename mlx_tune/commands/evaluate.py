@@ -16,11 +16,13 @@ from typing import Callable
 
 from mlx_tune.backends import registry
 from mlx_tune.backends.select import select_backend
+from mlx_tune.checkpoint.reference import TABLE_NAME, MissingRow, ReferenceError, load_table
 from mlx_tune.data.records import DataError
 from mlx_tune.export import ExportError
 from mlx_tune.reporting.text import append_record_or_warn
 from mlx_tune.export.fuse import (adapter_from_checkpoint, check_adapter, checkpoint_dir,
                                    run_spec)
+from mlx_tune.training.reference import uses_precomputed
 from mlx_tune.training.testset import TestResult, find_test_file, score_test
 
 
@@ -73,8 +75,19 @@ def evaluate_run(run_dir: Path, which: str = "final", data: str | None = None,
                 raise ExportError(f"--checkpoint {which}: {e}") from None
     accumulation = resolve_accumulation(run.spec, Path(run.model_path),
                                         run.backend.world_size, log)
+    attach = None
+    if uses_precomputed(run.spec):  # the run's own reference values, never recomputed
+        table = load_table(run_dir / TABLE_NAME)
+
+        def attach(batch):
+            try:
+                return table.attach(batch)
+            except MissingRow:
+                raise ReferenceError(f"{path}: has rows the run's precomputed reference "
+                                     f"({run_dir / TABLE_NAME}) never scored: it covers the "
+                                     "run's own train, validation and test data") from None
     result = score_test(run.spec, backend, accumulation, step if step is not None else -1,
-                        log=log, path=path, weights=which)
+                        log=log, path=path, weights=which, attach=attach)
     append_record_or_warn(run_dir / "metrics.jsonl", {
         "type": "test", **asdict(result), "checkpoint": which, "source": str(source),
         "wall_time": time.time()}, warn)

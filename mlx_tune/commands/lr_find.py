@@ -208,6 +208,7 @@ def run_lr_find(spec: Spec, backend: Any, data: Any, start_lr: float, end_lr: fl
 
 def lr_find_cli(spec: Spec, args: Any) -> int:
     """`mlx-tune lr-find`: load the model and data as `train` would, sweep, report."""
+    from mlx_tune.training.reference import sweep_reference, uses_precomputed
     from mlx_tune.training.setup import setup
 
     start, end, steps = args.start_lr, args.end_lr, args.steps
@@ -225,6 +226,8 @@ def lr_find_cli(spec: Spec, args: Any) -> int:
         run.load()
         spec, backend, data = run.spec, run.backend, run.data
         try:
+            if uses_precomputed(spec):  # the reference is the model before the sweep
+                data = sweep_reference(backend, data, steps, run.accumulation)
             result = run_lr_find(spec, backend, data, start, end, steps,
                                  accumulation=run.accumulation)
         finally:

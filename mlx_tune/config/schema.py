@@ -114,14 +114,18 @@ class EarlyStoppingSpec:
 
 
 OBJECTIVE_NAMES = ("sft", "dpo", "orpo", "simpo", "kto")
+REFERENCE_MODES = ("auto", "adapter_off", "precomputed")
 
 
 @dataclass(frozen=True)
 class PreferenceSpec:
     """Preference objectives' settings, with TRL's names (label_smoothing is the spec's own).
 
-    dpo's reference policy is the model with its LoRA/DoRA adapter switched off (no second
-    model in memory), which is why dpo needs an adapter and a start from the base model."""
+    ``reference`` (dpo, kto): ``adapter_off`` is the same model with its LoRA/DoRA adapter
+    switched off (no second model in memory); ``precomputed`` scores every row once with
+    the model as loaded, before step 0, into the run directory (training/reference.py);
+    ``auto`` is adapter_off for an adapter trained from the base model, precomputed for
+    full fine-tuning and for a start from ``init_adapter``."""
 
     beta: float = _f(0.1, "dpo/kto: strength of the pull toward the reference; orpo: weight "
                      "of the odds-ratio term; simpo: reward scale (the SimPO paper tunes "
@@ -131,6 +135,10 @@ class PreferenceSpec:
     simpo_gamma: float = _f(0.5, "simpo: target reward margin", low=0)
     desirable_weight: float = _f(1.0, "kto: weight of desirable examples", low=0)
     undesirable_weight: float = _f(1.0, "kto: weight of undesirable examples", low=0)
+    reference: str = _f("auto", "dpo/kto: the reference policy: adapter_off (the base model "
+                        "under the adapter), precomputed (log-probs stored before step 0) "
+                        "or auto (precomputed for full fine-tuning and init_adapter)",
+                        choices=REFERENCE_MODES)
 
 
 @dataclass(frozen=True)

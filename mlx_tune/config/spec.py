@@ -255,15 +255,33 @@ def preference_settings(spec: Spec) -> PreferenceSettings:
                               undesirable_weight=p.undesirable_weight)
 
 
+def reference_mode(spec: Spec) -> str | None:
+    """The reference policy a run uses: None for an objective that has none (sft, orpo,
+    simpo); 'auto' resolved to 'precomputed' for full fine-tuning and for a start from
+    init_adapter (the model as loaded is then the reference, and switching an adapter off
+    would give the base model instead), else to 'adapter_off'."""
+    if not get_objective(spec.objective).needs_reference:
+        return None
+    mode = spec.preference.reference
+    if mode == "auto":
+        return "precomputed" if spec.fine_tune_type == "full" or spec.init_adapter \
+            else "adapter_off"
+    return mode
+
+
 def check_objective(spec: Spec, where: str) -> None:
     """What an objective cannot combine with, said before anything loads: settings it
-    would ignore (the objective's own check), packing, augmentation, a missing reference."""
+    would ignore (the objective's own check), packing, augmentation, a reference policy
+    that cannot be the one asked for."""
     try:
         get_objective(spec.objective).check(preference_settings(spec))
     except ValueError as e:
         key = str(e).split(":")[0]
         raise SpecError(f"{where}: " + ("preference." if key in PREFERENCE_KEYS else "")
                         + str(e)) from None
+    if not get_objective(spec.objective).needs_reference and spec.preference.reference != "auto":
+        raise SpecError(f"{where}: preference.reference: objective {spec.objective} does not "
+                        "use it (it has no reference policy); leave it at auto")
     if spec.objective == "sft":
         return
     if spec.packing:
@@ -277,18 +295,21 @@ def check_objective(spec: Spec, where: str) -> None:
         raise SpecError(f"{where}: objective 'kto' is not trainable yet: its unpaired batches "
                         "(prompt/completion/label with mismatched KL rows) have no data path "
                         "and step feed; use dpo, orpo or simpo")
-    if get_objective(spec.objective).needs_reference:
-        # The reference is the same model with its adapter off (backends/*/logps.py).
-        if spec.fine_tune_type == "full":
-            raise SpecError(f"{where}: '{spec.objective}' with fine_tune_type: full has no "
-                            "adapter to switch off for its reference policy, and precomputed "
-                            "reference log-probs are not available; use lora or dora, or "
-                            "orpo/simpo (no reference)")
-        if spec.init_adapter:
-            raise SpecError(f"{where}: '{spec.objective}' from init_adapter would take the base "
-                            "model, not that adapter, as its reference (precomputed reference "
-                            "log-probs are not available); use orpo or simpo, which need no "
-                            "reference")
+    mode = reference_mode(spec)
+    if mode == "adapter_off" and spec.fine_tune_type == "full":
+        raise SpecError(f"{where}: preference.reference: adapter_off needs a LoRA/DoRA "
+                        "adapter to switch off, and fine_tune_type full has none; use "
+                        "precomputed (or auto)")
+    if mode == "adapter_off" and spec.init_adapter:
+        raise SpecError(f"{where}: preference.reference: adapter_off would take the base "
+                        "model, not init_adapter's, as the reference policy; use precomputed "
+                        "(or auto)")
+    if mode == "precomputed" and spec.streaming:
+        raise SpecError(f"{where}: preference.reference: precomputed scores every training "
+                        "row before step 0, which 'streaming' never holds at once; turn "
+                        "streaming off" + (" (or use reference adapter_off)"
+                                           if spec.fine_tune_type != "full"
+                                           and not spec.init_adapter else ""))
 
 
 def finalize(spec: Spec) -> Spec:

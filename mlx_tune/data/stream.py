@@ -56,6 +56,12 @@ class TrainStream:
     def mode(self) -> str:
         return self._source.mode
 
+    @property
+    def source(self):
+        """The source batches come from (a MemorySource's ``examples`` are every
+        training row, which the precomputed reference scores before step 0)."""
+        return self._source
+
     def steps_per_epoch(self) -> int:
         """Optimizer steps in one pass over the training data (num_epochs -> max_steps)."""
         return self._source.steps_per_epoch()

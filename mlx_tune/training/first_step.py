@@ -24,6 +24,7 @@ import numpy as np
 
 from mlx_tune.backends.base import Backend
 from mlx_tune.config.schema import Spec
+from mlx_tune.config.spec import reference_mode
 from mlx_tune.data.batch import Batch
 from mlx_tune.training.planner import ModelShape, divisors, estimate
 
@@ -72,7 +73,10 @@ def check_first_step(backend: Backend, spec: Spec, data: Any, accumulation: int,
     micro = max(spec.batch_size // backend.world_size // accumulation, 1)
     widths = getattr(data, "widths", None)
     width = widths.fit(widths.max_length) if widths is not None else spec.max_length
-    peak = backend.trial_step(widest_batch(micro, width, spec.packing))
+    batch = widest_batch(micro, width, spec.packing)
+    if reference_mode(spec) == "precomputed":  # the step's inputs include the reference's
+        batch = replace(batch, ref_logps=np.zeros(len(batch.tokens), np.float32))
+    peak = backend.trial_step(batch)
     shape = _shape(model_dir)
     predicted = None
     if shape is not None:

@@ -56,7 +56,7 @@ class Trainer:
     def __init__(self, spec: Spec, backend: Backend, data: Any, reporters: Reporters,
                  manager: CheckpointManager | None, schedule: Callable[[int], float],
                  accumulation: int, *, fingerprint: dict | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, extra_meta: dict | None = None):
         self.spec, self.backend, self.data, self.reporters = spec, backend, data, reporters
         self.manager, self.schedule, self.accumulation = manager, schedule, accumulation
         progress = progress or Progress.fresh(spec)
@@ -80,6 +80,9 @@ class Trainer:
         self._shapes_warned = False
         # Stored in every checkpoint: the recipe's includes the data content hash.
         self.fingerprint: dict = fingerprint if fingerprint is not None else spec_fingerprint(spec)
+        # Also stored in every checkpoint: what the run pins (the precomputed reference's
+        # sha256, training/reference.py).
+        self.extra_meta: dict = dict(extra_meta or {})
 
     # -- checkpoint state -----------------------------------------------------------
     def checkpoint_meta(self) -> dict:
@@ -89,7 +92,7 @@ class Trainer:
                 "last_val_loss": s.last_val_loss, "data": self.data.train.state_dict(),
                 "early_stopping": self.stopper.state_dict(),
                 "rng": python_rng_state(), "fingerprint": self.fingerprint,
-                "spec": to_dict(self.spec), "world_size": self.world_size}
+                "spec": to_dict(self.spec), "world_size": self.world_size, **self.extra_meta}
 
     def save(self, *, best: bool = False) -> bool:
         """Save through the manager; a failure is reported and training goes on."""

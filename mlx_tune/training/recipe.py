@@ -35,6 +35,8 @@ from mlx_tune.system.gpu_watchdog import watchdog_status
 from mlx_tune.training.first_step import check_first_step
 from mlx_tune.training.memory import limits_for
 from mlx_tune.training.planner import budget_bytes
+from mlx_tune.training.reference import (PinnedReference, attach_of, prepare_reference,
+                                         resumed_reference, uses_precomputed, with_reference)
 from mlx_tune.training.loop import RunResult, Trainer
 from mlx_tune.training.schedules import build_schedule, effective_lr_args
 from mlx_tune.training.setup import Setup, setup
@@ -84,6 +86,7 @@ class OpenedRun:
     manager: CheckpointManager | None
     fingerprint: dict
     loaded: Loaded | None
+    reference: PinnedReference | None = None  # rank 0, resuming a precomputed reference
 
 
 def _open_run(run: Setup, output_dir: Path, data_fp: dict, resume: str,
@@ -106,11 +109,15 @@ def _open_run(run: Setup, output_dir: Path, data_fp: dict, resume: str,
                                harmless_fields=RESUME_REPORTED_FIELDS, output_dir=output_dir,
                                overridable_fields=RESUME_CAUTION_FIELDS,
                                allow_changes=accept_changes, check=_check_loaded)
+    # The reference log-probs a checkpoint pinned, checked before the model loads: a
+    # trained model can never recompute them.
+    reference = resumed_reference(output_dir, loaded, spec) \
+        if loaded is not None and uses_precomputed(spec) else None
     # Distributed runs: every rank restores rank 0's checkpoint. Any run: says so when
     # the checkpoint was written by another number of ranks.
     loaded = share_resume_point(backend, loaded, output_dir, spec, log)
     faults.install(manager)
-    return OpenedRun(manager, current, loaded)
+    return OpenedRun(manager, current, loaded, reference)
 
 
 def _build_trainer(run: Setup, opened: OpenedRun,
@@ -123,6 +130,12 @@ def _build_trainer(run: Setup, opened: OpenedRun,
     spec, data = run.spec, run.data
     if is_main:
         write_spec(spec, output_dir)
+    pins: dict = {}
+    if uses_precomputed(spec):  # before any step, evaluation or first-step check
+        reference = prepare_reference(run.backend, spec, data, run.accumulation, output_dir,
+                                      opened.reference, opened.loaded is not None, is_main, log)
+        run.data = data = with_reference(data, reference.table)
+        pins = reference.pin()
     if spec.num_epochs is not None:
         per_epoch = data.train.steps_per_epoch()
         spec = with_epochs(spec, per_epoch)
@@ -140,7 +153,8 @@ def _build_trainer(run: Setup, opened: OpenedRun,
                                is_main_rank=is_main)
     trainer = Trainer(spec, run.backend, data, reporters, opened.manager,
                       build_schedule(spec.lr_schedule, **effective_lr_args(spec)),
-                      run.accumulation, fingerprint=opened.fingerprint, progress=progress)
+                      run.accumulation, fingerprint=opened.fingerprint, progress=progress,
+                      extra_meta=pins)
     return trainer, reporters, loaded.step if loaded else None
 
 
@@ -182,7 +196,8 @@ def _run_guarded(run: Setup, trainer: Trainer, reporters: Reporters, resume_step
                 result = _write_adapters(backend, spec, output_dir, trainer, result)
             if spec.test_at_end and result.exit_code == 0:
                 score = score_test(spec, backend, run.accumulation, result.step, trainer.data,
-                                   log=lambda m: reporters.on_message(m))
+                                   log=lambda m: reporters.on_message(m),
+                                   attach=attach_of(trainer.data))
                 if score is not None:
                     reporters.on_message(score.line())
                     reporters.on_test(score)

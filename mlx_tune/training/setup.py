@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from mlx_tune.backends.base import Backend, ModelInfo
 from mlx_tune.backends.select import make_backend, select_backend
 from mlx_tune.config.schema import Spec, SpecError
@@ -61,6 +63,7 @@ class Setup:
 def setup(spec: Spec, log: Callable[[str], None] = print) -> Setup:
     """Checks that need no model, the backend, and the model's local path."""
     require(spec, "model", "data")
+    check_init_adapter(spec.init_adapter)
     spec = replace(spec, backend=select_backend(spec.backend))
     backend = make_backend(spec.backend)
     is_main = backend.rank == 0
@@ -70,6 +73,27 @@ def setup(spec: Spec, log: Callable[[str], None] = print) -> Setup:
     resolved = resolve_model(spec.model, quantize=spec.quantize, backend=spec.backend,
                              trust_remote_code=spec.trust_remote_code, log=log)
     return Setup(spec, backend, resolved.path, is_main, log)
+
+
+def check_init_adapter(path: str | None) -> None:
+    """A missing init_adapter is one line before anything loads, naming the shipped
+    config that trains it when there is one (configs/dpo.yaml starts from the
+    quickstart's adapter)."""
+    if not path or Path(path).is_dir():
+        return
+    run_dir = Path(path).parent
+    makers = []
+    for config in sorted(Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []:
+        try:
+            found = yaml.safe_load(config.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(found, dict) and found.get("output_dir") and \
+                Path(str(found["output_dir"])) == run_dir:
+            makers.append(config)
+    hint = (f"run `mlx-tune train --config {makers[0]}` first" if makers else
+            f"train it first (a run whose output_dir is {run_dir} writes it)")
+    raise SpecError(f"init_adapter: {path} does not exist; {hint}")
 
 
 def resolve_accumulation(spec: Spec, model_dir: Path, world_size: int,

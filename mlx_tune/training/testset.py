@@ -13,10 +13,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mlx_tune.config.schema import Spec
 from mlx_tune.data import load_eval_file
+from mlx_tune.data.batch import Batch
 from mlx_tune.data.hf import find_data, is_dataset
 from mlx_tune.data.records import find_test_only
 
@@ -51,12 +52,14 @@ def find_test_file(spec: Spec):
 
 
 def score_test(spec: Spec, backend, accumulation: int, step: int,
-               data=None, log=print, *, path=None, weights: str = "final") -> Optional[TestResult]:
+               data=None, log=print, *, path=None, weights: str = "final",
+               attach: Optional[Callable[[Batch], Batch]] = None) -> Optional[TestResult]:
     """Evaluate the backend's current weights on the test file (or ``path``: a JSONL file
     or a dataset split); None when there is none. ``weights`` names what is scored.
 
     Every rank scores every test batch (the backend sums across ranks, and the mean of
     identical sums is the same): simple, and the test set is small next to training.
+    ``attach``: gives each batch its precomputed reference log-probs (training/reference.py).
     """
     path = find_test_file(spec) if path is None else path
     if path is None:
@@ -67,6 +70,8 @@ def score_test(spec: Spec, backend, accumulation: int, step: int,
                              widths=getattr(data, "widths", None))
     if spec.test_batches >= 0:
         batches = batches[:spec.test_batches]
+    if attach is not None:
+        batches = [attach(b) for b in batches]
     # The training micro-batch shapes, as the loop evaluates: no new compiled traces.
     batches = [m for b in batches
                for m in (b.split(accumulation) if b.size % accumulation == 0 else [b])]

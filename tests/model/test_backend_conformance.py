@@ -165,6 +165,20 @@ def test_evaluation_counts_the_mask_s_targets(entry, tiny_model, tiny_spec):
     assert m.cache >= 0 and m.footprint >= m.active and backend.compiled_shapes() >= 0
 
 
+def test_row_scores_are_the_evaluation_s_log_probs_row_by_row(entry, tiny_model, tiny_spec):
+    # score_rows (the precomputed reference's pass) against evaluate's sft loss sum, and
+    # each row scored alone, padded wider, against its score in the batch.
+    backend = loaded(entry, spec_for(entry, tiny_spec), tiny_model)
+    batch = batches(1, seed=2)[0]
+    scores = backend.score_rows(batch)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float32
+    assert scores.shape == (2,) and (scores < 0).all()
+    assert -scores.sum() == pytest.approx(backend.evaluate([batch]).loss_sum, rel=1e-5)
+    wide = Batch(np.zeros((2, 16), np.int32), np.zeros((2, 16), np.float32))
+    wide.tokens[:, :12], wide.mask[:, :12] = batch.tokens[::-1], batch.mask[::-1]
+    assert backend.score_rows(wide) == pytest.approx(scores[::-1], rel=1e-5)
+
+
 def test_the_trial_step_measures_and_changes_nothing(entry, tiny_model, tiny_spec):
     # The first-step memory check (training/first_step.py): a step whose effects are
     # undone, so the steps after it match a backend's that never ran it, bit for bit.

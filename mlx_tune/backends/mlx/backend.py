@@ -27,6 +27,7 @@ from mlx_tune.backends.mlx import chunked_loss
 from mlx_tune.backends.mlx.base_model import load_base
 from mlx_tune.backends.mlx.codec import MlxCodec
 from mlx_tune.backends.mlx.collectives import MlxCollectives
+from mlx_tune.backends.mlx.logps import row_logps
 from mlx_tune.backends.mlx.memory import device_info, memory_limits
 from mlx_tune.backends.mlx.step import CompiledStep, make_optimizer
 from mlx_tune.config.schema import Spec
@@ -137,6 +138,16 @@ class MLXBackend(MlxCollectives):
                    for i, name in enumerate(self.step_fn.metric_names)}
         return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
                           metrics=metrics)
+
+    def score_rows(self, batch: Batch) -> np.ndarray:
+        self.model.eval()
+        try:
+            arrays = arrays_of(batch)
+            rows = row_logps(self.model, arrays["tokens"], arrays["mask"],
+                             arrays.get("segments"), chunked=self.step_fn.config.chunked_loss)
+            return np.array(mx.stop_gradient(rows.logps).astype(mx.float32))
+        finally:
+            self.model.train()
 
     def trial_step(self, micro_batch: Batch) -> int:
         # MLX arrays are immutable: the step rebinds the state, so the arrays themselves

@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -120,6 +121,9 @@ class TorchBackend(TorchCollectives):
         self._memory.trim()
         return StepResult(loss=loss, tokens=ntok, grad_norm=norm, finite=finite, count=count,
                           metrics=metrics)
+
+    def score_rows(self, batch: Batch) -> np.ndarray:
+        return self.step_fn.score_rows(batch, self.guard.inference(self.model))
 
     def trial_step(self, micro_batch: Batch) -> int:
         # The optimizer and the parameters are updated in place: keep copies.

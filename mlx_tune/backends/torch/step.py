@@ -168,6 +168,15 @@ class TorchStep:
         loss, norm, finite = self.update(loss_sum, count, lr, noise_std, metrics)
         return loss, ntok, norm, finite, count, metrics
 
+    def score_rows(self, batch: Batch, inference: Any) -> np.ndarray:
+        """Each row's target log-prob sum (``Backend.score_rows``), under ``inference``
+        (the backend's evaluation mode and no_grad)."""
+        arrays = device_arrays(batch, self.device)
+        with inference, self.autocast():
+            rows = row_logps(self.forward, arrays["tokens"], arrays["mask"],
+                             arrays.get("positions"), tap=self.tap)
+        return rows.logps.detach().float().cpu().numpy()
+
     def eval_batch(self, batch: Batch) -> tuple[torch.Tensor, tuple[str, ...]]:
         """Evaluation sums as one vector (loss_sum, count, then each metric's sum and
         count), and the metric names."""

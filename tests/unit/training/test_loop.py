@@ -145,6 +145,11 @@ class FakeBackend:
                                                           "entropy": (n, n)})
         return total
 
+    def score_rows(self, batch: Batch) -> np.ndarray:
+        # Each row's share of evaluate()'s loss sum, negated: a log-prob sum.
+        per_token = self.val_loss(int(self.opt["t"])) + float(self.w.sum())
+        return (-per_token * batch.mask[:, 1:].sum(axis=1)).astype(np.float32)
+
     def to_floats(self, values: Sequence[Any]) -> list[float]:
         return [v._value if isinstance(v, Lazy) else float(v) for v in values]
 
