@@ -40,9 +40,15 @@ early_stopping: {{warmup: 1000}}
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_model, recipes) -> Path:
+def data(tmp_path_factory, recipe_slice) -> Path:
+    """One epoch of the recipes (16 steps x 4 rows): every start tokenizes 64 rows, not 1500."""
+    return recipe_slice(tmp_path_factory.mktemp("data"), train=64, valid=4, test=4)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, tiny_model, data) -> Path:
     path = tmp_path_factory.mktemp("spec") / "spec.yaml"
-    path.write_text(SPEC.format(model=tiny_model, data=recipes))
+    path.write_text(SPEC.format(model=tiny_model, data=data))
     return path
 
 
@@ -180,11 +186,11 @@ def test_three_failed_saves_in_a_row_stop_the_run(config, tmp_path, subprocess_e
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, tiny_model, recipes) -> tuple[Path, tuple[dict, dict]]:
+def packed(tmp_path_factory, tiny_model, data) -> tuple[Path, tuple[dict, dict]]:
     """The same run with packing on: rows of 256 tokens, one compiled shape."""
     import os
     path = tmp_path_factory.mktemp("packed-spec") / "spec.yaml"
-    path.write_text(SPEC.format(model=tiny_model, data=recipes) + "packing: true\n"
+    path.write_text(SPEC.format(model=tiny_model, data=data) + "packing: true\n"
                     "pack_length: 256\n")
     out = tmp_path_factory.mktemp("packed-uninterrupted") / "run"
     run_to_end(path, out, {**os.environ, "HF_HUB_OFFLINE": "1"})
