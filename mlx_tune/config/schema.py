@@ -31,7 +31,7 @@ def _f(default: Any, help: str, *, low: float | None = None, high: float | None 
 TRACKERS = ("tensorboard", "wandb")
 # Record fields that data_fields can map to Hugging Face dataset columns.
 DATA_FIELDS = ("messages", "conversations", "tools", "prompt", "completion", "text", "quality",
-               "difficulty", "chosen", "rejected")
+               "difficulty", "chosen", "rejected", "label")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_AUGMENT_TEMPLATES = ["Create a recipe: {text}", "Recipe for: {text}",
                              "{text}", "Please help me with this: {text}"]

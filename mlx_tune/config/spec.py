@@ -291,10 +291,10 @@ def check_objective(spec: Spec, where: str) -> None:
     if spec.augmentation.enabled:
         raise SpecError(f"{where}: 'augmentation' rewrites sft prompts only; turn it off for "
                         f"'{spec.objective}'")
-    if spec.objective == "kto":
-        raise SpecError(f"{where}: objective 'kto' is not trainable yet: its unpaired batches "
-                        "(prompt/completion/label with mismatched KL rows) have no data path "
-                        "and step feed; use dpo, orpo or simpo")
+    if spec.objective == "kto" and spec.streaming:
+        raise SpecError(f"{where}: 'streaming' reads records in a shuffled order, but kto "
+                        "pairs each example with the next record's completion in file order "
+                        "(its KL rows, fixed before training); turn streaming off")
     mode = reference_mode(spec)
     if mode == "adapter_off" and spec.fine_tune_type == "full":
         raise SpecError(f"{where}: preference.reference: adapter_off needs a LoRA/DoRA "

@@ -7,7 +7,8 @@
     bundle.close()
 
 Modules: ``records`` (readers, validation), ``tokenize`` (chat template, masks,
-truncation), ``batching`` (buckets, padding), ``filters`` (curriculum, quality),
+truncation), ``unpaired`` (KTO examples and their KL rows), ``batching`` (buckets,
+padding), ``filters`` (curriculum, quality),
 ``augment``, ``hf`` (Hugging Face datasets), ``sources`` (in-memory epochs, streaming passes), ``stream`` (TrainStream,
 prefetch), ``validation`` (LazyValidation, test files), ``seeding``.
 """
@@ -27,7 +28,8 @@ from mlx_tune.data.records import (DataError, DataFiles, Record, content_hash, f
                                    read_records)
 from mlx_tune.data.sources import MemorySource, Settings, StreamingSource
 from mlx_tune.data.stream import TrainStream
-from mlx_tune.data.tokenize import tokenize_all, unwrap
+from mlx_tune.data.tokenize import unwrap
+from mlx_tune.data.unpaired import tokenize_split
 from mlx_tune.data.validation import LazyValidation, load_eval_file
 from mlx_tune.data.widths import Widths
 
@@ -142,7 +144,7 @@ def _in_memory(files: DataFiles, spec: Spec, settings: Settings, holdout: Option
     if holdout:
         held = [r for r in records if seeding.held_out(spec.seed, r.line, holdout)]
         records = [r for r in records if not seeding.held_out(spec.seed, r.line, holdout)]
-    examples = tokenize_all(records, settings.tokenizer, spec.mask_prompt, settings.max_length,
+    examples = tokenize_split(records, settings.tokenizer, spec.mask_prompt, settings.max_length,
                             "train", log, settings.length_setting)
     chosen = Widths.choose([ex.length for ex in examples], spec.max_length,
                            mode=spec.bucket_widths,

@@ -19,9 +19,12 @@ class Batch:
     the per-token log-probabilities by ``mask[:, 1:]``; the objective turns each row's
     sums into a loss sum, divided by the count of the whole optimizer step.
 
-    A paired batch (dpo, orpo, simpo) holds 2n rows: the n chosen completions, then
-    their n rejected ones, in the same order (each row is prompt + completion; the mask
-    covers the completion only). Splitting keeps every pair in one part.
+    A paired batch (``paired``: two rows per example) holds 2n rows, each prompt +
+    completion with the mask on the completion only: for dpo, orpo and simpo the n chosen
+    completions, then their n rejected ones in the same order; for kto (``labels`` set)
+    the n examples, then their n KL rows (each prompt with another example's completion,
+    fixed by data/unpaired.py), and ``labels[i]`` 1.0 when example i is desirable, 0.0
+    when not. Splitting and sharding keep each example with its second row and its label.
     """
 
     tokens: np.ndarray  # int32 [B, T]
@@ -32,6 +35,8 @@ class Batch:
     paired: bool = False
     # The precomputed reference policy's log-prob sum of each row (float32 [B]).
     ref_logps: Optional[np.ndarray] = None
+    # KTO only: float32 [n], one per example (not per row).
+    labels: Optional[np.ndarray] = None
 
     @property
     def n_targets(self) -> int:
@@ -50,17 +55,19 @@ class Batch:
             out["segments"] = self.segments
         if self.ref_logps is not None:
             out["ref_logps"] = self.ref_logps
+        if self.labels is not None:
+            out["labels"] = self.labels
         return out
 
     def rows(self, picks: list[np.ndarray]) -> "Batch":
-        """The batch of the examples at ``picks`` (indices into examples, for a paired
-        batch each brings its chosen and its rejected row)."""
-        idx = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
-        if self.paired:
-            idx = np.concatenate([idx, idx + self.size])
+        """The batch of the examples at ``picks`` (indices into examples; in a paired
+        batch each brings both its rows, and its label)."""
+        examples = np.concatenate(picks) if picks else np.zeros(0, dtype=np.int64)
+        idx = np.concatenate([examples, examples + self.size]) if self.paired else examples
         take = (lambda a: None if a is None else a[idx])
         return Batch(self.tokens[idx], self.mask[idx], take(self.segments), self.paired,
-                     take(self.ref_logps))
+                     take(self.ref_logps),
+                     None if self.labels is None else self.labels[examples])
 
     def split(self, parts: int) -> list["Batch"]:
         """Equal micro-batches along the batch axis (gradient accumulation, sharding)."""

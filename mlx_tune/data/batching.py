@@ -77,3 +77,13 @@ def pad_pairs(pairs: Sequence, pad_id: int, max_length: int,
     rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     b = pad_batch(rows, pad_id, max_length, widths)
     return Batch(b.tokens, b.mask, paired=True)
+
+
+def pad_unpaired(examples: Sequence, pad_id: int, max_length: int,
+                 widths: Optional[Widths] = None) -> Batch:
+    """KTO's 2n rows at one width: the examples, then their KL rows in the same order
+    (data/unpaired.py), and each example's label (1.0 desirable, 0.0 undesirable)."""
+    rows = [ex.row for ex in examples] + [ex.kl_row for ex in examples]
+    b = pad_batch(rows, pad_id, max_length, widths)
+    labels = np.array([1.0 if ex.label else 0.0 for ex in examples], dtype=np.float32)
+    return Batch(b.tokens, b.mask, paired=True, labels=labels)

@@ -168,9 +168,10 @@ def uses_tools(messages: Optional[tuple], tools: Optional[tuple]) -> bool:
     return bool(tools) or any(m["role"] == "tool" or "tool_calls" in m for m in messages or ())
 
 
-# -- preference records (tokenize.make_pair tokenizes them) -------------------------
+# -- preference records (tokenize.make_pair and unpaired.make_unpaired tokenize them) --
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
+UNPAIRED_FIELDS = ("prompt", "completion", "label")
 
 
 def _prompt(value: Any) -> tuple:
@@ -207,3 +208,18 @@ def parse_preference(obj: dict) -> dict:
     return {"messages": _prompt(obj["prompt"]), "chosen": _completion(obj["chosen"], "chosen"),
             "rejected": _completion(obj["rejected"], "rejected"),
             "tools": parse_tools(obj.get("tools"))}
+
+
+def parse_unpaired(obj: dict) -> dict:
+    """The Record fields of an unpaired (KTO) record: a prompt, one completion and a JSON
+    boolean ``label`` (true: desirable); MessageError says what is wrong."""
+    missing = [k for k in UNPAIRED_FIELDS if k not in obj or obj[k] is None]
+    if missing:
+        raise MessageError("unpaired records need 'prompt', 'completion' and 'label'; "
+                           f"'{missing[0]}' is missing")
+    if not isinstance(obj["label"], bool):
+        raise MessageError("'label' must be true (a desirable completion) or false (an "
+                           f"undesirable one), got {json.dumps(obj['label'])[:40]}")
+    return {"messages": _prompt(obj["prompt"]),
+            "completion": _completion(obj["completion"], "completion"),
+            "label": obj["label"], "tools": parse_tools(obj.get("tools"))}

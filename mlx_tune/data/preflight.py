@@ -21,6 +21,7 @@ from mlx_tune.config.schema import Spec
 from mlx_tune.data.messages import uses_tools
 from mlx_tune.data.hf import find_data
 from mlx_tune.data.tokenize import PairCounts, make_pair
+from mlx_tune.data.unpaired import UnpairedCounts, kl_donors, make_unpaired
 from mlx_tune.data.records import DataError, Record, is_split, iter_records
 from mlx_tune.data.tokenize import check_tool_template, unwrap
 
@@ -64,17 +65,41 @@ def _records(path, first_only: bool) -> Iterator[Record]:
 
 
 PAIRED_OBJECTIVES = ("dpo", "orpo", "simpo")
+UNPAIRED_OBJECTIVES = ("kto",)
 
 
 def check_kind(spec: Spec, record: Record) -> None:
-    """The objective and the data must agree: pairs for a paired objective, and only there."""
-    paired = spec.objective in PAIRED_OBJECTIVES
+    """The objective and the data must agree: pairs for a paired objective, labelled
+    completions for kto, and each only there."""
+    paired, unpaired = spec.objective in PAIRED_OBJECTIVES, spec.objective in UNPAIRED_OBJECTIVES
     if paired and record.kind != "preference":
         raise DataError(f"{record.where}: objective '{spec.objective}' needs preference "
                         f"records ('prompt', 'chosen', 'rejected'), not {record.kind} records")
+    if unpaired and record.kind != "unpaired":
+        raise DataError(f"{record.where}: objective '{spec.objective}' needs unpaired records "
+                        f"('prompt', 'completion', 'label'), not {record.kind} records")
     if not paired and record.kind == "preference":
         raise DataError(f"{record.where}: a preference record ('chosen'/'rejected') but the "
                         f"objective is '{spec.objective}'; set objective: dpo, orpo or simpo")
+    if not unpaired and record.kind == "unpaired":
+        raise DataError(f"{record.where}: an unpaired record ('completion'/'label') but the "
+                        f"objective is '{spec.objective}'; set objective: kto")
+
+
+def _check_unpaired(spec: Spec, tokenizer, records: list[Record], path: str,
+                    log: Callable[[str], None]) -> None:
+    """Tokenize every training example and its KL row as training will: counts, the
+    label-class warning, and a refusal when no example has room for its completion."""
+    counts = UnpairedCounts("train", spec.max_length)
+    for record, donor in zip(records, kl_donors(records)):
+        make_unpaired(record, donor.completion, tokenizer, spec.max_length, counts)
+    for line in (counts.message(), counts.label_warning()):
+        if line:
+            log(f"{path}: {line}")
+    if counts.seen and counts.no_room == counts.seen:
+        raise DataError(f"{path}: every example's prompt leaves no room for its completion "
+                        f"within max_length={spec.max_length} (the first at "
+                        f"{counts.first_no_room}); raise max_length")
 
 
 def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> list[FileReport]:
@@ -87,13 +112,17 @@ def check_data(spec: Spec, tokenizer, log: Callable[[str], None] = print) -> lis
             continue
         first_only = path is not files.train  # evaluation files stay lazy (module docstring)
         report = FileReport(str(path if is_split(path) else Path(path)))
-        pairs = PairCounts("train", spec.max_length)
+        pairs, unpaired = PairCounts("train", spec.max_length), []
         for record in _records(path, first_only):
             if not report.records:
                 check_kind(spec, record)
             report.add(record)
             if record.kind == "preference" and not first_only:
                 make_pair(record, tokenizer, spec.max_length, pairs)
+            if record.kind == "unpaired" and not first_only:
+                unpaired.append(record)
+        if unpaired:
+            _check_unpaired(spec, tokenizer, unpaired, report.path, log)
         if pairs.message():
             log(f"{report.path}: {pairs.message()}")
         if pairs.seen and pairs.no_room == pairs.seen:

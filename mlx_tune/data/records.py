@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from mlx_tune.data.messages import (ROLES, MessageError, from_sharegpt, parse_messages,
-                                    parse_preference, parse_tools)
+                                    parse_preference, parse_tools, parse_unpaired)
 from mlx_tune.errors import UserError
 
-FORMATS = ("chat", "completions", "text", "preference")
+FORMATS = ("chat", "completions", "text", "preference", "unpaired")
 VALID_NAMES = ("valid.jsonl", "val.jsonl")
 
 
@@ -33,7 +33,7 @@ class Record:
     """One parsed record. Completions are stored as a two-turn conversation."""
 
     line: int  # 1-based line number in its file: the record's stable identity
-    kind: str  # "chat" | "completions" | "text"
+    kind: str  # "chat" | "completions" | "text" | "preference" | "unpaired"
     messages: Optional[tuple] = None  # tuple of {"role", "content", ...} dicts (chat, completions)
     text: Optional[str] = None  # text records only
     quality: Optional[float] = None
@@ -46,6 +46,10 @@ class Record:
     # Preference records: ``messages`` is the prompt; the two completions, as messages.
     chosen: Optional[tuple] = None
     rejected: Optional[tuple] = None
+    # Unpaired (KTO) records: ``messages`` is the prompt, ``completion`` its one answer
+    # and ``label`` whether that answer is desirable.
+    completion: Optional[tuple] = None
+    label: Optional[bool] = None
 
     @property
     def where(self) -> str:
@@ -164,6 +168,8 @@ def detect_format(obj: Any) -> Optional[str]:
         return None
     if "chosen" in obj or "rejected" in obj:
         return "preference"
+    if "label" in obj:
+        return "unpaired"
     if "messages" in obj or "conversations" in obj:
         return "chat"
     if "prompt" in obj or "completion" in obj:
@@ -203,18 +209,21 @@ def parse_line(text: Any, path: Any, line: int, expect: Optional[str] = None) ->
     kind = detect_format(obj)
     if kind is None:
         raise DataError(f"{where}: record has none of 'messages', 'conversations' (ShareGPT), "
-                        "'prompt'/'completion', 'text', 'prompt'/'chosen'/'rejected'")
+                        "'prompt'/'completion', 'text', 'prompt'/'chosen'/'rejected', "
+                        "'prompt'/'completion'/'label'")
+    if expect == "unpaired" and kind == "completions":
+        kind = expect  # an unpaired file's record without its 'label': say that
     if expect is not None and kind != expect:
         raise DataError(f"{where}: record is in {kind} format but the file is in {expect} "
                         "format (detected from its first record); one format per file")
     quality = _number(obj, "quality", where, float)
     difficulty = _number(obj, "difficulty", where, int)
     known = {"messages", "conversations", "tools", "prompt", "completion", "text", "quality",
-             "difficulty", "chosen", "rejected"}
+             "difficulty", "chosen", "rejected", "label"}
     extra = {k: v for k, v in obj.items() if k not in known}
-    if kind == "preference":
+    if kind in ("preference", "unpaired"):
         try:
-            fields = parse_preference(obj)
+            fields = parse_preference(obj) if kind == "preference" else parse_unpaired(obj)
         except MessageError as e:
             raise DataError(f"{where}: {e}") from None
         return Record(line, kind, quality=quality, difficulty=difficulty, extra=extra,

@@ -16,10 +16,11 @@ from mlx_tune.data.batch import Batch
 from mlx_tune.config.schema import CurriculumStage, QualitySpec
 from mlx_tune.data import seeding
 from mlx_tune.data.augment import Augmenter
-from mlx_tune.data.batching import bucket, pad_batch, pad_pairs
+from mlx_tune.data.batching import bucket, pad_batch, pad_pairs, pad_unpaired
 from mlx_tune.data.filters import epoch_filter
 from mlx_tune.data.records import DataError, iter_lines, line_numbers, parse_line
 from mlx_tune.data.tokenize import Example, PairExample, Truncation, make_example
+from mlx_tune.data.unpaired import UnpairedExample
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, pack_rows
 
@@ -61,6 +62,8 @@ class Settings:
         rows = []
         if examples and isinstance(examples[0], PairExample):  # augmentation: sft only
             return pad_pairs(examples, self.pad_id, self.max_length, self.widths)
+        if examples and isinstance(examples[0], UnpairedExample):
+            return pad_unpaired(examples, self.pad_id, self.max_length, self.widths)
         if self.pack_length is not None:  # examples: a list of rows of examples
             return pack_rows([[self._augmented(ex, epoch) for ex in row] for row in examples],
                              self.pad_id, self.pack_length)

@@ -265,7 +265,8 @@ def make_example(record: Record, tokenizer, mask_prompt: bool, max_length: int,
 def tokenize_all(records: Iterable[Record], tokenizer, mask_prompt: bool, max_length: int,
                  name: str, log: Callable[[str], None], limit: str = "max_length"
                  ) -> list[Example]:
-    """Tokenize a dataset; one summary line for truncated and dropped records."""
+    """Tokenize a dataset; one summary line for truncated and dropped records. (Unpaired
+    records go through unpaired.tokenize_split: each borrows another's completion.)"""
     counts, pairs = Truncation(name, max_length, limit), PairCounts(name, max_length)
     out = [ex for r in records
            if (ex := make_example(r, tokenizer, mask_prompt, max_length,

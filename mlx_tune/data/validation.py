@@ -13,10 +13,11 @@ from typing import Any, Callable, Iterator, Optional
 from mlx_tune.data.batch import Batch
 from mlx_tune.config.schema import Spec
 from mlx_tune.data import seeding
-from mlx_tune.data.batching import bucket, pad_batch, pad_id_of, pad_pairs
+from mlx_tune.data.batching import bucket, pad_batch, pad_id_of, pad_pairs, pad_unpaired
 from mlx_tune.data.records import (Record, first_format, is_split, iter_lines, iter_records,
                                    parse_line)
-from mlx_tune.data.tokenize import Example, PairExample, tokenize_all, unwrap
+from mlx_tune.data.tokenize import Example, PairExample, unwrap
+from mlx_tune.data.unpaired import UnpairedExample, tokenize_split
 from mlx_tune.data.widths import Widths
 from mlx_tune.data.packing import batches_of, best_fit, example_limit, pack_rows
 
@@ -32,10 +33,10 @@ def _batches(examples: list[Example], batch_size: int, pad_id: int, max_length: 
         # shortest; fixed by the seed, so it is the same subset every evaluation.
         perm = seeding.rng(order_seed, seeding.VALID_ORDER).permutation(len(groups))
         groups = [groups[i] for i in perm]
-    if examples and isinstance(examples[0], PairExample):
-        # No all-padding pairs: an empty pair would still count as a pair in the loss.
-        return [pad_pairs([examples[i] for i in g], pad_id, max_length, widths)
-                for g in groups]
+    if examples and isinstance(examples[0], (PairExample, UnpairedExample)):
+        # No all-padding examples: an empty one would still count in the loss.
+        pad = pad_pairs if isinstance(examples[0], PairExample) else pad_unpaired
+        return [pad([examples[i] for i in g], pad_id, max_length, widths) for g in groups]
     return [pad_batch([(examples[i].ids, examples[i].mask) for i in g], pad_id, max_length,
                       widths, size=batch_size) for g in groups]
 
@@ -87,7 +88,7 @@ class LazyValidation:
         if self._batches is None:
             spec = self._spec
             limit, setting = example_limit(spec)
-            examples = tokenize_all(self._iter_records(), self._tokenizer, spec.mask_prompt,
+            examples = tokenize_split(self._iter_records(), self._tokenizer, spec.mask_prompt,
                                     limit, self.name, self._log, setting)
             if spec.packing:  # packed like training: the same single shape
                 batches = _packed(examples, spec.batch_size, pad_id_of(self._tokenizer),
@@ -116,7 +117,9 @@ class LazyValidation:
             if not record.messages:
                 continue  # text records have no prompt to complete
             messages = [dict(m) for m in record.messages]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            # A preference record's messages are its prompt alone: no answer to drop.
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"),
+                       default=len(messages))
             if last == 0:
                 continue
             out.append((messages[:last], list(record.tools) if record.tools else None))
@@ -131,7 +134,7 @@ def load_eval_file(path: Any, spec: Spec, tokenizer, *,
     """Every record of a test file as length-sorted batches (the last padded with empty
     rows); widths chosen from the file's own lengths unless given."""
     tokenizer = unwrap(tokenizer)
-    examples = tokenize_all(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
+    examples = tokenize_split(iter_records(path), tokenizer, spec.mask_prompt, spec.max_length,
                             path.split if is_split(path) else Path(path).stem, log)
     if widths is None:
         widths = Widths.choose([ex.length for ex in examples], spec.max_length,

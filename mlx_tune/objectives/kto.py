@@ -2,8 +2,9 @@
 baseline, TRL's ``loss_type="kto"``.
 
 Rows are single examples with ``labels`` (1.0 desirable, 0.0 undesirable). The KL
-baseline comes from mismatched rows (each prompt with another example's completion;
-TRL rotates completions by one within the batch), passed as ``kl`` and
+baseline comes from mismatched rows, a second row per example in the batch (each prompt
+with another example's completion, fixed before training by data/unpaired.py as TRL
+fixes them when it prepares its dataset), passed as ``kl`` and
 ``reference_kl``: ``z0 = max(mean(kl - reference_kl), 0)``, detached. With the
 log-ratio ``r = logp - ref``, per example:
 desirable ``desirable_weight * (1 - sigmoid(beta * (r - z0)))``,

@@ -26,6 +26,7 @@ from mlx_tune.backends.base import Backend
 from mlx_tune.config.schema import Spec
 from mlx_tune.config.spec import reference_mode
 from mlx_tune.data.batch import Batch
+from mlx_tune.objectives import get_objective
 from mlx_tune.training.planner import ModelShape, divisors, estimate
 
 MB = 2**20
@@ -58,13 +59,18 @@ class FirstStep:
                 f"the budget of {self.budget / MB:,.0f} MB")
 
 
-def widest_batch(rows: int, width: int, packed: bool) -> Batch:
-    """``rows`` rows of ``width`` tokens, every position but the first a target: the
-    most a micro-batch of the run can hold (token ids do not change the memory)."""
+def widest_batch(examples: int, width: int, packed: bool, objective: str = "sft") -> Batch:
+    """``examples`` examples of ``width`` tokens, every position but the first a target:
+    the most a micro-batch of the run can hold (token ids do not change the memory). A
+    preference objective's example is two rows (paired; kto's with labels of both kinds)."""
+    kto = objective == "kto"  # each example row brings its KL row (data/unpaired.py)
+    rows = examples * (2 if kto else get_objective(objective).rows_per_example)
     mask = np.ones((rows, width), np.float32)
     mask[:, 0] = 0
     segments = np.ones((rows, width), np.int32) if packed else None
-    return Batch(np.zeros((rows, width), np.int32), mask, segments)
+    labels = (np.arange(examples) % 2).astype(np.float32) if kto else None
+    return Batch(np.zeros((rows, width), np.int32), mask, segments,
+                 paired=rows > examples, labels=labels)
 
 
 def check_first_step(backend: Backend, spec: Spec, data: Any, accumulation: int,
@@ -73,7 +79,7 @@ def check_first_step(backend: Backend, spec: Spec, data: Any, accumulation: int,
     micro = max(spec.batch_size // backend.world_size // accumulation, 1)
     widths = getattr(data, "widths", None)
     width = widths.fit(widths.max_length) if widths is not None else spec.max_length
-    batch = widest_batch(micro, width, spec.packing)
+    batch = widest_batch(micro, width, spec.packing, spec.objective)
     if reference_mode(spec) == "precomputed":  # the step's inputs include the reference's
         batch = replace(batch, ref_logps=np.zeros(len(batch.tokens), np.float32))
     peak = backend.trial_step(batch)

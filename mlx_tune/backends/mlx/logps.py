@@ -129,6 +129,8 @@ def reference_logps(model: nn.Module, arrays: dict[str, mx.array],
 def objective_terms(model: nn.Module, config: StepConfig,
                     arrays: dict[str, mx.array]) -> tuple[LossTerms, mx.array]:
     """The objective's sums for one micro-batch, and its target tokens."""
+    if "labels" in arrays:
+        return kto_terms(model, config, arrays)
     smooth = config.label_smoothing > 0 and not config.objective.needs_reference
     policy = row_logps(model, arrays["tokens"], arrays["mask"], arrays.get("segments"), smooth,
                        config.chunked_loss)
@@ -136,6 +138,22 @@ def objective_terms(model: nn.Module, config: StepConfig,
         if config.objective.needs_reference else None
     terms = config.objective.loss(ops, policy, reference, config.settings)
     return terms, policy.tokens.sum()
+
+
+def kto_terms(model: nn.Module, config: StepConfig,
+              arrays: dict[str, mx.array]) -> tuple[LossTerms, mx.array]:
+    """KTO's sums: rows 0..n-1 are the n examples, rows n..2n-1 their KL rows, which feed
+    only the detached baseline. They get their own forward behind a stop_gradient, so
+    the backward never runs through them (TRL computes them under no_grad); the
+    reference scores all 2n rows at once."""
+    tokens, mask, n = arrays["tokens"], arrays["mask"], arrays["labels"].shape[0]
+    policy = row_logps(model, tokens[:n], mask[:n], chunked=config.chunked_loss)
+    kl = row_logps(model, tokens[n:], mask[n:], chunked=config.chunked_loss)
+    kl = RowLogps(mx.stop_gradient(kl.logps), kl.tokens)
+    reference, reference_kl = reference_logps(model, arrays, config.chunked_loss).halves()
+    terms = config.objective.loss(ops, policy, reference, config.settings,
+                                  labels=arrays["labels"], kl=kl, reference_kl=reference_kl)
+    return terms, policy.tokens.sum() + kl.tokens.sum()
 
 
 def loss_and_aux(model: nn.Module, config: StepConfig, arrays: dict[str, mx.array],

@@ -83,18 +83,42 @@ def objective_terms(forward: Callable, model: Any, config: StepConfig,
                     arrays: dict[str, torch.Tensor],
                     tap: HiddenTap | None = None) -> tuple[LossTerms, torch.Tensor]:
     """The objective's sums for one micro-batch, and its target tokens."""
+    if "labels" in arrays:
+        return kto_terms(forward, model, config, arrays, tap)
     smooth = config.label_smoothing > 0 and not config.objective.needs_reference
     tokens, mask = arrays["tokens"], arrays["mask"]
     policy = row_logps(forward, tokens, mask, arrays.get("positions"), smooth, tap)
-    reference = None
-    if config.objective.needs_reference:
-        if "ref_logps" in arrays:
-            reference = RowLogps(arrays["ref_logps"], mask[:, 1:].sum(dim=-1))
-        else:
-            with torch.no_grad(), adapter_off(model):
-                reference = row_logps(forward, tokens, mask, tap=tap)
+    reference = reference_logps(forward, model, arrays, tap) \
+        if config.objective.needs_reference else None
     terms = config.objective.loss(ops, policy, reference, config.settings)
     return terms, policy.tokens.sum()
+
+
+def reference_logps(forward: Callable, model: Any, arrays: dict[str, torch.Tensor],
+                    tap: HiddenTap | None = None) -> RowLogps:
+    """The reference policy's row log-probs: precomputed ones carried by the batch, else
+    the model with its adapter off; never differentiated."""
+    tokens, mask = arrays["tokens"], arrays["mask"]
+    if "ref_logps" in arrays:
+        return RowLogps(arrays["ref_logps"], mask[:, 1:].sum(dim=-1))
+    with torch.no_grad(), adapter_off(model):
+        return row_logps(forward, tokens, mask, tap=tap)
+
+
+def kto_terms(forward: Callable, model: Any, config: StepConfig,
+              arrays: dict[str, torch.Tensor],
+              tap: HiddenTap | None = None) -> tuple[LossTerms, torch.Tensor]:
+    """KTO's sums: rows 0..n-1 are the n examples, rows n..2n-1 their KL rows, which feed
+    only the detached baseline, so their forward runs under no_grad as in TRL; the
+    reference scores all 2n rows at once (``backends/mlx/logps.py``, in torch)."""
+    tokens, mask, n = arrays["tokens"], arrays["mask"], arrays["labels"].shape[0]
+    policy = row_logps(forward, tokens[:n], mask[:n], tap=tap)
+    with torch.no_grad():
+        kl = row_logps(forward, tokens[n:], mask[n:], tap=tap)
+    reference, reference_kl = reference_logps(forward, model, arrays, tap).halves()
+    terms = config.objective.loss(ops, policy, reference, config.settings,
+                                  labels=arrays["labels"], kl=kl, reference_kl=reference_kl)
+    return terms, policy.tokens.sum() + kl.tokens.sum()
 
 
 def eval_sums(forward: Callable, tokens: torch.Tensor, mask: torch.Tensor,

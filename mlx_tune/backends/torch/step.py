@@ -43,8 +43,8 @@ def to_device(batch: Batch, device: torch.device
 
 
 def device_arrays(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """tokens, mask, and positions restarting per example (packed) or ref_logps
-    (precomputed reference) when the batch has them."""
+    """tokens, mask, and positions restarting per example (packed), ref_logps
+    (precomputed reference) and labels (kto) when the batch has them."""
     from mlx_tune.data.packing import segment_positions
     out = {"tokens": torch.from_numpy(np.asarray(batch.tokens, dtype=np.int64)),
            "mask": torch.from_numpy(np.asarray(batch.mask, dtype=np.float32))}
@@ -52,6 +52,8 @@ def device_arrays(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]
         out["positions"] = torch.from_numpy(segment_positions(batch.segments))
     if batch.ref_logps is not None:
         out["ref_logps"] = torch.from_numpy(np.asarray(batch.ref_logps, dtype=np.float32))
+    if batch.labels is not None:  # kto
+        out["labels"] = torch.from_numpy(np.asarray(batch.labels, dtype=np.float32))
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
