@@ -211,7 +211,8 @@ def main() -> int:
             runs = {"hermes_qlora": ["--quantize", "null", "--dtype", "float32"],
                     "hermes_bf16_lora": ["--quantize", "null", "--dtype", "bfloat16"]}
             runs = {k: [*v, "--max-steps", "2", "--max-length", "128", "--batch-size", "2",
-                        "--gradient-accumulation-steps", "1"] for k, v in runs.items()}
+                        "--gradient-accumulation-steps", "1", "--val-batches", "1"]
+                    for k, v in runs.items()}
         for step, flags in runs.items():
             predicted = plan_total(check, step, base + flags)
             figures = check.train(step, *base, *flags, timeout=300)

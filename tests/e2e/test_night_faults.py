@@ -35,9 +35,9 @@ early_stopping: {{warmup: 1000}}
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_signal_during_the_final_save_still_writes_checkpoint_and_adapter(
-        sig, tiny_model, recipes, tmp_path, subprocess_env):
+        sig, tiny_model, recipe_slice, tmp_path, subprocess_env):
     config = tmp_path / "spec.yaml"
-    config.write_text(SPEC.format(model=tiny_model, data=recipes))
+    config.write_text(SPEC.format(model=tiny_model, data=recipe_slice(tmp_path / "data")))
     out = tmp_path / "run"
     env = {**subprocess_env, "MLX_TUNE_FAULTS": "save_sleep=1.5"}
     proc = subprocess.Popen([sys.executable, "-m", "mlx_tune", "train", "--config", str(config),
@@ -59,11 +59,12 @@ def test_signal_during_the_final_save_still_writes_checkpoint_and_adapter(
 
 
 @pytest.mark.slow
-def test_sighup_mid_run_checkpoints_and_exits_130(tiny_model, recipes, tmp_path,
+def test_sighup_mid_run_checkpoints_and_exits_130(tiny_model, recipe_slice, tmp_path,
                                                   subprocess_env):
     config = tmp_path / "spec.yaml"
-    config.write_text(SPEC.format(model=tiny_model, data=recipes).replace("max_steps: 4",
-                                                                          "max_steps: 400"))
+    data = recipe_slice(tmp_path / "data")
+    config.write_text(SPEC.format(model=tiny_model, data=data).replace("max_steps: 4",
+                                                                       "max_steps: 400"))
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "mlx_tune", "train", "--config", str(config),
                              "--output-dir", str(out), "--auto-resume"], env=subprocess_env,

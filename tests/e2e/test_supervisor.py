@@ -128,25 +128,24 @@ def test_sigkills_at_random_steps_end_with_the_uninterrupted_adapter(
         config, uninterrupted, tmp_path, subprocess_env):
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    first = rng.randint(1, 2)
-    second = rng.randint(first + 1, 4)
-    third = rng.randint(second + 1, 6)
-    print(f"kill steps {first}, {second}, {third} (seed {seed})")
+    first = rng.randint(1, 3)
+    second = rng.randint(first + 1, 6)
+    print(f"kill steps {first}, {second} (seed {seed})")
     out = tmp_path / "run"
     log = open(tmp_path / "supervisor.log", "w")
     parent = subprocess.Popen(train(config, out, "--supervise"), env=subprocess_env,
                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        for n, step in enumerate((first, second, third)):
+        for n, step in enumerate((first, second)):
             pid = wait_for_step(out, n, step, parent)
             if n == 0:  # the parent holds no model: MLX is not even loaded in it
                 maps = Path(f"/proc/{parent.pid}/maps")
                 if maps.exists():
                     assert "libmlx" not in maps.read_text()
             os.kill(pid, signal.SIGKILL)
-        # The fourth run: kill -9 its supervisor. The run goes on alone and keeps the
+        # The third run: kill -9 its supervisor. The run goes on alone and keeps the
         # directory to itself (the run lock refuses a second trainer).
-        pid = wait_for_step(out, 3, 0, parent)
+        pid = wait_for_step(out, 2, 0, parent)
         parent.kill()
         parent.wait()
         with pytest.raises(RunDirInUse, match=f"pid {pid}"):
@@ -170,13 +169,13 @@ def test_sigkills_at_random_steps_end_with_the_uninterrupted_adapter(
         assert np.array_equal(final[name], reference[name]), f"{name} differs ({text[-3000:]})"
     assert losses(out) == losses(uninterrupted)
     events = [r for r in records(out) if r["type"] == "supervisor"]
-    assert [e["event"] for e in events] == ["restart"] * 3
+    assert [e["event"] for e in events] == ["restart"] * 2
     assert all(e["cause"] == "killed by SIGKILL" and not e["memory"] for e in events)
     assert [r["exit_code"] for r in records(out) if r["type"] == "stop"] == [0]
     report = subprocess.run([sys.executable, "-m", "mlx_tune", "report", str(out),
                              "--html", str(tmp_path / "r.html")], env=subprocess_env,
                             capture_output=True, text=True, timeout=120)
-    assert "3 restart(s), 0 adaptation(s)" in report.stdout, report.stdout + report.stderr
+    assert "2 restart(s), 0 adaptation(s)" in report.stdout, report.stdout + report.stderr
 
 
 def test_a_planted_out_of_memory_halves_the_micro_batch_once_then_succeeds(
