@@ -6,7 +6,9 @@
 2. The MLX loss equals TRL's own ``KTOTrainer._compute_loss`` (tests/trl_reference.py)
    fed with per-token log-probs computed independently: a plain transformers forward
    and log_softmax over the peft model, its adapter on for the policy and off for the
-   reference, on the batch's rows and KL rows."""
+   reference, on the batch's rows and KL rows.
+3. A short run moves each label to its side of the baseline (validation rewards/accuracies).
+4. A precomputed reference scores the KL rows too: the same steps as adapter-off."""
 
 from __future__ import annotations
 
@@ -140,3 +142,52 @@ def test_kto_training_moves_each_label_to_its_side_of_the_baseline(tiny_spec, tm
     assert len(evals) == 3 and accuracy[0] == 0.0
     assert accuracy[-1] >= 0.8, accuracy
     assert evals[-1]["rewards/chosen"] > evals[-1]["rewards/rejected"], evals[-1]
+
+
+def test_a_precomputed_reference_covers_the_kl_rows(tiny_spec, tmp_path):
+    """preference.reference: precomputed scores every row a KTO run meets, KL rows
+    included, before step 0; from the base model that is the adapter-off reference, so
+    the steps and the evaluation are the same either way (MLX)."""
+    from mlx.utils import tree_flatten
+
+    from mlx_tune.backends.select import make_backend
+    from mlx_tune.data import load_data
+    from mlx_tune.data.testing import write_jsonl
+    from mlx_tune.training.reference import compute_reference
+
+    for split, n in (("train", 8), ("valid", 4), ("test", 4)):
+        write_jsonl(tmp_path / f"{split}.jsonl",
+                    (KTO / f"{split}.jsonl").read_text().splitlines()[:n])
+    short = {"data": tmp_path, "objective": "kto", "max_length": 64, "val_batches": 1,
+             "lora": {"rank": 4, "dropout": 0.0}}
+    off, pre = tiny_spec(short), tiny_spec(short, **{"preference.reference": "precomputed"})
+    a, b = make_backend("mlx"), make_backend("mlx")
+    a.load(off, Path(off.model))
+    b.load(pre, Path(pre.model))
+    data = load_data(pre, b.tokenizer, log=lambda m: None)
+    table = compute_reference(b, pre, data, 1, log=lambda m: None)
+    # Then the same random adapter in both (lora_b away from 0: the policy is not the
+    # reference, and the mismatched KL rows move above it, so the baseline is not 0).
+    rng = np.random.default_rng(0)
+    moved = [(k, mx.array(rng.normal(0, 0.05, v.shape), v.dtype))
+             for k, v in tree_flatten(a.model.trainable_parameters()) if k.endswith("lora_b")]
+    for backend in (a, b):
+        backend.model.load_weights(moved, strict=False)
+    try:
+        valid = data.valid.batches()
+        want, got = a.evaluate(valid), b.evaluate([table.attach(v) for v in valid])
+        assert got.metrics["kl"][0] > 0  # the KL rows' reference values reach the loss
+        assert got.loss_sum == pytest.approx(want.loss_sum, rel=1e-4)
+        assert got.means() == pytest.approx(want.means(), rel=1e-4, abs=1e-5)
+        for _ in range(3):
+            batch = data.train.next_batch()
+            attached = table.attach(batch)
+            assert attached.ref_logps.shape == (2 * batch.size,)
+            assert attached.labels.tolist() == batch.labels.tolist()
+            want, got = a.step([batch], 5e-3, 0.0), b.step([attached], 5e-3, 0.0)
+            names = list(want.metrics)
+            values = a.to_floats([want.loss, *(v for n in names for v in want.metrics[n])])
+            assert b.to_floats([got.loss, *(v for n in names for v in got.metrics[n])]) == \
+                pytest.approx(values, rel=1e-4, abs=1e-5)
+    finally:
+        data.close()
