@@ -102,8 +102,9 @@ def test_the_mlx_loss_equals_trls_kto_loss_on_independent_log_probs(kto_pair):
         policy[:n].clone().requires_grad_(), policy[n:], torch.from_numpy(batch.labels),
         reference[:n], reference[n:], beta=0.1)
     assert result.tokens == n
-    assert result.loss_sum / result.tokens == pytest.approx(float(trl_loss.detach()), rel=1e-4, abs=1e-6)
-    assert abs(float(trl_loss.detach()) - 0.5) > 1e-4  # the policy is not the reference
+    trl_loss = float(trl_loss.detach())
+    assert result.loss_sum / result.tokens == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
+    assert abs(trl_loss - 0.5) > 1e-4  # the policy is not the reference
     kl_sum, kl_count = result.metrics["kl"]
     assert kl_sum > 0  # the baseline is not clamped to 0: the KL rows reach the loss
     assert kl_sum / kl_count == pytest.approx(trl_metrics["kl"], rel=1e-3, abs=1e-5)
