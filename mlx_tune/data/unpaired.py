@@ -4,10 +4,10 @@ mismatched "KL row" KTO's baseline reads.
 KTO's baseline z0 is estimated from rows that pair each prompt with ANOTHER example's
 completion. TRL builds them when it prepares the dataset (KTOTrainer's ``_get_kl_dataset``
 rotates the completions by one within blocks of rows); so do we, over the whole split in
-file order: record i's KL completion is record i+1's, the last record's is the first's
-(``kl_donors``). Fixing it before training, not per batch, means every row of every batch
-is known before step 0 (a precomputed reference scores each row once) and a resumed run
-sees the same rows.
+file order: record i's KL completion is that of the next record with another prompt,
+wrapping round (``kl_donors``). Fixing it before training, not per batch, means every row
+of every batch is known before step 0 (a precomputed reference scores each row once) and
+a resumed run sees the same rows.
 
 Each row is tokenized as a preference pair's side is (``tokenize.encode_side``: the prompt
 rendered with its generation prompt, only the completion's tokens are targets), cut to
@@ -87,10 +87,23 @@ class UnpairedCounts:
                 f"pushes {present} completions {'up' if present == 'desirable' else 'down'}")
 
 
+# How far ahead kl_donors looks for a record with another prompt.
+DONOR_SEARCH = 16
+
+
 def kl_donors(records: Sequence[Any]) -> list[Any]:
     """The record whose completion each record's KL row borrows: the next one in file
-    order, the last record's the first's (a single record borrows its own)."""
-    return [records[(i + 1) % len(records)] for i in range(len(records))]
+    order with another prompt (both answers of a pair are often written next to each
+    other, and a KL row must mismatch), wrapping round; the next one when none of the
+    following DONOR_SEARCH has another prompt (a single record borrows its own)."""
+    n = len(records)
+
+    def donor(i: int) -> Any:
+        for k in range(1, min(n, DONOR_SEARCH + 1)):
+            if records[(i + k) % n].messages != records[i].messages:
+                return records[(i + k) % n]
+        return records[(i + 1) % n]
+    return [donor(i) for i in range(n)]
 
 
 def make_unpaired(record: Any, kl_completion: tuple, tokenizer, max_length: int,

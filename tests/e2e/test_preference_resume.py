@@ -75,6 +75,7 @@ def dpo_from_adapter(tmp_path_factory, tiny_model):
                                 if k.endswith("lora_b")], strict=False)
     backend.save_adapter(root / "sft")
     path = root / "spec.yaml"
+    assert "max_steps: 16" in SPEC  # shortened below
     path.write_text(SPEC.format(model=tiny_model, data=root / "data").replace(
         "max_steps: 16", "max_steps: 8") + f"objective: dpo\ninit_adapter: {root / 'sft'}\n")
     out = root / "uninterrupted"

@@ -74,6 +74,11 @@ def test_rows_score_the_completion_and_kl_rows_borrow_the_next_completion(tmp_pa
             assert tok.decode(ids[mask == 1]) == text + "<|im_end|>"
     # Donors are fixed by file order alone: the same rows on every read.
     assert [d.line for d in kl_donors(recs)] == [2, 3, 1]
+    # Both answers of a prompt side by side: a KL row still borrows another prompt's answer.
+    both = records(tmp_path, [GOOD, {**GOOD, "completion": "Burn it.", "label": False},
+                              BAD, {**BAD, "label": True}], "both.jsonl")
+    assert [d.line for d in kl_donors(both)] == [3, 3, 1, 1]
+    assert [d.line for d in kl_donors(both[:1] * 3)] == [1, 1, 1]  # no other prompt
     again = tokenize_unpaired(records(tmp_path, rows, "again.jsonl"), tok, 512, "train", quiet)
     assert all(np.array_equal(a.kl_row[0], b.kl_row[0]) for a, b in zip(examples, again))
 
