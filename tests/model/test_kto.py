@@ -102,8 +102,9 @@ def test_the_mlx_loss_equals_trls_kto_loss_on_independent_log_probs(kto_pair):
         policy[:n].clone().requires_grad_(), policy[n:], torch.from_numpy(batch.labels),
         reference[:n], reference[n:], beta=0.1)
     assert result.tokens == n
-    assert result.loss_sum / result.tokens == pytest.approx(float(trl_loss.detach()), rel=1e-4, abs=1e-6)
-    assert abs(float(trl_loss.detach()) - 0.5) > 1e-4  # the policy is not the reference
+    trl_loss = float(trl_loss.detach())
+    assert result.loss_sum / result.tokens == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
+    assert abs(trl_loss - 0.5) > 1e-4  # the policy is not the reference
     kl_sum, kl_count = result.metrics["kl"]
     assert kl_sum > 0  # the baseline is not clamped to 0: the KL rows reach the loss
     assert kl_sum / kl_count == pytest.approx(trl_metrics["kl"], rel=1e-3, abs=1e-5)
@@ -132,14 +133,14 @@ def test_kto_training_moves_each_label_to_its_side_of_the_baseline(tiny_spec, tm
     data = tmp_path / "kto"
     write_jsonl(data / "train.jsonl", split("train", 96))
     write_jsonl(data / "valid.jsonl", split("valid", 16))
-    spec = tiny_spec(data=data, objective="kto", max_length=64, max_steps=20, eval_steps=10,
-                     val_batches=4, learning_rate=2e-3, checkpoint_interval=20)
+    spec = tiny_spec(data=data, objective="kto", max_length=64, max_steps=10, eval_steps=10,
+                     val_batches=4, learning_rate=2e-3, checkpoint_interval=10)
     result = train(spec, resume="fresh", log=lambda m: None)
     assert result.exit_code == 0, result.reason
     evals = [json.loads(line) for line in (Path(spec.output_dir) / "metrics.jsonl").open()]
     evals = [e["metrics"] for e in evals if e.get("type") == "eval"]
     accuracy = [e["rewards/accuracies"] for e in evals]
-    assert len(evals) == 3 and accuracy[0] == 0.0
+    assert len(evals) == 2 and accuracy[0] == 0.0
     assert accuracy[-1] >= 0.8, accuracy
     assert evals[-1]["rewards/chosen"] > evals[-1]["rewards/rejected"], evals[-1]
 
