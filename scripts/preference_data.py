@@ -8,11 +8,19 @@ make_dataset's degraded records, which a cook would notice:
 
 * ``time``: a timing answer with the cooking time three or four times too long;
 * ``order``: the recipe with its steps in a shuffled order, numbered as if right;
-* ``ingredients``: the recipe with the ingredient list of another dish of its category.
+* ``ingredients``: the recipe with the ingredient list of another dish of its category;
+* ``loop``: the faithful answer that does not stop, its last line repeated three to five
+  times (the degenerate loop a small model falls into).
 
-The base model was pre-trained on the faithful facts (``corpus/pretrain.txt``) and the
-quickstart's SFT adapter taught it the answer format, so a preference objective has a
-signal to find: which of two fluent answers matches what the model knows of the dish.
+The base model was pre-trained on the faithful facts (``corpus/pretrain.txt``), so on
+the first three kinds it already gives the faithful answer the higher log-probability
+per token. A loop is the other way round: repeated lines are easy to predict, so per
+token the base model prefers the looping answer (it does on about 5 loops in 6). Half
+the pairs are loops, so a length-normalised objective (ORPO, SimPO) starts near chance
+on validation, and rises only by learning the preference: an answer ends, it does not
+loop. (Measured on the tiny model, base model, 40 pairs of each kind: the faithful answer
+has the higher mean log-prob in 97% of ``order``, 70% of ``ingredients``, 17% of
+``loop`` pairs.)
 """
 
 from __future__ import annotations
@@ -49,12 +57,26 @@ def _shuffled_steps(dish, rng: random.Random):
     return replace(dish, steps=steps)
 
 
+def _looping(answer: str, rng: random.Random) -> str:
+    """The answer with its last non-empty line repeated three to five more times."""
+    last = [line for line in answer.split("\n") if line.strip()][-1]
+    return answer + "\n" + "\n".join([last] * rng.choice([3, 4, 5]))
+
+
 def make_pair(dishes: list, rng: random.Random, m) -> dict:
     """One conversational preference record (TRL's prompt/chosen/rejected message lists).
     ``m`` is the make_dataset module: its knowledge base, prompts and renderers."""
     dish = rng.choice(dishes)
-    kind = rng.choice(["time", "time", "order", "order", "ingredients"])
-    if kind == "time" and dish.time:
+    kind = rng.choice(["time", "order", "ingredients", "loop", "loop", "loop"])
+    if kind == "loop":
+        if dish.time and rng.random() < 0.5:
+            prompt = rng.choice(m.USER_TIME).format(d=dish.name, m=dish.method)
+            chosen = m.timing_answer(dish, rng)
+        else:
+            prompt = rng.choice(m.USER_RECIPE).format(d=dish.name, a=m._article(dish.name))
+            chosen = m.render_recipe(dish, rng)
+        rejected = _looping(chosen, rng)
+    elif kind == "time" and dish.time:
         prompt = rng.choice(m.USER_TIME).format(d=dish.name, m=dish.method)
         wrong = replace(dish, time=dish.time * rng.choice([3, 4]) + rng.choice([5, 10]))
         chosen, rejected = _render_pair(m.timing_answer, dish, wrong, rng)

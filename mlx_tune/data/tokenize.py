@@ -313,6 +313,8 @@ class PairCounts:
     first_no_room: str = ""
     identical: int = 0  # chosen == rejected: no preference to learn
     first_identical: str = ""
+    cut_identical: int = 0  # pairs dropped: the sides differ only beyond max_length
+    first_cut_identical: str = ""
 
     def message(self) -> Optional[str]:
         parts = []
@@ -323,6 +325,10 @@ class PairCounts:
             parts.append(f"dropped {self.no_room} {self.name} pairs whose prompt leaves no "
                          f"room for the completion within max_length={self.max_length} "
                          f"(the first at {self.first_no_room})")
+        if self.cut_identical:
+            parts.append(f"dropped {self.cut_identical} {self.name} pairs whose chosen and "
+                         f"rejected differ only after max_length={self.max_length} tokens "
+                         f"(the first at {self.first_cut_identical}): cut, they are the same")
         if self.identical:
             parts.append(f"warning: {self.identical} {self.name} pairs have identical chosen "
                          f"and rejected completions, which teach nothing (the first at "
@@ -376,13 +382,21 @@ def make_pair(record: Any, tokenizer, max_length: int,
         ids, mask = ids[:max_length], mask[:max_length]
         sides.append((np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
     empty = any(not m[1:].any() for _, m in sides)
+    identical = record.chosen == record.rejected
+    # Cut to the same tokens, a pair teaches nothing and would still count as a pair
+    # (and as a wrong one in the reward accuracy); a record-level duplicate is kept
+    # with a warning, as the user wrote it.
+    cut_same = cut and not identical and all(np.array_equal(a, b) for a, b in zip(*sides))
     if counts is not None:
         counts.seen += 1
         counts.truncated += cut and not empty
         if empty:
             counts.no_room += 1
             counts.first_no_room = counts.first_no_room or record.where
-        if record.chosen == record.rejected:
+        elif cut_same:
+            counts.cut_identical += 1
+            counts.first_cut_identical = counts.first_cut_identical or record.where
+        if identical:
             counts.identical += 1
             counts.first_identical = counts.first_identical or record.where
-    return None if empty else PairExample(record, sides[0], sides[1])
+    return None if empty or cut_same else PairExample(record, sides[0], sides[1])

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from mlx_tune.checkpoint.manager import CheckpointManager, NumpyCodec
 
-from tests.model.test_night_faults import data, steps_of  # noqa: F401 (data: a fixture)
+from tests.model.test_night_faults import steps_of
 
 SPEC = """
 model: {model}

@@ -22,11 +22,11 @@ SAVE_EVERY_2 = {"checkpoint_interval": 2}
 
 
 @pytest.fixture
-def data(tmp_path, recipes) -> Path:
+def data(tmp_path, tiny_data) -> Path:
     d = tmp_path / "data"
     d.mkdir()
     for name in ("train.jsonl", "valid.jsonl"):
-        shutil.copy(recipes / name, d / name)
+        shutil.copy(tiny_data / name, d / name)
     return d
 
 

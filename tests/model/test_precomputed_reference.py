@@ -7,6 +7,7 @@ with it."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +31,11 @@ def pairs(tmp_path_factory) -> Path:
     from mlx_tune.data.testing import write_jsonl
     dest = tmp_path_factory.mktemp("pairs")
     for split, n in (("train", 8), ("valid", 4), ("test", 4)):
-        write_jsonl(dest / f"{split}.jsonl",
-                    (PREFERENCE / f"{split}.jsonl").read_text().splitlines()[:n])
+        # Pairs that differ within SHORT's 64 tokens: a looping answer differs from its
+        # faithful one only at its end, and the data layer drops pairs cut to the same.
+        rows = [r for r in map(json.loads, (PREFERENCE / f"{split}.jsonl").read_text().splitlines())
+                if not r["rejected"][0]["content"].startswith(r["chosen"][0]["content"])]
+        write_jsonl(dest / f"{split}.jsonl", rows[:n])
     return dest
 
 

@@ -21,6 +21,11 @@ from tests.model.test_parity import PARITY, load_pair  # noqa: E402
 pytestmark = pytest.mark.torch
 STEPS = 6
 PREFERENCE = __import__("pathlib").Path(__file__).resolve().parents[2] / "data" / "preference"
+# Rows long enough that every pair still differs after keep_start truncation: at
+# PARITY's 64 tokens a looping answer and its faithful one are cut to the same tokens,
+# and a batch of identical pairs has (near) zero gradients, whose float noise Adam's
+# first step turns into full-size updates of either sign.
+PAIRS = {**PARITY, "max_length": 256}
 
 
 @pytest.fixture
@@ -28,7 +33,7 @@ def pair_batches(tiny_model, tiny_spec):
     from mlx_tune.data import load_data
     from mlx_tune.models.tokenizer import load_tokenizer
 
-    spec = tiny_spec(PARITY, data=PREFERENCE, objective="dpo")
+    spec = tiny_spec(PAIRS, data=PREFERENCE, objective="dpo")
     bundle = load_data(spec, load_tokenizer(tiny_model), log=lambda m: None)
     try:
         return [bundle.train.next_batch() for _ in range(STEPS)]
@@ -49,7 +54,7 @@ def run(backend, batches, lr):
 
 def test_dpo_steps_and_evaluation_agree(tiny_model, tiny_spec, pair_batches):
     assert all(b.paired and b.size == 4 for b in pair_batches)
-    spec = tiny_spec(PARITY, data=PREFERENCE, objective="dpo", optimizer="adamw")
+    spec = tiny_spec(PAIRS, data=PREFERENCE, objective="dpo", optimizer="adamw")
     m, t = load_pair(spec, tiny_model)
     em, et = m.evaluate(pair_batches[:2]), t.evaluate(pair_batches[:2])
     assert em.tokens == et.tokens == 8  # pairs
@@ -74,7 +79,7 @@ def test_the_adapter_off_reference_is_the_untrained_policy(tiny_model, tiny_spec
     from mlx_tune.backends.select import make_backend
 
     b = make_backend(backend)
-    b.load(tiny_spec(PARITY, data=PREFERENCE, objective="dpo"), tiny_model)
+    b.load(tiny_spec(PAIRS, data=PREFERENCE, objective="dpo"), tiny_model)
     result = b.evaluate(pair_batches[:1])
     assert result.tokens == 4
     assert result.loss_sum / result.tokens == pytest.approx(math.log(2), abs=1e-6)

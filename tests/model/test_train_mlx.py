@@ -32,7 +32,7 @@ def trainable(backend):
 
 
 def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, tiny_spec, tmp_path):
-    spec = tiny_spec(SMALL, output_dir=tmp_path / "run", max_steps=30, eval_steps=15)
+    spec = tiny_spec(SMALL, output_dir=tmp_path / "run")
     result = train(spec, resume="fresh", log=lambda m: None)
     assert result.exit_code == 0, result.reason
     assert result.last_val_loss < result.first_val_loss
@@ -49,7 +49,7 @@ def test_lora_run_learns_and_writes_an_adapter_mlx_lm_loads(tiny_model, tiny_spe
     ours.model.eval()
     np.testing.assert_allclose(np.array(model(ids)), np.array(ours.model(ids)), atol=1e-5)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["type"] == "train"] == list(range(3, 31, 3))
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(3, 13, 3))
 
 
 def test_accumulating_2x4_equals_batch_8(tiny_spec, tmp_path):
@@ -107,7 +107,7 @@ def test_fine_tune_types_train(tiny_spec, tmp_path, kind, over):
         assert info.trainable_params == info.total_params
     batch = load_data(spec, backend.tokenizer, log=lambda m: None).train.next_batch()
     losses = [backend.to_floats([backend.step([batch], spec.learning_rate, 0.0).loss])[0]
-              for _ in range(6)]
+              for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # the same batch: it must be learned
 

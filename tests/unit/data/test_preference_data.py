@@ -70,6 +70,23 @@ def test_keep_start_truncation_and_pairs_without_room_are_counted(tmp_path):
     assert "identical chosen and rejected" in message
 
 
+def test_pairs_that_differ_only_beyond_max_length_are_dropped_and_counted(tmp_path):
+    tok = tiny_tokenizer()
+    looping = {**PAIR, "rejected": PAIR["chosen"] + " Roast tomatoes with garlic." * 3}
+    rows = records(tmp_path, [PAIR, looping])
+    # Cut just before the first token where they differ (one answer ends, the other goes
+    # on), the two sides are the same tokens; one token more and they differ.
+    whole = make_pair(rows[1], tok, 512)
+    cut = int(np.argmax(whole.chosen[0] != whole.rejected[0][:len(whole.chosen[0])]))
+    assert cut > 0
+    counts = PairCounts("train", cut)
+    assert make_pair(rows[0], tok, cut, counts) is not None
+    assert make_pair(rows[1], tok, cut, counts) is None
+    assert make_pair(rows[1], tok, cut + 1) is not None
+    assert (counts.seen, counts.cut_identical, counts.identical) == (2, 1, 0)
+    assert "differ only after max_length" in counts.message() and "train.jsonl:2" in counts.message()
+
+
 def test_paired_batches_split_and_shard_by_pair():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 100, (8, 6)).astype(np.int32)  # 4 pairs: chosen 0-3, rejected 4-7
