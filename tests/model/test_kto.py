@@ -36,12 +36,11 @@ def kto_pair(tiny_model, tiny_spec):
     spec = tiny_spec(PARITY, data=KTO, objective="kto", optimizer="adamw")
     bundle = load_data(spec, load_tokenizer(tiny_model), log=lambda m: None)
     try:
-        batches = [bundle.train.next_batch() for _ in range(3)]
+        batches = [bundle.train.next_batch() for _ in range(6)]
     finally:
         bundle.close()
-    # A batch with both kinds of example, so both halves of the loss are exercised.
-    batch = next(b for b in batches if 0 < b.labels.sum() < b.size)
-    return (*load_pair(spec, tiny_model), batch)
+    # Batches with both kinds of example, so both halves of the loss are exercised.
+    return (*load_pair(spec, tiny_model), [b for b in batches if 0 < b.labels.sum() < b.size])
 
 
 def test_one_kto_step_gives_the_same_loss_metrics_and_gradients(kto_pair):
@@ -49,7 +48,8 @@ def test_one_kto_step_gives_the_same_loss_metrics_and_gradients(kto_pair):
 
     from mlx_tune.backends.mlx.backend import arrays_of
 
-    m, t, batch = kto_pair
+    m, t, batches = kto_pair
+    batch = batches[0]
     assert batch.paired and batch.tokens.shape[0] == 2 * batch.size == 8
     micro = batch.split(2)
     grads, sums = m.step_fn._first(arrays_of(micro[0]))
@@ -91,26 +91,30 @@ def per_token_logps(model, tokens: np.ndarray, mask: np.ndarray) -> torch.Tensor
 
 def test_the_mlx_loss_equals_trls_kto_loss_on_independent_log_probs(kto_pair):
     pytest.importorskip("trl")
-    m, t, batch = kto_pair
-    n = batch.size
-    result = m.evaluate([batch])
-    peft_model = t.model
-    policy = per_token_logps(peft_model, batch.tokens, batch.mask)
-    with peft_model.disable_adapter():
-        reference = per_token_logps(peft_model, batch.tokens, batch.mask).sum(-1)
-    trl_loss, trl_metrics = trl_reference.kto(
-        policy[:n].clone().requires_grad_(), policy[n:], torch.from_numpy(batch.labels),
-        reference[:n], reference[n:], beta=0.1)
-    assert result.tokens == n
-    trl_loss = float(trl_loss.detach())
-    assert result.loss_sum / result.tokens == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
-    assert abs(trl_loss - 0.5) > 1e-4  # the policy is not the reference
-    kl_sum, kl_count = result.metrics["kl"]
-    assert kl_sum > 0  # the baseline is not clamped to 0: the KL rows reach the loss
-    assert kl_sum / kl_count == pytest.approx(trl_metrics["kl"], rel=1e-3, abs=1e-5)
-    for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        total, count = result.metrics[name]
-        assert total / count == pytest.approx(trl_metrics[name], rel=1e-3, abs=1e-4), name
+    m, t, batches = kto_pair
+    baselines = []
+    for batch in batches:
+        n = batch.size
+        result = m.evaluate([batch])
+        peft_model = t.model
+        policy = per_token_logps(peft_model, batch.tokens, batch.mask)
+        with peft_model.disable_adapter():
+            reference = per_token_logps(peft_model, batch.tokens, batch.mask).sum(-1)
+        trl_loss, trl_metrics = trl_reference.kto(
+            policy[:n].clone().requires_grad_(), policy[n:], torch.from_numpy(batch.labels),
+            reference[:n], reference[n:], beta=0.1)
+        trl_loss = float(trl_loss.detach())
+        assert result.tokens == n
+        assert result.loss_sum / result.tokens == pytest.approx(trl_loss, rel=1e-4, abs=1e-6)
+        assert abs(trl_loss - 0.5) > 1e-4  # the policy is not the reference
+        kl_sum, kl_count = result.metrics["kl"]
+        baselines.append(kl_sum / kl_count)
+        assert baselines[-1] == pytest.approx(trl_metrics["kl"], rel=1e-3, abs=1e-5)
+        for name in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+            total, count = result.metrics[name]
+            assert total / count == pytest.approx(trl_metrics[name], rel=1e-3, abs=1e-4), name
+    # Some baseline is not clamped to 0, so the KL rows reach the loss compared.
+    assert max(baselines) > 0, baselines
 
 
 def test_kto_training_moves_each_label_to_its_side_of_the_baseline(tiny_spec, tmp_path):
