@@ -317,14 +317,7 @@ class PairCounts:
     first_cut_identical: str = ""
 
     def message(self) -> Optional[str]:
-        parts = []
-        if self.truncated:
-            parts.append(f"truncated {self.truncated} of {self.seen} {self.name} pairs to "
-                         f"max_length={self.max_length} tokens, keeping their start")
-        if self.no_room:
-            parts.append(f"dropped {self.no_room} {self.name} pairs whose prompt leaves no "
-                         f"room for the completion within max_length={self.max_length} "
-                         f"(the first at {self.first_no_room})")
+        parts = cut_parts(self, "pairs")
         if self.cut_identical:
             parts.append(f"dropped {self.cut_identical} {self.name} pairs whose chosen and "
                          f"rejected differ only after max_length={self.max_length} tokens "
@@ -334,6 +327,20 @@ class PairCounts:
                          f"and rejected completions, which teach nothing (the first at "
                          f"{self.first_identical})")
         return "; ".join(parts) or None
+
+
+def cut_parts(counts, unit: str) -> list[str]:
+    """A split's summary of preference rows (``PairCounts``, ``unpaired.UnpairedCounts``):
+    records with a row cut to max_length, records dropped for want of room."""
+    parts = []
+    if counts.truncated:
+        parts.append(f"truncated {counts.truncated} of {counts.seen} {counts.name} {unit} to "
+                     f"max_length={counts.max_length} tokens, keeping their start")
+    if counts.no_room:
+        parts.append(f"dropped {counts.no_room} {counts.name} {unit} whose prompt leaves no "
+                     f"room for the completion within max_length={counts.max_length} "
+                     f"(the first at {counts.first_no_room})")
+    return parts
 
 
 def encode_side(tokenizer, prompt: Sequence[dict], completion: Sequence[dict],

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from mlx_tune.data.tokenize import encode_side, tokenize_all
+from mlx_tune.data.tokenize import cut_parts, encode_side, tokenize_all
 
 Row = tuple  # (ids int32 [length], mask uint8 [length])
 
@@ -65,15 +65,7 @@ class UnpairedCounts:
     undesirable: int = 0
 
     def message(self) -> Optional[str]:
-        parts = []
-        if self.truncated:
-            parts.append(f"truncated {self.truncated} of {self.seen} {self.name} examples to "
-                         f"max_length={self.max_length} tokens, keeping their start")
-        if self.no_room:
-            parts.append(f"dropped {self.no_room} {self.name} examples whose prompt leaves no "
-                         f"room for the completion within max_length={self.max_length} "
-                         f"(the first at {self.first_no_room})")
-        return "; ".join(parts) or None
+        return "; ".join(cut_parts(self, "examples")) or None
 
     def label_warning(self) -> Optional[str]:
         """KTO weighs each completion against a baseline shared by both classes; with one

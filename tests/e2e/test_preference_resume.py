@@ -28,8 +28,14 @@ def metric_records(out: Path) -> dict[int, dict]:
 
 @pytest.fixture(scope="module")
 def dpo(tmp_path_factory, tiny_model):
-    path = tmp_path_factory.mktemp("dpo") / "spec.yaml"
-    path.write_text(SPEC.format(model=tiny_model, data=PREFERENCE) + "objective: dpo\n")
+    from mlx_tune.data.testing import write_jsonl
+
+    root = tmp_path_factory.mktemp("dpo")
+    for split, n in (("train", 64), ("valid", 8)):  # 16 steps of batch 4 see 64 pairs
+        write_jsonl(root / "data" / f"{split}.jsonl",
+                    (PREFERENCE / f"{split}.jsonl").read_text().splitlines()[:n])
+    path = root / "spec.yaml"
+    path.write_text(SPEC.format(model=tiny_model, data=root / "data") + "objective: dpo\n")
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run_to_end(path, out, {**os.environ, "HF_HUB_OFFLINE": "1"})
     from safetensors.numpy import load_file

@@ -46,6 +46,7 @@ def test_validation_reward_accuracy_rises_to_0_8(tiny_spec, objective):
              if r["type"] == "eval"]
     assert [r["step"] for r in evals] == [0, 20]
     first, last = (r["metrics"]["rewards/accuracies"] for r in evals)
+    print(f"{objective}: validation rewards/accuracies {first:.3f} -> {last:.3f}")
     assert first <= 0.65, f"{objective} starts at {first}, not about chance"
     assert last >= 0.8, f"{objective} reaches {last} after 20 steps (from {first})"
     adapter = load_file(str(out / "adapters" / "adapters.safetensors"))
