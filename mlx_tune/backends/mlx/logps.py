@@ -126,19 +126,6 @@ def reference_logps(model: nn.Module, arrays: dict[str, mx.array],
     return RowLogps(mx.stop_gradient(ref.logps), ref.tokens)
 
 
-def with_reference(model: nn.Module, config: StepConfig,
-                   arrays: dict[str, mx.array]) -> dict[str, mx.array]:
-    """The arrays with the reference's row log-probs as ``ref_logps`` (when the
-    objective reads a reference and the batch carries none). The training step calls
-    this *outside* the differentiated function, where nothing can be built for its
-    backward: measured on the tiny model (4 pairs at max_length 512, steady state), a
-    DPO step with the adapter-off pass inside ``value_and_grad`` cost 2.3x a policy-only
-    step despite its stop_gradient, and 1.5x with the pass here."""
-    if not config.objective.needs_reference or "ref_logps" in arrays:
-        return arrays
-    return {**arrays, "ref_logps": reference_logps(model, arrays, config.chunked_loss).logps}
-
-
 def objective_terms(model: nn.Module, config: StepConfig,
                     arrays: dict[str, mx.array]) -> tuple[LossTerms, mx.array]:
     """The objective's sums for one micro-batch, and its target tokens."""

@@ -28,7 +28,7 @@ from mlx_tune.backends.base import StepConfig
 from mlx_tune.backends.mlx.collectives import all_sum_packed
 from mlx_tune.backends.mlx.logps import (TOKEN_METRICS, SegmentMask, eval_sums, forward,
                                          loss_and_aux, objective_eval, row_logps,
-                                         token_loss_sums, with_reference)
+                                         token_loss_sums)
 
 __all__ = ["CompiledStep", "SegmentMask", "eval_sums", "forward", "make_optimizer",
            "row_logps", "token_loss_sums"]
@@ -65,12 +65,12 @@ class CompiledStep:
         # metric's (sum, count); they add up across micro-batches and ranks like gradients.
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def first(arrays):  # tokens, mask, and segments (packed) or ref_logps (precomputed)
-            (loss_sum, aux), grads = loss_and_grad(with_reference(model, config, arrays))
+            (loss_sum, aux), grads = loss_and_grad(arrays)
             return grads, mx.concatenate([loss_sum[None], aux])
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
         def more(grads, sums, arrays):
-            (loss_sum, aux), g = loss_and_grad(with_reference(model, config, arrays))
+            (loss_sum, aux), g = loss_and_grad(arrays)
             return tree_map(mx.add, grads, g), sums + mx.concatenate([loss_sum[None], aux])
 
         @partial(mx.compile, inputs=self.state, outputs=self.state)
