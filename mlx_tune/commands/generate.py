@@ -50,7 +50,7 @@ def generate_cli(args: argparse.Namespace) -> int:
         quantize = adapter_config.get("quantize")
     resolved = resolve_model(args.model, quantize=quantize, backend=backend)
     if tools:  # the probe training uses: a template that drops tools is refused, not ignored
-        from mlx_tune.data.tokenize import check_tool_template
+        from mlx_tune.data.chat_template import check_tool_template
         from mlx_tune.models.tokenizer import load_tokenizer
         check_tool_template(load_tokenizer(resolved.path), f"--tools {args.tools}",
                             "tools were given")

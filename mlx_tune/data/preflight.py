@@ -23,7 +23,8 @@ from mlx_tune.data.hf import find_data
 from mlx_tune.data.tokenize import PairCounts, make_pair
 from mlx_tune.data.unpaired import UnpairedCounts, kl_donors, make_unpaired
 from mlx_tune.data.records import DataError, Record, is_split, iter_records
-from mlx_tune.data.tokenize import check_tool_template, unwrap
+from mlx_tune.data.chat_template import check_tool_template
+from mlx_tune.data.tokenize import unwrap
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from mlx_tune.data.messages import uses_tools
+from mlx_tune.data.chat_template import check_tool_template, render
 from mlx_tune.data.records import DataError, Record
 
 # Fast tokenizers are not safe to drive from two threads at once (the Rust side is
@@ -55,13 +56,6 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _render(tokenizer, messages: list, generation_prompt: bool,
-            tools: Optional[list] = None) -> str:
-    # tools=None renders exactly as before for templates that know no tools.
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
-
-
 def _encode_many(tokenizer, texts: list[str]) -> dict[str, list[int]]:
     """Token ids of distinct texts, in one tokenizer call (far less per-call overhead)."""
     unique = list(dict.fromkeys(texts))
@@ -98,14 +92,14 @@ def encode_chat(tokenizer, messages: list, mask_prompt: bool,
     less trailing whitespace tokens: the answer and its end-of-turn token are targets,
     the separator the template writes after the end-of-turn token is not.
     """
-    full = _render(tokenizer, messages, False, tools)
+    full = render(tokenizer, messages, False, tools)
     if not mask_prompt:
         ids = _encode(tokenizer, full)
         return ids, _all_targets(len(ids))
     # For each assistant turn k: the rendering before it (with its header), and up to it.
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    before = {k: _render(tokenizer, messages[:k], True, tools) for k in turns if k}
-    upto = {k: _render(tokenizer, messages[:k + 1], False, tools) for k in turns}
+    before = {k: render(tokenizer, messages[:k], True, tools) for k in turns if k}
+    upto = {k: render(tokenizer, messages[:k + 1], False, tools) for k in turns}
     encoded = _encode_many(tokenizer, [full, *before.values(), *upto.values()])
     ids = encoded[full]
     mask = [0] * len(ids)
@@ -155,55 +149,6 @@ def encode_record(record: Record, tokenizer, mask_prompt: bool) -> tuple[list[in
             raise DataError(f"{record.where}: the chat template cannot render this record "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                             ) from None
-
-
-# A conversation that exercises every tool feature, with names that no template invents.
-_PROBE_TOOLS = [{"type": "function", "function": {
-    "name": "probe_tool_spec", "description": "probe",
-    "parameters": {"type": "object", "properties": {"probe_arg": {"type": "string"}}}}}]
-_PROBE = [{"role": "user", "content": "probe"},
-          {"role": "assistant", "content": "", "tool_calls": [
-              {"id": "call_probe", "type": "function",
-               "function": {"name": "probe_call_name", "arguments": {"probe_arg": "x"}}}]},
-          {"role": "tool", "tool_call_id": "call_probe", "name": "probe_call_name",
-           "content": "probe_result_text"},
-          {"role": "assistant", "content": "done"}]
-_PROBED: dict = {}  # (tokenizer id, template) -> problem or ""
-
-
-def tool_template_problem(tokenizer) -> str:
-    """What the chat template drops or fails on when given tools; "" when it renders all."""
-    template = getattr(tokenizer, "chat_template", None)
-    key = (id(tokenizer), str(template))
-    if key not in _PROBED:
-        try:
-            text = _render(tokenizer, _PROBE, False, _PROBE_TOOLS)
-            missing = [what for what, mark in (("tool definitions", "probe_tool_spec"),
-                                               ("tool calls", "probe_call_name"),
-                                               ("call arguments", "probe_arg"),
-                                               ("tool results", "probe_result_text"))
-                       if mark not in text]
-            _PROBED[key] = f"it drops {', '.join(missing)}" if missing else ""
-        except Exception as e:  # noqa: BLE001 - any template failure is the answer
-            _PROBED[key] = f"it fails: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-    return _PROBED[key]
-
-
-def check_tool_template(tokenizer, where: str, what: str = "the record uses tools") -> None:
-    """Refuse tools (training data, `generate --tools`) for a template that cannot render
-    them, naming model and remedy."""
-    if not getattr(tokenizer, "chat_template", None):
-        problem = "it has no chat template"
-    else:
-        problem = tool_template_problem(tokenizer)
-    if problem:
-        model = getattr(tokenizer, "name_or_path", "") or "the model"
-        raise DataError(
-            f"{where}: {what}, but the chat template of {model} cannot "
-            f"render them ({problem}); use a tool-calling model (e.g. "
-            "NousResearch/Hermes-2-Pro-Mistral-7B) or put a tool-aware 'chat_template' in "
-            "its tokenizer_config.json, such as Hermes-2-Pro's ChatML one "
-            "(mlx_tune/assets/tiny-mistral/chat_template.jinja)")
 
 
 @dataclass
@@ -359,8 +304,8 @@ def encode_side(tokenizer, prompt: Sequence[dict], completion: Sequence[dict],
             end = len(ids)
         else:
             try:
-                head = _render(tokenizer, list(prompt), True, tools)
-                full = _render(tokenizer, [*prompt, *completion], False, tools)
+                head = render(tokenizer, list(prompt), True, tools)
+                full = render(tokenizer, [*prompt, *completion], False, tools)
             except Exception as e:  # jinja raises e.g. "roles must alternate user/assistant"
                 raise DataError(f"{where}: the chat template cannot render this record "
                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
