@@ -1,4 +1,4 @@
-"""Every preference objective trains the tiny model: on the shipped validation pairs
+"""The paired preference objectives train the tiny model: on the shipped validation pairs
 (data/preference, 48 pairs, all of them evaluated), reward accuracy starts about chance
 and ends at 0.8 or more after 20 steps.
 
@@ -9,7 +9,8 @@ the policy's own length-averaged log-prob, so their start is the base model's
 preference, which the shipped set puts near one half (scripts/preference_data.py: on
 half the pairs the rejected answer loops, which the base model finds more likely per
 token). The adapter is also checked to have changed: a reward accuracy that rose with
-untouched weights would be the mlx-lm-lora bug class the guard exists for.
+untouched weights would be the mlx-lm-lora bug class the guard exists for. KTO does not
+reach 0.8 on the shipped data/kto (README); test_kto.py trains it on a set it can learn.
 
 Slow: about 20-40 s per objective on 2 idle cores."""
 
@@ -25,7 +26,6 @@ from mlx_tune.training.recipe import train
 
 pytestmark = pytest.mark.slow
 PREFERENCE = Path(__file__).resolve().parents[2] / "data" / "preference"
-KTO_DATA = Path(__file__).resolve().parents[2] / "data" / "kto"
 RUN = {"batch_size": 4, "max_length": 512, "max_steps": 20, "warmup_steps": 2,
        "learning_rate": 2e-3, "eval_steps": 20, "val_batches": 12,
        "checkpoint_interval": 100, "lora": {"rank": 8, "alpha": 32}}
